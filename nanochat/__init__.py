@@ -1,0 +1,1 @@
+"""nanochat-k8s: the nanochat LLM pipeline, from laptop CPU to Kubernetes."""

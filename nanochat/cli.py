@@ -1,0 +1,203 @@
+"""`nanochat` command line: speedrun, stage, status, report, data, chat, serve."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+# subcommands implemented in their own modules: (module, function, what it does)
+DELEGATED = {
+    "data": ("nanochat.dataset", "cli", "data recipe | download | prepare: pretraining shards"),
+    "chat": ("nanochat.chat_cli", "main", "chat with a trained model in the terminal"),
+    "serve": ("nanochat.serve", "main", "web UI + OpenAI-compatible API"),
+}
+
+
+def store_uri(args) -> str:
+    from nanochat.store import default_store_uri
+    uri = getattr(args, "store", None) or os.environ.get("NANOCHAT_STORE")
+    run = getattr(args, "run", None)
+    if uri and run:
+        return uri.rstrip("/") + "/" + run
+    return uri or default_store_uri(run or "default")
+
+
+def add_store_flags(p: argparse.ArgumentParser):
+    p.add_argument("--store", help="artifact store: file:///dir or s3://bucket/prefix (env NANOCHAT_STORE; default ~/.cache/nanochat/runs/<run>)")
+    p.add_argument("--run", help="run name: a sub-prefix of --store, or ~/.cache/nanochat/runs/<run> without it")
+
+
+def error(msg: str, code: int = 2):
+    print(f"nanochat: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanochat import profiles
+    p = argparse.ArgumentParser(
+        prog="nanochat",
+        description="The nanochat LLM pipeline: tokenizer → pretraining → midtraining → SFT → RL → eval → report → chat.",
+        epilog="Start with `nanochat speedrun` (tiny profile on CPU, minutes). Then `nanochat chat` or `nanochat serve`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    sp = sub.add_parser("speedrun", help="run the whole pipeline (resumes where it stopped)",
+                        description="Run every stage in order through the local runner; re-running resumes.")
+    sp.add_argument("--profile", default="auto", help=f"one of {', '.join(profiles.names())} (auto: tiny without a GPU, d20 with)")
+    add_store_flags(sp)
+    sp.add_argument("--from", dest="from_step", metavar="STAGE", help="re-run from this stage on (earlier stages must be done)")
+    sp.add_argument("--only", action="append", metavar="STAGE", help="re-run only this stage (repeatable)")
+    sp.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override a stage flag (repeatable); KEY=VALUE applies to all stages")
+    sp.add_argument("--config", help="YAML/JSON config file passed to every stage")
+    sp.add_argument("--rl", action=argparse.BooleanOptionalAction, default=None, help="run chat_rl (default: on for CPU profiles, off for GPU ones)")
+    sp.add_argument("--max-retries", type=int, default=1, help="retries per failed stage")
+    sp.add_argument("--wandb", metavar="RUN", help="log training stages to Weights & Biases under this run name")
+    sp.add_argument("--dry-run", action="store_true", help="validate every stage's config and print the plan, run nothing")
+
+    st = sub.add_parser("stage", help="run one stage (same as: python -m nanochat.stages.NAME)", add_help=False)
+    st.add_argument("name", nargs="?", help="stage name")
+    st.add_argument("rest", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("status", help="table of stage states, durations and key metrics")
+    add_store_flags(s)
+    r = sub.add_parser("report", help="generate the report card and copy it to ./report.md")
+    add_store_flags(r)
+    r.add_argument("-o", "--output", default="report.md", help="where to copy the report (figures go next to it)")
+    for name, (_, _, help_text) in DELEGATED.items():
+        d = sub.add_parser(name, help=help_text, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def cmd_stage(args) -> int:
+    from nanochat.pipeline import MODULES, module_exists
+    available = [m for m in MODULES if module_exists(m)]
+    if not args.name or args.name in ("-h", "--help"):
+        print("usage: nanochat stage NAME [--key=value ...]\n\nstages: " + ", ".join(available))
+        print("run `nanochat stage NAME --help` for a stage's flags; under torchrun: torchrun --nproc_per_node=N -m nanochat.stages.NAME")
+        return 0
+    if not module_exists(args.name):
+        error(f"unknown stage {args.name!r}; available: {', '.join(available)}")
+    mod = importlib.import_module(f"nanochat.stages.{args.name}")
+    return mod.main(args.rest)
+
+
+def cmd_speedrun(args) -> int:
+    from nanochat.config import ConfigError, resolve_profile
+    from nanochat.pipeline import steps_for
+    from nanochat.report import Report
+    from nanochat.runner import LOCK_KEY, STATE_KEY, PipelineError, Runner, parse_overrides, status_rows
+    from nanochat.store import StoreError, check_reachable, open_store
+    try:
+        profile = resolve_profile(args.profile)
+        store = open_store(store_uri(args))
+        check_reachable(store)
+        steps = steps_for(profile, rl=args.rl)
+        overrides = parse_overrides(args.set, steps)
+        if args.config:
+            overrides.setdefault("*", []).append(f"--config={os.path.abspath(args.config)}")
+        if args.wandb:
+            os.environ["NANOCHAT_WANDB_RUN"] = args.wandb  # stages with a wandb_run key pick it up from the env layer
+        runner = Runner(store, steps, profile, max_retries=args.max_retries, overrides=overrides)
+        plan = runner.plan(args.from_step, args.only)
+    except (ConfigError, StoreError, PipelineError) as e:
+        error(str(e))
+    if not steps:
+        error("no stages are available in this install")
+    print(f"nanochat speedrun: profile {profile}, store {store.root}, {len(plan)} stage(s): " + " → ".join(s.name for s, *_ in plan), file=sys.stderr)
+    if args.dry_run:
+        for s, a, name, h, forced in plan:
+            print(f"  {s.name:<14} {'done' if runner.is_done(name, h) and not forced else 'to run':<7} nproc={s.nproc(profile)} {' '.join(a)}")
+        return 0
+    if not store.exists(STATE_KEY) and not store.exists(LOCK_KEY):
+        Report(store).reset(extra={"profile": profile, "store": store.root})
+    t0 = time.time()
+    try:
+        ok = runner.run(args.from_step, args.only)
+    except (ConfigError, StoreError, PipelineError) as e:
+        error(str(e))
+    text = Report(store).generate(stage_order=[s.name for s in steps])
+    print_table(status_rows(store, steps))
+    print(f"\nreport: {store.uri('report/report.md')} ({len(text.splitlines())} lines); `nanochat report` copies it here", file=sys.stderr)
+    if not ok:
+        print(f"speedrun stopped after {time.time() - t0:.0f}s; re-run the same command to resume", file=sys.stderr)
+        return 130 if runner.stop.is_set() else 1
+    print(f"speedrun finished in {time.time() - t0:.0f}s. Talk to your model:\n"
+          f"  nanochat chat --store {store.root}\n  nanochat serve --store {store.root}", file=sys.stderr)
+    return 0
+
+
+def print_table(rows: list[dict]):
+    if not rows:
+        print("no stages have run in this store yet")
+        return
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def cmd_status(args) -> int:
+    from nanochat.pipeline import steps_for
+    from nanochat.runner import STATE_KEY, status_rows
+    from nanochat.store import StoreError, open_store
+    try:
+        store = open_store(store_uri(args))
+        state = store.get_json_or(STATE_KEY) or {}
+        steps = steps_for(state["profile"]) if state.get("profile") else None
+        rows = status_rows(store, steps)
+    except StoreError as e:
+        error(str(e), 1)
+    print(f"store: {store.root}" + (f"   profile: {state['profile']}" if state.get("profile") else ""))
+    print_table(rows)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+    from nanochat.pipeline import STEPS
+    from nanochat.report import Report
+    from nanochat.store import StoreError, open_store
+    try:
+        store = open_store(store_uri(args))
+        text = Report(store).generate(stage_order=[s.name for s in STEPS])
+        out = Path(args.output)
+        fig_dir = out.parent / (out.stem + "_figures")
+        figs = [k for k in store.list("report/figures/")]
+        for key in figs:
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            store.get_file(key, fig_dir / Path(key).name)
+        out.write_text(text.replace("](figures/", f"]({fig_dir.name}/"))
+    except StoreError as e:
+        error(str(e), 1)
+    print(f"wrote {out} ({len(text.splitlines())} lines, {len(figs)} figures in {fig_dir}/) from {store.uri('report/report.md')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in DELEGATED:
+        mod_name, fn, _ = DELEGATED[argv[0]]
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name == mod_name:
+                error(f"`nanochat {argv[0]}` is not available in this install")
+            raise
+        return getattr(mod, fn)(argv[1:]) or 0
+    if argv and argv[0] == "stage":
+        args = argparse.Namespace(name=argv[1] if len(argv) > 1 else None, rest=argv[2:])
+        return cmd_stage(args)
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 0
+    return {"speedrun": cmd_speedrun, "status": cmd_status, "report": cmd_report}[args.cmd](args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

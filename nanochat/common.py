@@ -1,0 +1,93 @@
+"""Process-level helpers shared by all stages: distributed init, device and dtype, logging."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("nanochat")
+
+
+def setup_logging(level: str | None = None):
+    level = level or os.environ.get("NANOCHAT_LOG_LEVEL", "INFO")
+    rank = int(os.environ.get("RANK", 0))
+    fmt = f"%(asctime)s [rank{rank}] %(message)s" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "%(asctime)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun / PyTorchJob env."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_master() -> bool:
+    return dist_info()[0] == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device(requested: str = "auto") -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """bf16 on CUDA SM80+, fp32 elsewhere; NANOCHAT_DTYPE or the flag overrides."""
+    requested = os.environ.get("NANOCHAT_DTYPE", requested) or "auto"
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested != "auto":
+        if requested not in names:
+            raise ValueError(f"unknown dtype {requested!r}; accepted: auto, {', '.join(names)}")
+        return names[requested]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def init_distributed(device: torch.device, timeout_s: int = 1800):
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
+    rank, local_rank, world_size = dist_info()
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=torch.device("cuda", local_rank) if device.type == "cuda" else None)
+    return rank, local_rank, world_size
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int):
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return platform.processor() or platform.machine()

@@ -1,0 +1,386 @@
+"""Backend-agnostic pipeline state machine and the local executor.
+
+Each step goes pending → running → succeeded | failed, with retries and exponential backoff.
+State lives in the store (runner/state.json), so a runner that is killed and restarted adopts a
+still-running stage process instead of starting a duplicate, and never redoes finished stages.
+"Finished" is decided by the stage's own done.json marker and config hash, not by runner memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanochat.config import ConfigError, config_hash, parse_config
+from nanochat.pipeline import Step
+from nanochat.store import Store
+
+STATE_KEY = "runner/state.json"
+LOCK_KEY = "runner/lock.json"
+HEARTBEAT_S = 20.0
+STALE_LOCK_S = 120.0
+TERM_GRACE_S = float(os.environ.get("NANOCHAT_TERM_GRACE_S", "120"))
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- planning
+
+def stage_module(step: Step):
+    return importlib.import_module(step.module_path)
+
+
+def step_args(step: Step, store: Store, profile: str, overrides: dict[str, list[str]]) -> list[str]:
+    """Flags for one step: store + profile, the step's own args, then user overrides for its module."""
+    return [f"--store={store.root}", f"--profile={profile}", *step.args, *overrides.get(step.module, []), *overrides.get("*", [])]
+
+
+def plan_step(step: Step, args: list[str], env=None) -> tuple[str, str]:
+    """(instance name, config hash) as the stage itself will compute them; raises ConfigError."""
+    mod = stage_module(step)
+    cfg = parse_config(mod.Config, args, mod.STAGE, env=env)
+    return cfg.instance_name(mod.STAGE), config_hash(cfg)
+
+
+def parse_overrides(items: list[str], steps: list[Step]) -> dict[str, list[str]]:
+    """`--set base_train.depth=4` → {"base_train": ["--depth=4"]}; `--set seed=1` → all stages."""
+    out: dict[str, list[str]] = {}
+    modules = {s.module for s in steps}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE or KEY=VALUE")
+        key, value = item.split("=", 1)
+        stage, _, key = key.rpartition(".")
+        if stage and stage not in modules:
+            raise ConfigError(f"--set {item!r}: unknown stage {stage!r}; stages in this run: {', '.join(sorted(modules))}")
+        out.setdefault(stage or "*", []).append(f"--{key.replace('_', '-')}={value}")
+    return out
+
+
+# ----------------------------------------------------------------------------- executor
+
+@dataclass
+class Handle:
+    pid: int
+    log_path: str
+    popen: subprocess.Popen | None = None   # None when adopted from a previous runner
+
+    def poll(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if pid_alive(self.pid) else -1  # exit code of an adopted process is unknown
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def pid_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LocalExecutor:
+    """Launches each stage as `python -m MODULE` or `torchrun --standalone` for nproc > 1."""
+
+    def __init__(self, log_dir: str | Path, env: dict | None = None, echo=True):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self.echo = echo
+
+    def command(self, step: Step, args: list[str], nproc: int) -> list[str]:
+        if nproc > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", step.module_path, *args]
+        return [sys.executable, "-m", step.module_path, *args]
+
+    def launch(self, step: Step, args: list[str], nproc: int, attempt: int) -> Handle:
+        log_path = self.log_dir / f"{step.name}.attempt{attempt}.log"
+        env = dict(self.env if self.env is not None else os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(log_path, "ab") as log:
+            # own session: survives a killed runner (to be adopted) and gets signals as a group
+            p = subprocess.Popen(self.command(step, args, nproc), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True, stdin=subprocess.DEVNULL)
+        return Handle(p.pid, str(log_path), p)
+
+    def adopt(self, pid: int, log_path: str, step: Step) -> Handle | None:
+        if pid and pid_alive(pid) and step.module_path in pid_cmdline(pid):
+            return Handle(pid, log_path)
+        return None
+
+    def terminate(self, h: Handle, grace_s: float = TERM_GRACE_S):
+        """SIGTERM the stage's process group (it checkpoints and exits), SIGKILL after the grace period."""
+        try:
+            os.killpg(h.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + grace_s
+        while time.time() < deadline and h.poll() is None:
+            time.sleep(0.2)
+        if h.poll() is None:
+            try:
+                os.killpg(h.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if h.popen is not None:
+            h.popen.wait()
+
+    def wait(self, h: Handle, stop: threading.Event, on_line=None) -> int | None:
+        """Follow the log until the process exits; returns its exit code (None if stopped/-1 if adopted)."""
+        with open(h.log_path, "rb") as f:
+            f.seek(0, os.SEEK_END) if h.popen is None else None
+            while True:
+                line = f.readline()
+                if line:
+                    text = line.decode(errors="replace")
+                    if self.echo:
+                        sys.stderr.write(text)
+                        sys.stderr.flush()
+                    if on_line:
+                        on_line(text)
+                    continue
+                code = h.poll()
+                if code is not None:
+                    for rest in f.readlines():
+                        if self.echo:
+                            sys.stderr.write(rest.decode(errors="replace"))
+                    return code
+                if stop.is_set():
+                    return None
+                time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- runner
+
+class Runner:
+    def __init__(self, store: Store, steps: list[Step], profile: str, executor: LocalExecutor | None = None,
+                 max_retries: int = 2, backoff_s: float = 5.0, overrides: dict | None = None, env=None,
+                 on_event=None):
+        self.store, self.steps, self.profile = store, steps, profile
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.overrides = overrides or {}
+        self.env = env
+        self.executor = executor or LocalExecutor(default_log_dir(store), env=env)
+        self.stop = threading.Event()
+        self.handles: dict[str, Handle] = {}
+        self.on_event = on_event or (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
+        self.state: dict = {}
+        self._lock = threading.Lock()
+
+    # --- persisted state
+    def load_state(self) -> dict:
+        return self.store.get_json_or(STATE_KEY) or {}
+
+    def save_state(self):
+        with self._lock:
+            self.store.put_json(STATE_KEY, self.state)
+
+    def step_state(self, name: str) -> dict:
+        return self.state.setdefault("steps", {}).setdefault(name, {"state": "pending", "attempts": 0})
+
+    def set_state(self, name: str, **kw):
+        self.step_state(name).update(kw)
+        self.save_state()
+
+    # --- locking: one runner per run
+    def acquire_lock(self):
+        lock = self.store.get_json_or(LOCK_KEY)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        if lock and (lock["host"], lock["pid"]) != (me["host"], me["pid"]):
+            fresh = time.time() - lock.get("heartbeat", 0) < STALE_LOCK_S
+            same_host_alive = lock["host"] == me["host"] and pid_alive(lock["pid"]) and fresh
+            remote_fresh = lock["host"] != me["host"] and time.time() - lock.get("heartbeat", 0) < STALE_LOCK_S
+            if same_host_alive or remote_fresh:
+                raise PipelineError(f"another runner (pid {lock['pid']} on {lock['host']}) is driving {self.store.root}; "
+                                    "wait for it or stop it first")
+        self.store.put_json(LOCK_KEY, me)
+
+        def beat():
+            while not self.stop.wait(HEARTBEAT_S):
+                self.store.put_json(LOCK_KEY, {**me, "heartbeat": time.time()})
+        threading.Thread(target=beat, daemon=True).start()
+
+    def release_lock(self):
+        lock = self.store.get_json_or(LOCK_KEY)
+        if lock and lock.get("pid") == os.getpid():
+            self.store.delete(LOCK_KEY)
+
+    # --- the state machine
+    def plan(self, from_step: str | None = None, only: list[str] | None = None) -> list[tuple[Step, list[str], str, str, bool]]:
+        """Validate every step's config before any work: (step, args, name, hash, forced)."""
+        names = [s.name for s in self.steps]
+        for n in [from_step, *(only or [])]:
+            if n and n not in names:
+                raise ConfigError(f"unknown stage {n!r}; stages in this run: {', '.join(names)}")
+        start = names.index(from_step) if from_step else 0
+        plan = []
+        for i, s in enumerate(self.steps):
+            if only and s.name not in only:
+                continue
+            args = step_args(s, self.store, self.profile, self.overrides)
+            forced = bool(only) or (from_step is not None and i >= start)
+            if forced:
+                args.append("--force")
+            if i < start and not only:
+                continue
+            try:
+                name, h = plan_step(s, args, env=self.env)
+            except ConfigError as e:
+                raise ConfigError(f"stage {s.name}: {e}") from None
+            plan.append((s, args, name, h, forced))
+        return plan
+
+    def is_done(self, name: str, h: str) -> bool:
+        done = self.store.get_json_or(f"stages/{name}/done.json")
+        return bool(done) and done.get("config_hash") == h
+
+    def run(self, from_step: str | None = None, only: list[str] | None = None) -> bool:
+        plan = self.plan(from_step, only)
+        self.acquire_lock()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if threading.current_thread() is threading.main_thread() else {}
+        try:
+            return self._run(plan)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.stop.set()
+            self.release_lock()
+
+    def _on_signal(self, signum, frame):
+        self.on_event(f"{signal.Signals(signum).name}: stopping stages (they checkpoint), re-run to resume")
+        self.stop.set()
+
+    def _run(self, plan) -> bool:
+        self.state = self.load_state()
+        self.state.update(profile=self.profile, store=self.store.root, runner_pid=os.getpid(), host=socket.gethostname())
+        self.state.setdefault("created", time.time())
+        self.save_state()
+        background: dict[str, threading.Thread] = {}
+        results: dict[str, bool] = {}
+
+        for step, args, name, h, forced in plan:
+            for dep in step.depends_on:
+                if dep in background:
+                    background.pop(dep).join()
+                if dep in results and not results[dep]:
+                    self.on_event(f"{step.name}: not started, dependency {dep} failed")
+                    results[step.name] = False
+                    break
+            else:
+                if self.stop.is_set():
+                    break
+                if not forced and self.is_done(name, h):
+                    st = self.step_state(step.name)
+                    if st.get("state") != "succeeded":
+                        self.set_state(step.name, state="succeeded", config_hash=h)
+                    self.on_event(f"{step.name}: done (config {h}), skipping")
+                    results[step.name] = True
+                    continue
+                if step.background:
+                    t = threading.Thread(target=lambda s=step, a=args, n=name, hh=h: results.__setitem__(s.name, self._run_step(s, a, n, hh)), daemon=True)
+                    t.start()
+                    background[step.name] = t
+                    continue
+                results[step.name] = self._run_step(step, args, name, h)
+                if not results[step.name]:
+                    break
+        for t in background.values():
+            t.join()
+        ok = all(results.get(s.name) for s, *_ in plan) and not self.stop.is_set()
+        self.state["finished"] = time.time() if ok else None
+        self.save_state()
+        return ok
+
+    def _run_step(self, step: Step, args: list[str], name: str, h: str) -> bool:
+        st = self.step_state(step.name)
+        nproc = step.nproc(self.profile)
+        while True:
+            handle = None
+            if st.get("state") == "running":
+                handle = self.executor.adopt(st.get("pid"), st.get("log", ""), step) if st.get("host") == socket.gethostname() else None
+                if handle:
+                    self.on_event(f"{step.name}: adopting running process {handle.pid} from a previous runner")
+            if handle is None:
+                attempt = st.get("attempts", 0) + 1
+                handle = self.executor.launch(step, args, nproc, attempt)
+                self.set_state(step.name, state="running", attempts=attempt, pid=handle.pid, host=socket.gethostname(),
+                               log=handle.log_path, started=time.time(), ended=None, config_hash=h, nproc=nproc)
+                self.on_event(f"{step.name}: started (attempt {attempt}, {nproc} proc{'s' if nproc > 1 else ''}, pid {handle.pid})")
+            self.handles[step.name] = handle
+            code = self.executor.wait(handle, self.stop)
+            if code is None:  # the runner was asked to stop
+                self.executor.terminate(handle)
+                self.set_state(step.name, state="interrupted", ended=time.time(), pid=None)
+                return False
+            ok = self.is_done(name, h) and code in (0, -1)
+            self._upload_log(step, handle)
+            if ok:
+                self.set_state(step.name, state="succeeded", exit_code=code, ended=time.time(), pid=None)
+                self.on_event(f"{step.name}: succeeded in {time.time() - st['started']:.1f}s")
+                return True
+            attempts = st["attempts"]
+            if attempts > self.max_retries:
+                self.set_state(step.name, state="failed", exit_code=code, ended=time.time(), pid=None)
+                self.on_event(f"{step.name}: failed (exit {code}) after {attempts} attempt(s); log: {handle.log_path}")
+                return False
+            delay = self.backoff_s * 2 ** (attempts - 1)
+            self.set_state(step.name, state="retrying", exit_code=code, ended=time.time(), pid=None)
+            self.on_event(f"{step.name}: failed (exit {code}); retry {attempts}/{self.max_retries} in {delay:.0f}s")
+            if self.stop.wait(delay):
+                self.set_state(step.name, state="interrupted")
+                return False
+
+    def _upload_log(self, step: Step, handle: Handle):
+        try:
+            self.store.put_file(f"logs/{Path(handle.log_path).name}", handle.log_path)
+        except Exception as e:  # noqa: BLE001 - logs are best effort
+            self.on_event(f"{step.name}: could not upload log: {e}")
+
+
+def default_log_dir(store: Store) -> Path:
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    return Path(base) / "logs" / hashlib.sha1(store.root.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- status
+
+def status_rows(store: Store, steps: list[Step] | None = None) -> list[dict]:
+    """One row per step: state, attempts, duration and key metrics, from the store only."""
+    from nanochat.report import load_done_markers
+    state = (store.get_json_or(STATE_KEY) or {}).get("steps", {})
+    dones = load_done_markers(store)
+    names = list(dict.fromkeys([s.name for s in steps or []] + list(state) + list(dones)))
+    rows = []
+    for n in names:
+        st, done = state.get(n, {}), dones.get(n)
+        s = st.get("state") or ("succeeded" if done else "pending")
+        if done and s not in ("running", "retrying"):
+            s = "succeeded"
+        dur = done.get("duration_s") if done else (time.time() - st["started"] if st.get("state") == "running" and st.get("started") else None)
+        metrics = (done or {}).get("metrics", {})
+        key = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:4]
+                        if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+        rows.append({"stage": n, "state": s, "attempts": st.get("attempts", 1 if done else 0),
+                     "duration": f"{dur:.1f}s" if dur is not None else "-", "metrics": key or "-"})
+    return rows

@@ -1,0 +1,388 @@
+"""One small API over artifact stores: `file:///path` and `s3://bucket/prefix`.
+
+Every stage reads and writes through a Store, so the same code runs on a laptop folder, MinIO,
+Ceph, R2 or AWS S3 (endpoint from AWS_ENDPOINT_URL). Keys are relative POSIX paths.
+
+Atomicity: file:// writes go to a temp file then os.replace(); an S3 PUT (and a completed
+multipart upload) is atomic per object, so a killed upload never leaves a visible object.
+A multi-file artifact is visible only once its manifest (with sha256 digests) exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+CHUNK = 8 * 1024 * 1024
+RETRIES = int(os.environ.get("NANOCHAT_STORE_RETRIES", "8"))
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    """Any store failure; the message names the URI."""
+
+
+class ObjectNotFound(StoreError, FileNotFoundError):
+    pass
+
+
+class BucketNotFound(StoreError):
+    pass
+
+
+class AccessDenied(StoreError):
+    pass
+
+
+class DigestMismatch(StoreError):
+    pass
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_digest(uri: str, actual: str, expected: str | None):
+    if expected is not None and actual != expected:
+        raise DigestMismatch(f"digest mismatch for {uri}: expected sha256 {expected[:12]}…, got {actual[:12]}… (object corrupted or tampered)")
+
+
+class Store:
+    """Base class: the methods every backend shares, built on a few primitives."""
+
+    root: str
+
+    def uri(self, key: str = "") -> str:
+        return self.root.rstrip("/") + ("/" + key.lstrip("/") if key else "")
+
+    # --- JSON helpers
+    def put_json(self, key: str, obj) -> str:
+        return self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def get_json(self, key: str, sha256: str | None = None):
+        return json.loads(self.get_bytes(key, sha256=sha256))
+
+    def get_json_or(self, key: str, default=None):
+        try:
+            return self.get_json(key)
+        except ObjectNotFound:
+            return default
+
+    # --- multi-file artifacts
+    def publish(self, prefix: str, files: dict, manifest: str = "manifest.json", meta: dict | None = None) -> dict:
+        """Upload files (name -> local path or bytes) under prefix, then the manifest LAST.
+
+        Readers treat the artifact as absent until the manifest exists, so a crash mid-upload
+        leaves nothing visible."""
+        prefix = prefix.rstrip("/")
+        digests = {}
+        for name, src in files.items():
+            key = f"{prefix}/{name}"
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                digests[name] = {"sha256": self.put_bytes(key, bytes(src)), "size": len(src)}
+            else:
+                digests[name] = {"sha256": self.put_file(key, src), "size": os.path.getsize(src)}
+        doc = {"files": digests, "created": time.time(), **({"meta": meta} if meta else {})}
+        self.put_json(f"{prefix}/{manifest}", doc)
+        return doc
+
+    def read_manifest(self, prefix: str, manifest: str = "manifest.json") -> dict | None:
+        """The artifact's manifest, or None if the artifact is not (completely) published."""
+        return self.get_json_or(f"{prefix.rstrip('/')}/{manifest}")
+
+    def get_artifact_file(self, prefix: str, name: str, path, manifest: str = "manifest.json") -> str:
+        """Download one file of a published artifact, verifying its digest."""
+        doc = self.read_manifest(prefix, manifest)
+        if doc is None:
+            raise ObjectNotFound(f"artifact not published (no {manifest}): {self.uri(prefix)}")
+        return self.get_file(f"{prefix.rstrip('/')}/{name}", path, sha256=doc["files"][name]["sha256"])
+
+    def delete_prefix(self, prefix: str):
+        for key in self.list(prefix):
+            self.delete(key)
+
+    def describe(self) -> str:
+        return self.root
+
+
+class LocalStore(Store):
+    def __init__(self, root: str):
+        self.root = root
+        self.base = Path(urlparse(root).path if root.startswith("file://") else root).resolve()
+        self.root = "file://" + str(self.base)
+        self.base.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        p = (self.base / key).resolve()
+        if p != self.base and self.base not in p.parents:
+            raise StoreError(f"key escapes the store: {key!r}")
+        return p
+
+    def _atomic_write(self, path: Path, write):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, key, data) -> str:
+        self._atomic_write(self._path(key), lambda f: f.write(data))
+        return sha256_bytes(data)
+
+    def get_bytes(self, key, sha256=None) -> bytes:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
+        _check_digest(self.uri(key), sha256_bytes(data), sha256)
+        return data
+
+    def put_file(self, key, path) -> str:
+        self._atomic_write(self._path(key), lambda f: shutil.copyfileobj(open(path, "rb"), f, CHUNK))
+        return sha256_file(path)
+
+    def get_file(self, key, path, sha256=None) -> str:
+        src = self._path(key)
+        if not src.is_file():
+            raise ObjectNotFound(f"no such object: {self.uri(key)}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path)
+        digest = sha256_file(path)
+        _check_digest(self.uri(key), digest, sha256)
+        return digest
+
+    def open(self, key):
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
+
+    def exists(self, key) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        start = self._path(prefix) if prefix else self.base
+        if start.is_file():
+            return [prefix]
+        # prefix may be a partial name ("shards/shard_0"), so walk its parent and filter
+        walk_root = start if start.is_dir() else start.parent
+        if not walk_root.exists():
+            return []
+        out = []
+        for p in walk_root.rglob("*"):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                rel = p.relative_to(self.base).as_posix()
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def arrow_fs(self):
+        import pyarrow.fs as pafs
+        return pafs.LocalFileSystem(), str(self.base)
+
+
+def _transient(exc) -> bool:
+    """True for errors worth retrying: 5xx, throttling, timeouts, resets, truncated bodies."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnError, HTTPClientError, IncompleteReadError, ResponseStreamingError, ReadTimeoutError
+    if isinstance(exc, (BotoConnError, HTTPClientError, IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or code in {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}
+    return False
+
+
+class S3Store(Store):
+    def __init__(self, root: str):
+        import boto3
+        from botocore.config import Config
+        u = urlparse(root)
+        if not u.netloc:
+            raise StoreError(f"bad S3 URI {root!r}: expected s3://bucket[/prefix]")
+        self.bucket, self.prefix = u.netloc, u.path.strip("/")
+        self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        # botocore retries requests; our _retry also covers body reads that fail mid-stream
+        cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+                     s3={"addressing_style": "path"} if self.endpoint else None)
+        self.s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region, config=cfg)
+        self.retries: int | None = None  # None: the module default
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _retry(self, what: str, key: str, fn):
+        from botocore.exceptions import ClientError, NoCredentialsError
+        retries = RETRIES if self.retries is None else self.retries
+        for attempt in range(retries + 1):
+            try:
+                return fn()
+            except NoCredentialsError:
+                raise AccessDenied(f"no S3 credentials for {self.uri(key)}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("NoSuchKey", "404", "NotFound"):
+                    raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
+                if code == "NoSuchBucket":
+                    raise BucketNotFound(f"bucket does not exist: s3://{self.bucket} (while trying to {what} {self.uri(key)})") from None
+                if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
+                    raise AccessDenied(f"S3 denied {what} on {self.uri(key)} ({code}): check the credentials and bucket policy") from None
+                if not _transient(e) or attempt == retries:
+                    raise StoreError(f"S3 {what} failed for {self.uri(key)}: {e}") from e
+            except Exception as e:  # noqa: BLE001 - classify below
+                if not _transient(e) or attempt == retries:
+                    if isinstance(e, StoreError):
+                        raise
+                    raise StoreError(f"S3 {what} failed for {self.uri(key)} (endpoint {self.endpoint or 'AWS'}): {e}") from e
+            time.sleep(min(8.0, 0.1 * 2 ** attempt) * (0.5 + random.random()))
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8)
+
+    def put_bytes(self, key, data) -> str:
+        digest = sha256_bytes(data)
+        self._retry("put", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest}))
+        return digest
+
+    def get_bytes(self, key, sha256=None) -> bytes:
+        data = self._retry("get", key, lambda: self.s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
+        _check_digest(self.uri(key), sha256_bytes(data), sha256)
+        return data
+
+    def put_file(self, key, path) -> str:
+        digest = sha256_file(path)
+        self._retry("upload", key, lambda: self.s3.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}}, Config=self._transfer_config()))
+        return digest
+
+    def get_file(self, key, path, sha256=None) -> str:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.part"
+
+        def download():
+            try:
+                self.s3.download_file(self.bucket, self._key(key), tmp, Config=self._transfer_config())
+            except Exception as e:
+                # download_file turns a missing key into a bare 404 ClientError from HeadObject
+                from botocore.exceptions import ClientError
+                if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
+                raise
+        self._retry("download", key, download)
+        digest = sha256_file(tmp)
+        try:
+            _check_digest(self.uri(key), digest, sha256)
+        except DigestMismatch:
+            os.unlink(tmp)
+            raise
+        os.replace(tmp, path)
+        return digest
+
+    def open(self, key):
+        """Seekable reader (pyarrow's S3 random-access file: fast for parquet footers and row groups)."""
+        fs, base = self.arrow_fs()
+        if not self.exists(key):
+            raise ObjectNotFound(f"no such object: {self.uri(key)}")
+        return fs.open_input_file(f"{base}/{key}")
+
+    def exists(self, key) -> bool:
+        try:
+            self._retry("stat", key, lambda: self.s3.head_object(Bucket=self.bucket, Key=self._key(key)))
+            return True
+        except ObjectNotFound:
+            return False
+        except StoreError as e:
+            # HEAD has no body, so a missing key arrives as a bare 404
+            if "404" in str(e) or "Not Found" in str(e):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def run():
+            keys = []
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys += [o["Key"][strip:] for o in page.get("Contents", [])]
+            return keys
+        return sorted(self._retry("list", prefix, run))
+
+    def delete(self, key):
+        self._retry("delete", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def arrow_fs(self):
+        import pyarrow.fs as pafs
+        creds = self.s3._request_signer._credentials  # the same credentials boto3 resolved
+        kw = {}
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            kw = dict(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+        if self.endpoint:
+            u = urlparse(self.endpoint)
+            kw.update(endpoint_override=u.netloc, scheme=u.scheme or "http")
+        fs = pafs.S3FileSystem(region=self.region, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRIES), **kw)
+        return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def open_store(uri: str | None = None) -> Store:
+    """Open a store by URI; a bare path is treated as file://."""
+    uri = uri or os.environ.get("NANOCHAT_STORE") or default_store_uri()
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        return LocalStore(uri)
+    if scheme == "s3":
+        return S3Store(uri)
+    raise StoreError(f"unsupported store URI {uri!r}: use file:///path/to/dir or s3://bucket/prefix")
+
+
+def default_store_uri(run: str = "default") -> str:
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    return "file://" + os.path.abspath(os.path.join(base, "runs", run))
+
+
+def check_reachable(store: Store):
+    """Fail fast with one clear line if the store cannot be used (bad bucket, credentials, endpoint)."""
+    probe = ".nanochat-probe"
+    saved = getattr(store, "retries", None)
+    if hasattr(store, "retries"):
+        store.retries = 1  # a dead endpoint should fail in seconds, not after the full backoff
+    try:
+        store.put_bytes(probe, b"ok")
+        store.delete(probe)
+    finally:
+        if hasattr(store, "retries"):
+            store.retries = saved
+
+
+def bytes_reader(data: bytes):
+    return io.BytesIO(data)

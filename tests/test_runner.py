@@ -1,0 +1,181 @@
+"""The runner's state machine through the real local executor: retries, resume, adoption, torchrun, signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nanochat import profiles
+from nanochat.config import ConfigError
+from nanochat.pipeline import Step
+from nanochat.runner import STATE_KEY, LocalExecutor, PipelineError, Runner, parse_overrides, status_rows
+from nanochat.store import open_store
+
+ECHO = "tests.fake_stages.echo"
+
+
+def executions(store, name) -> int:
+    return len(store.list(f"test/{name}/executions/"))
+
+
+def make_runner(store, steps, tmp_path, **kw):
+    kw.setdefault("backoff_s", 0.1)
+    return Runner(store, steps, "tiny", executor=LocalExecutor(tmp_path / "logs", echo=False), on_event=lambda m: None, **kw)
+
+
+def test_pipeline_retries_then_skips_when_done(store_uri, tmp_path):
+    store = open_store(store_uri)
+    steps = [Step("echo_a", ECHO, args=("--label=a", "--value=3")),
+             Step("echo_b", ECHO, args=("--label=b", "--fail-times=1"), depends_on=("echo_a",))]
+    assert make_runner(store, steps, tmp_path, max_retries=1).run()
+    assert executions(store, "echo_a") == 1 and executions(store, "echo_b") == 2
+    state = store.get_json(STATE_KEY)["steps"]
+    assert state["echo_b"]["state"] == "succeeded" and state["echo_b"]["attempts"] == 2
+    assert store.get_bytes("outputs/echo_a.txt") == b"3"
+    done = store.get_json("stages/echo_b/done.json")
+    assert done["metrics"]["value"] == 1 and done["artifacts"]["outputs/echo_b.txt"]
+    assert len(store.list("logs/")) == 3  # one log per attempt, uploaded to the store
+    # a second run is a no-op: nothing is executed again
+    assert make_runner(store, steps, tmp_path).run()
+    assert executions(store, "echo_a") == 1 and executions(store, "echo_b") == 2
+    # a changed config re-runs only the changed stage
+    steps[0] = Step("echo_a", ECHO, args=("--label=a", "--value=4"))
+    assert make_runner(store, steps, tmp_path).run()
+    assert executions(store, "echo_a") == 2 and executions(store, "echo_b") == 2
+    rows = {r["stage"]: r for r in status_rows(store, steps)}
+    assert rows["echo_a"]["state"] == "succeeded" and "value=4" in rows["echo_a"]["metrics"]
+
+
+def test_retries_exhausted_stops_the_pipeline(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    steps = [Step("echo_x", ECHO, args=("--label=x", "--fail-times=9")), Step("echo_y", ECHO, args=("--label=y",), depends_on=("echo_x",))]
+    assert not make_runner(store, steps, tmp_path, max_retries=2).run()
+    state = store.get_json(STATE_KEY)["steps"]
+    assert state["echo_x"]["state"] == "failed" and state["echo_x"]["attempts"] == 3
+    assert "echo_y" not in state and executions(store, "echo_y") == 0
+
+
+def test_only_and_from_force_reruns(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    steps = [Step("echo_a", ECHO, args=("--label=a",)), Step("echo_b", ECHO, args=("--label=b",)), Step("echo_c", ECHO, args=("--label=c",))]
+    assert make_runner(store, steps, tmp_path).run()
+    assert make_runner(store, steps, tmp_path).run(only=["echo_b"])
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 2, 1]
+    assert make_runner(store, steps, tmp_path).run(from_step="echo_b")
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 3, 2]
+    with pytest.raises(ConfigError, match="unknown stage 'nope'"):
+        make_runner(store, steps, tmp_path).run(only=["nope"])
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    steps = [Step("echo_a", ECHO, args=("--label=a",)), Step("echo_b", ECHO, args=("--label=b", "--steps=oops"))]
+    with pytest.raises(ConfigError, match="stage echo_b: --steps: expected an integer"):
+        make_runner(store, steps, tmp_path).run()
+    assert executions(store, "echo_a") == 0
+    with pytest.raises(ConfigError, match="unknown stage 'zzz'"):
+        parse_overrides(["zzz.depth=3"], steps)
+    assert parse_overrides(["tests.fake_stages.echo.value=3", "seed=1"], steps) == {ECHO: ["--value=3"], "*": ["--seed=1"]}
+
+
+def test_background_step_and_dependency(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    steps = [Step("echo_bg", ECHO, args=("--label=bg", "--steps=4", "--step-s=0.3"), background=True),
+             Step("echo_fg", ECHO, args=("--label=fg",)),
+             Step("echo_after", ECHO, args=("--label=after",), depends_on=("echo_bg",))]
+    assert make_runner(store, steps, tmp_path).run()
+    fg = store.get_json("stages/echo_fg/done.json")
+    bg = store.get_json("stages/echo_bg/done.json")
+    after = store.get_json("stages/echo_after/done.json")
+    assert fg["ended"] < bg["ended"]  # the foreground step did not wait for the background one
+    assert after["started"] >= bg["ended"]  # the dependent did
+
+
+def test_torchrun_two_process_stage(tmp_path, monkeypatch):
+    monkeypatch.setitem(profiles.PROFILES, "tiny", {**profiles.PROFILES["tiny"], "nproc": {"tests.fake_stages.allreduce": 2}})
+    store = open_store(f"file://{tmp_path}/st")
+    steps = [Step("allreduce", "tests.fake_stages.allreduce", args=("--scale=5",), gpu=True)]
+    assert make_runner(store, steps, tmp_path).run()
+    assert store.get_json("outputs/allreduce.json") == {"sum": 15.0, "world_size": 2}
+    assert store.get_json("stages/allreduce/done.json")["world_size"] == 2
+
+
+def spawn_runner(store_uri, steps, tmp_path, name="runner"):
+    spec = json.dumps({"steps": steps, "max_retries": 0})
+    log = open(tmp_path / f"{name}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "tests.fake_stages.pipeline_main", store_uri, spec], stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(cond, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def step_state(store, name):
+    return (store.get_json_or(STATE_KEY) or {}).get("steps", {}).get(name, {}).get("state")
+
+
+SLOW_PIPELINE = [
+    {"name": "echo_a", "module": ECHO, "args": ["--label=a"]},
+    {"name": "echo_b", "module": ECHO, "args": ["--label=b", "--steps=12", "--step-s=0.25", "--save-every=2"]},
+    {"name": "echo_c", "module": ECHO, "args": ["--label=c"]},
+]
+
+
+def test_killed_runner_restarts_and_adopts(tmp_path):
+    """SIGKILL the runner while a stage runs: the restarted runner adopts the live stage, duplicates nothing."""
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    r1 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r1")
+    wait_for(lambda: step_state(store, "echo_b") == "running" and store.exists("test/echo_b/attempts"))
+    r1.send_signal(signal.SIGKILL)
+    r1.wait()
+    stage_pid = store.get_json(STATE_KEY)["steps"]["echo_b"]["pid"]
+    assert os.path.exists(f"/proc/{stage_pid}")  # the stage survived its runner
+    r2 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r2")
+    assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
+    assert "adopting running process" in (tmp_path / "r2.log").read_text()
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 1, 1]
+
+
+def test_second_runner_is_refused_while_first_runs(tmp_path):
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    r1 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r1")
+    try:
+        wait_for(lambda: step_state(store, "echo_b") == "running")
+        runner = make_runner(store, [Step(**{**s, "args": tuple(s["args"])}) for s in SLOW_PIPELINE], tmp_path)
+        with pytest.raises(PipelineError, match="another runner"):
+            runner.run()
+    finally:
+        r1.send_signal(signal.SIGINT)
+        r1.wait(timeout=120)
+
+
+def test_sigint_checkpoints_and_rerun_resumes(tmp_path):
+    """Ctrl-C the runner: the stage gets SIGTERM, saves its step, exits; the next run resumes from there."""
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    r1 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r1")
+    wait_for(lambda: store.exists("test/echo_b/ckpt.json"))
+    r1.send_signal(signal.SIGINT)
+    assert r1.wait(timeout=60) == 1
+    assert step_state(store, "echo_b") == "interrupted"
+    saved = store.get_json("test/echo_b/ckpt.json")["step"]
+    assert 0 < saved < 12
+    r2 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r2")
+    assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
+    log = "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob("echo_b.attempt2.log"))
+    assert f"resuming from step {saved}" in log
+    history = [json.loads(line)["step"] for line in store.get_bytes("stages/echo_b/history.jsonl").decode().splitlines()]
+    assert history == list(range(1, 13))  # continuous: nothing lost, nothing repeated
+    assert executions(store, "echo_c") == 1

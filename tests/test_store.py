@@ -1,0 +1,161 @@
+"""nanochat.store against file:// and a real S3 server on 127.0.0.1 (moto), through boto3 and pyarrow."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat import store as store_mod
+from nanochat.store import AccessDenied, BucketNotFound, DigestMismatch, ObjectNotFound, StoreError, open_store, sha256_bytes
+from tests.conftest import make_bucket
+from tests.s3util import FaultProxy
+
+
+def test_bytes_json_files_roundtrip(store_uri, tmp_path):
+    s = open_store(store_uri)
+    digest = s.put_bytes("a/b.bin", b"hello")
+    assert digest == sha256_bytes(b"hello")
+    assert s.get_bytes("a/b.bin") == b"hello"
+    s.put_json("a/c.json", {"x": [1, 2]})
+    assert s.get_json("a/c.json") == {"x": [1, 2]}
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(200_000))
+    d = s.put_file("files/src.bin", src)
+    dst = tmp_path / "out" / "dst.bin"
+    assert s.get_file("files/src.bin", dst, sha256=d) == d
+    assert dst.read_bytes() == src.read_bytes()
+    assert s.exists("a/b.bin") and not s.exists("a/nope")
+    assert s.list("a/") == ["a/b.bin", "a/c.json"]
+    assert s.list("a/b") == ["a/b.bin"]
+    assert s.list("zzz/") == []
+    s.delete("a/b.bin")
+    assert not s.exists("a/b.bin")
+    s.delete_prefix("a/")
+    assert s.list("a/") == []
+
+
+def test_open_is_seekable_and_reads_parquet(store_uri, tmp_path):
+    s = open_store(store_uri)
+    table = pa.table({"text": [f"doc {i}" for i in range(1000)]})
+    local = tmp_path / "shard.parquet"
+    pq.write_table(table, local, row_group_size=100)
+    s.put_file("data/shards/shard_00000.parquet", local)
+    with s.open("data/shards/shard_00000.parquet") as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_row_groups == 10
+        assert pf.read_row_group(3).column("text")[0].as_py() == "doc 300"
+    fs, base = s.arrow_fs()
+    assert pq.read_table(f"{base}/data/shards/shard_00000.parquet", filesystem=fs).num_rows == 1000
+
+
+def test_missing_key_names_the_uri(store_uri):
+    s = open_store(store_uri)
+    for call in (lambda: s.get_bytes("no/such.bin"), lambda: s.get_file("no/such.bin", "/tmp/x"), lambda: s.open("no/such.bin")):
+        with pytest.raises(ObjectNotFound, match="no/such.bin"):
+            call()
+    assert s.get_json_or("no/such.json", {"d": 1}) == {"d": 1}
+
+
+def test_publish_manifest_and_tamper_detection(store_uri, tmp_path):
+    s = open_store(store_uri)
+    f = tmp_path / "model.pt"
+    f.write_bytes(b"weights" * 1000)
+    doc = s.publish("checkpoints/base/10", {"model.pt": f, "meta-extra.json": b"{}"}, manifest="meta.json", meta={"step": 10})
+    assert s.read_manifest("checkpoints/base/10", "meta.json")["meta"] == {"step": 10}
+    assert set(doc["files"]) == {"model.pt", "meta-extra.json"}
+    out = tmp_path / "dl.pt"
+    s.get_artifact_file("checkpoints/base/10", "model.pt", out, manifest="meta.json")
+    assert out.read_bytes() == f.read_bytes()
+    s.put_bytes("checkpoints/base/10/model.pt", b"tampered")
+    with pytest.raises(DigestMismatch, match="model.pt"):
+        s.get_artifact_file("checkpoints/base/10", "model.pt", out, manifest="meta.json")
+    with pytest.raises(DigestMismatch):
+        s.get_bytes("checkpoints/base/10/model.pt", sha256=doc["files"]["model.pt"]["sha256"])
+    assert s.read_manifest("checkpoints/base/20", "meta.json") is None
+    with pytest.raises(ObjectNotFound, match="not published"):
+        s.get_artifact_file("checkpoints/base/20", "model.pt", out, manifest="meta.json")
+
+
+KILLED_UPLOAD = textwrap.dedent("""
+    import os, sys, time
+    from nanochat.store import open_store
+    import nanochat.store as m
+    m.MULTIPART_THRESHOLD = 5 * 1024 * 1024
+    s = open_store(sys.argv[1])
+    big = os.path.join(os.environ["TMPDIR"], "big.bin")
+    with open(big, "wb") as f:
+        f.write(os.urandom(40 * 1024 * 1024))
+    orig = s.put_file
+    def slow_put_file(key, path):
+        print("UPLOADING", flush=True)
+        return orig(key, path)
+    s.put_file = slow_put_file
+    s.publish("artifact", {"big.bin": big, "small.txt": b"x"})
+""")
+
+
+def test_killed_upload_leaves_no_visible_artifact(store_uri, tmp_path):
+    """SIGKILL mid-publish: the manifest never appears, and no partial object is listed as the final key."""
+    p = subprocess.Popen([sys.executable, "-c", KILLED_UPLOAD, store_uri], stdout=subprocess.PIPE, env=os.environ.copy())
+    assert p.stdout.readline().strip() == b"UPLOADING"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    s = open_store(store_uri)
+    assert s.read_manifest("artifact") is None
+    # a torn object is never visible under its final name: either complete or absent
+    if s.exists("artifact/big.bin"):
+        assert len(s.get_bytes("artifact/big.bin")) == 40 * 1024 * 1024
+
+
+def test_unknown_scheme_and_bad_uri():
+    with pytest.raises(StoreError, match="unsupported store URI 'gs://x'"):
+        open_store("gs://x")
+    with pytest.raises(StoreError, match="bad S3 URI"):
+        open_store("s3:///nobucket")
+
+
+def test_missing_bucket(s3_env):
+    s = open_store("s3://bucket-that-does-not-exist/x")
+    with pytest.raises(BucketNotFound, match="bucket-that-does-not-exist"):
+        s.put_bytes("k", b"v")
+
+
+def test_transient_errors_are_retried(s3_env, monkeypatch):
+    """503 SlowDown, 500s, connection resets and truncated bodies through a loopback proxy: all retried."""
+    bucket = make_bucket(s3_env.url)
+    plan = {2: ("status", 503, "SlowDown"), 3: ("status", 500, "InternalError"), 5: "reset", 7: "truncate", 8: ("status", 503, "SlowDown")}
+    proxy = FaultProxy(s3_env.port, lambda method, path, n: plan.get(n)).start()
+    monkeypatch.setattr(store_mod, "RETRIES", 6)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s = open_store(f"s3://{bucket}/p")
+        payload = os.urandom(300_000)
+        for i in range(4):
+            s.put_bytes(f"obj{i}", payload)
+            assert s.get_bytes(f"obj{i}", sha256=sha256_bytes(payload)) == payload
+        assert len(proxy.injected) == len(plan)
+    finally:
+        proxy.stop()
+
+
+def test_access_denied_is_one_clear_error(s3_env, monkeypatch):
+    bucket = make_bucket(s3_env.url)
+    proxy = FaultProxy(s3_env.port, lambda m, p, n: ("status", 403, "InvalidAccessKeyId")).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(AccessDenied, match="check the credentials"):
+            open_store(f"s3://{bucket}/p").put_bytes("k", b"v")
+    finally:
+        proxy.stop()
+
+
+def test_local_store_rejects_escaping_keys(tmp_path):
+    s = open_store(f"file://{tmp_path}/st")
+    with pytest.raises(StoreError, match="escapes"):
+        s.put_bytes("../outside", b"x")
