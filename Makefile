@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_RUST := cargo rustc librust-pyo3-dev librust-rayon-dev librust-fancy-regex-dev librust-ahash-dev librust-indexmap-dev
+APT_RUST := cargo rustc librust-pyo3-dev librust-rayon-dev librust-fancy-regex-dev librust-ahash-dev librust-indexmap-dev librust-regex-syntax-dev
 APT_TEST := chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC := $(wildcard rustbpe/Cargo.toml rustbpe/src/*.rs)
@@ -28,9 +28,7 @@ $(VENV)/.rustbpe: $(VENV)/.installed $(RUST_SRC)
 	@if [ -f rustbpe/Cargo.toml ]; then \
 	  if [ ! -d /usr/share/cargo/registry/pyo3-0.17.3 ] || ! command -v cargo >/dev/null; then \
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_RUST); fi; \
-	  rm -rf rustbpe/target/wheels; \
-	  (cd rustbpe && ../$(BIN)/maturin build --release --offline -q) && \
-	  $(BIN)/pip install -q --force-reinstall --no-deps rustbpe/target/wheels/*.whl; \
+	  PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall ./rustbpe; \
 	fi
 	touch $@
 

@@ -166,3 +166,13 @@ def load_model_state(store: Store, source: str, step: int | None = None, map_loc
                              f"(run `nanochat stage {producer} --store {store.root}`)")
     s, model_state, _, meta = got
     return s, model_state, meta
+
+
+def load_model(store: Store, source: str, device="cpu", step: int | None = None):
+    """(model in eval mode, step, meta) rebuilt from a checkpoint's model_config and weights."""
+    from nanochat.gpt import GPT, GPTConfig
+    s, state, meta = load_model_state(store, source, step, map_location=device)
+    model = GPT.create(GPTConfig.from_dict(meta["model_config"]), device=device)
+    model.load_state_dict(state)
+    model.eval()
+    return model, s, meta

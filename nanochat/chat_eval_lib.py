@@ -1,0 +1,129 @@
+"""
+Chat evaluation: a chat model's accuracy on tasks, ChatCORE, pass@k (used by chat_eval, chat_rl
+and anyone who wants task accuracy during training).
+
+- Categorical tasks (multiple choice) are scored without sampling: one batched forward pass, and
+  at the answer position (the last prompt token, <|assistant_start|>) the logits restricted to the
+  answer letters pick the prediction. A model cannot miss by formatting, only by knowledge.
+- Generative tasks sample completions with the Engine (calculator calls executed) and grade them
+  with task.evaluate; a problem passes if any of its samples is correct (pass@num_samples).
+
+Under torch.distributed every rank takes every world_size-th problem and the counts are summed,
+so the numbers do not depend on the number of ranks (sampling seeds depend on the problem only).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nanochat.engine import Engine
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum of a few numbers over all ranks (float64: exact for counts)."""
+    _, world = dist_info()
+    if world == 1:
+        return list(values)
+    device = device if torch.device(device).type == "cuda" else "cpu"  # gloo reduces CPU tensors
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def num_problems(task, max_problems: int | None = None) -> int:
+    n = len(task)
+    return n if max_problems is None or max_problems < 0 else min(n, max_problems)
+
+
+def centered_accuracy(accuracy: float, baseline: float) -> float:
+    """0 at random guessing, 1 at perfect: (acc - baseline) / (1 - baseline)."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def chatcore(results: dict[str, dict]) -> float:
+    """ChatCORE: the mean centered accuracy over the evaluated tasks ({name: {"accuracy", "baseline"}})."""
+    if not results:
+        return float("nan")
+    return sum(centered_accuracy(r["accuracy"], r["baseline"]) for r in results.values()) / len(results)
+
+
+def letter_token_ids(tokenizer, letters, cache: dict | None = None) -> list[int]:
+    """The token the assistant's answer starts with for each letter. render_conversation encodes the
+    assistant text on its own right after <|assistant_start|>, so that is encode(letter)[0]."""
+    cache = {} if cache is None else cache
+    ids = []
+    for letter in letters:
+        if letter not in cache:
+            cache[letter] = tokenizer.encode(letter)[0]
+        ids.append(cache[letter])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answer letters {list(letters)} do not start with distinct tokens: {ids}")
+    return ids
+
+
+@torch.no_grad()
+def categorical_outcomes(task, tokenizer, model, indices, batch_size: int = 8, progress=None) -> list[int]:
+    """0/1 per problem: the letter with the highest logit at the answer position is the answer."""
+    device = model.get_device()
+    pad = tokenizer.get_bos_token_id()  # after the answer position: causal attention never sees it
+    outcomes, cache = [], {}
+    for b in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[b:b + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        x = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(x)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            ids = letter_token_ids(tokenizer, letters, cache)
+            choice = logits[row, len(prompt) - 1, ids].argmax().item()
+            outcomes.append(int(task.evaluate(conversation, letters[choice])))
+        if progress is not None:
+            progress(len(conversations))
+    return outcomes
+
+
+@torch.no_grad()
+def generative_outcomes(task, tokenizer, engine: Engine, indices, num_samples: int = 1, max_new_tokens: int = 512,
+                        temperature: float = 0.0, top_k: int | None = 50, seed: int = 0, progress=None):
+    """Yield, per problem, the 0/1 outcome of each of its num_samples completions."""
+    for i in indices:
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k or None, seed=seed + i)
+        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
+        yield [int(task.evaluate(conversation, c)) for c in completions]
+        if progress is not None:
+            progress(1)
+
+
+def pass_at_k(outcomes: list[list[int]], k: int) -> int:
+    """How many problems have a correct completion among their first k samples."""
+    return sum(1 for o in outcomes if any(o[:k]))
+
+
+def evaluate_task(task, tokenizer, model, engine: Engine | None = None, max_problems: int | None = None,
+                  batch_size: int = 8, num_samples: int = 1, max_new_tokens: int = 512, temperature: float = 0.0,
+                  top_k: int | None = 50, seed: int = 0, progress=None) -> dict:
+    """Accuracy of the model on the first max_problems problems of a task, combined over all ranks:
+    {"accuracy", "passed", "total", "baseline", "centered"}."""
+    rank, world = dist_info()
+    model = getattr(model, "_orig_mod", model)  # eager: eval shapes vary, a torch.compile'd model would recompile
+    indices = list(range(rank, num_problems(task, max_problems), world))
+    if task.eval_type == "categorical":
+        outcomes = categorical_outcomes(task, tokenizer, model, indices, batch_size, progress)
+    else:
+        engine = engine or Engine(model, tokenizer)
+        outcomes = [int(any(o)) for o in generative_outcomes(task, tokenizer, engine, indices, num_samples, max_new_tokens,
+                                                             temperature, top_k, seed, progress)]
+    passed, total = all_reduce_sum([sum(outcomes), len(outcomes)], model.get_device())
+    accuracy = passed / total if total else 0.0
+    return {"accuracy": accuracy, "passed": int(passed), "total": int(total), "baseline": task.baseline,
+            "centered": centered_accuracy(accuracy, task.baseline)}

@@ -1,0 +1,414 @@
+"""
+GPT model, the modern nanochat recipe. One dial: depth (see GPTConfig.from_depth).
+
+- rotary embeddings (no positional embeddings), precomputed cos/sin cache, QK-norm
+- parameter-free RMSNorm, pre-norm blocks, ReLU² MLP, no biases
+- untied token embedding / lm_head, logit softcap, fp32 logits for the loss
+- grouped-query attention (n_kv_head <= n_head)
+- sliding-window attention by layer pattern ("SSSL": short, short, short, long; last layer long)
+- value embeddings (ResFormer-style) on alternating layers, mixed into v by a learned gate
+- per-layer residual / x0 scalars (resid_lambdas, x0_lambdas)
+- explicit compute dtype instead of autocast: fp32 master weights, matmuls in bf16 on SM80+ GPUs
+- FlashAttention-3 for training on Hopper when importable, SDPA everywhere else
+- optional fp8 Linear matmuls (Hopper)
+
+Build it as: `with torch.device("meta"): model = GPT(config)`, then `model.to_empty(device=...)`,
+then `model.init_weights()` (or just `GPT.create(config, device)`).
+"""
+
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.kv_cache import KVCache
+
+PAD_VOCAB_TO = 64  # pad embedding/lm_head rows for efficient matmuls and sharding; logits are cropped
+ROTARY_OVERCOMPUTE = 10  # rotary cache covers 10x sequence_len; inference beyond that extends it
+VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of x
+LOSS_CHUNK_ELEMENTS = 2**22  # CPU loss: logits per chunk (16 MB in fp32, about L3-sized)
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA)
+    n_embd: int = 768
+    # tiled across layers, last layer always L. L = full context, S = short window
+    window_pattern: str = "SSSL"
+    short_window: int = 0  # tokens to the left an S layer sees; 0 = sequence_len // 2
+    softcap: float = 15.0
+    rope_base: float = 10000.0
+    fp8: bool = False  # fp8 matmuls in the blocks' Linear layers (Hopper only)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, model_dim=None, **overrides):
+        """Everything from depth: width = depth*aspect_ratio rounded up to a multiple of head_dim."""
+        if model_dim is None:
+            model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+        assert model_dim % head_dim == 0, f"model_dim {model_dim} is not a multiple of head_dim {head_dim}"
+        n_head = model_dim // head_dim
+        overrides.setdefault("n_kv_head", n_head)
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_embd=model_dim, **overrides)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# -----------------------------------------------------------------------------
+# compute dtype and attention kernels
+
+def compute_dtype_for(device):
+    """bf16 on SM80+ GPUs, fp32 elsewhere; NANOCHAT_DTYPE=float32|bfloat16 overrides."""
+    override = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
+    if override:
+        choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if override not in choices:
+            raise ValueError(f"NANOCHAT_DTYPE={override!r}: use float32 or bfloat16")
+        return choices[override]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
+_FA3 = None  # the flash_attn_interface module, once a model lands on a Hopper GPU that has it
+
+
+def load_flash_attn_3(device):
+    """FlashAttention-3 (training attention) on a Hopper GPU if its package is installed, else None."""
+    global _FA3
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    try:
+        import flash_attn_interface
+    except ImportError:
+        return None
+    _FA3 = flash_attn_interface
+    return _FA3
+
+
+def norm(x):
+    # parameter-free RMSNorm
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_ve(layer_idx, n_layer):
+    """Value embeddings on alternating layers, the last layer always included."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def layer_windows(config):
+    """Left-context window per layer (tokens before the query it may see); -1 = unlimited."""
+    pattern = config.window_pattern.upper()
+    if not pattern or any(c not in "SL" for c in pattern):
+        raise ValueError(f"window_pattern={config.window_pattern!r}: use only the letters S and L")
+    short = config.short_window or config.sequence_len // 2
+    windows = [short if pattern[i % len(pattern)] == "S" else -1 for i in range(config.n_layer)]
+    windows[-1] = -1
+    return windows
+
+
+def apply_rotary_emb(x, cos, sin):
+    d = x.size(3) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], 3)
+
+
+def attention_mask(Tq, Tk, window, device):
+    """Boolean (Tq, Tk) mask, True = attend: the queries are the last Tq of the Tk positions."""
+    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window >= 0:
+        mask = mask & (q_pos - k_pos <= window)
+    return mask
+
+
+def attention(q, k, v, window):
+    """Causal (sliding-window) attention. q (B, H, Tq, D); k, v (B, H_kv, Tk, D), Tk >= Tq."""
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    full = window < 0 or window >= Tk - 1
+    if full and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if Tq == 1:  # one decode step: the window is a slice of the cache
+        if not full:
+            k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    mask = attention_mask(Tq, Tk, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# -----------------------------------------------------------------------------
+# modules
+
+class Linear(nn.Linear):
+    """Bias-free Linear: the (fp32) weight is cast to the input's compute dtype, or run in fp8."""
+
+    def __init__(self, in_features, out_features, fp8=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp8 = fp8
+
+    def forward(self, x):
+        if self.fp8 and self.training:  # fp8 is a training speedup; inference (any shape) stays in bf16
+            from nanochat.fp8 import fp8_linear
+            return fp8_linear(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx, window):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        assert config.n_embd % config.n_head == 0
+        assert self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0
+        fp8 = config.fp8
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim, fp8)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim, fp8)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim, fp8)
+        self.c_proj = Linear(config.n_embd, config.n_embd, fp8)
+        self.ve_gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
+        self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head) if has_ve(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # value residual: per-head, input-dependent gate in (0, 2), 1 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)
+        if _FA3 is not None and kv_cache is None and q.is_cuda and q.dtype == torch.bfloat16:  # FA3 works in (B, T, H, D)
+            y = _FA3.flash_attn_func(q, k, v, causal=True, window_size=(self.window, 0))
+            y = y[0] if isinstance(y, tuple) else y
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if kv_cache is not None:
+                k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+            y = attention(q, k, v, self.window).transpose(1, 2)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config.fp8)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.fp8)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx, window):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, window)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        """Runs under torch.device("meta") in the normal flow: shapes only, real values in init_weights()."""
+        super().__init__()
+        self.config = config
+        self.windows = layer_windows(config)
+        self.padded_vocab_size = math.ceil(config.vocab_size / PAD_VOCAB_TO) * PAD_VOCAB_TO
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i, w) for i, w in enumerate(self.windows)]),
+        })
+        self.lm_head = Linear(config.n_embd, self.padded_vocab_size)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # scales the residual stream per layer
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # mixes the input embedding back in per layer
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_ve(i, config.n_layer)})
+        cos, sin = self._rotary(ROTARY_OVERCOMPUTE * config.sequence_len, device=self.get_device())
+        self.register_buffer("cos", cos, persistent=False)  # derived, not saved in checkpoints
+        self.register_buffer("sin", sin, persistent=False)
+        self.compute_dtype = torch.float32
+
+    @classmethod
+    def create(cls, config, device="cpu"):
+        """Meta-device build, allocation on `device`, init_weights()."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self):
+        device = self.get_device()
+        if self.config.fp8:
+            from nanochat.fp8 import fp8_supported
+            if not fp8_supported(device):
+                raise RuntimeError(f"GPTConfig(fp8=True) needs an NVIDIA GPU with fp8 tensor cores (Hopper SM90, or Ada SM89); the model is on {device}")
+        n_embd = self.config.n_embd
+        s = 3**0.5 * n_embd**-0.5  # uniform(-s, s) has std 1/sqrt(n_embd) without normal's outliers
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate = 2*sigmoid(0) = 1
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        self.cos, self.sin = self._rotary(self.cos.size(1), device)
+        self.compute_dtype = compute_dtype_for(device)
+        if device.type == "cuda" and self.compute_dtype == torch.bfloat16:
+            # embeddings are only gathered, never multiplied: bf16 storage halves their memory
+            self.transformer.wte.to(dtype=torch.bfloat16)
+            for ve in self.value_embeds.values():
+                ve.to(dtype=torch.bfloat16)
+
+    def _apply(self, fn, recurse=True):
+        # keep the compute dtype in step with the device after .to() / .cuda() / .to_empty()
+        super()._apply(fn, recurse)
+        device = self.get_device()
+        self.compute_dtype = compute_dtype_for(device) if device.type != "meta" else torch.float32
+        load_flash_attn_3(device)
+        return self
+
+    def _rotary(self, seq_len, device):
+        half = torch.arange(0, self.config.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (self.config.rope_base ** (half / self.config.head_dim))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
+
+        Embedding lookups and scalars do no matmul. Attention adds 12 * heads * head_dim * keys seen
+        per layer, where a sliding window caps the keys at window + 1.
+        """
+        nparams = sum(p.numel() for p in self.parameters())
+        no_matmul = (self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
+                     + self.resid_lambdas.numel() + self.x0_lambdas.numel())
+        h, d, t = self.config.n_head, self.config.head_dim, self.config.sequence_len
+        attn = sum(12 * h * d * (t if w < 0 else min(w + 1, t)) for w in self.windows)
+        return 6 * (nparams - no_matmul) + attn
+
+    def num_scaling_params(self):
+        """Parameter counts by group (different scaling-law papers count different subsets)."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters())
+        return counts
+
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5,
+                        weight_decay=0.0, adam_betas=(0.8, 0.95), compile=None, ortho_dtype=torch.bfloat16):
+        """One MuonAdamW: Muon for block matrices (grouped by shape), AdamW for everything else.
+
+        AdamW learning rates were tuned at width 768 and scale as 1/sqrt(width/768).
+        """
+        from nanochat.optim import MuonAdamW
+        matrices = list(self.transformer.h.parameters())
+        assert all(p.ndim == 2 for p in matrices)
+        scale = (self.config.n_embd / 768) ** -0.5
+        adamw = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
+        groups = [
+            dict(adamw, params=[self.lm_head.weight], lr=unembedding_lr * scale),
+            dict(adamw, params=[self.transformer.wte.weight], lr=embedding_lr * scale),
+            dict(adamw, params=list(self.value_embeds.parameters()), lr=embedding_lr * scale),
+            dict(adamw, params=[self.resid_lambdas], lr=scalar_lr * 0.01),
+            dict(adamw, params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95)),
+        ]
+        for shape in sorted({p.shape for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
+                               momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        groups = [g for g in groups if g["params"]]
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
+        if compile is None:
+            compile = self.get_device().type == "cuda"
+        optimizer = MuonAdamW(groups, compile=compile, ortho_dtype=ortho_dtype)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
+
+    def new_kv_cache(self, batch_size, max_len=None):
+        """An empty KVCache shaped for this model (max_len defaults to sequence_len; it grows)."""
+        c = self.config
+        return KVCache(batch_size, c.n_kv_head, c.head_dim, c.n_layer, max_len or c.sequence_len,
+                       device=self.get_device(), dtype=self.compute_dtype)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """fp32 logits (B, T, vocab) without targets; else the cross-entropy loss (targets -1 ignored),
+        a scalar for "mean"/"sum" and (B, T) for "none"."""
+        T = idx.size(1)
+        dtype = self.compute_dtype
+        T0 = 0 if kv_cache is None else kv_cache.pos
+        if T0 + T > self.cos.size(1):  # inference past the precomputed rotary cache
+            self.cos, self.sin = self._rotary(2 * (T0 + T), idx.device)
+        cos, sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)
+
+        x = norm(self.transformer.wte(idx).to(dtype))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = norm(x)
+        if targets is None:
+            return self._logits(x)
+        return self._loss(x, targets, loss_reduction)
+
+    def _logits(self, x):
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        return self.config.softcap * torch.tanh(logits / self.config.softcap)  # smoothly capped to ±softcap
+
+    def _loss(self, x, targets, reduction):
+        # On CPU the loss runs in row chunks whose logits stay in cache (softcap, softmax and their
+        # backward each pass over the logits); GPUs take them in one piece
+        B, T, C = x.shape
+        x, targets = x.reshape(-1, C), targets.reshape(-1)
+        n_chunks = 1 if x.is_cuda else max(1, x.size(0) * self.config.vocab_size // LOSS_CHUNK_ELEMENTS)
+        losses = [F.cross_entropy(self._logits(xc), tc, ignore_index=-1, reduction="none" if reduction == "none" else "sum")
+                  for xc, tc in zip(x.chunk(n_chunks), targets.chunk(n_chunks))]
+        if reduction == "none":
+            return torch.cat(losses).view(B, T)
+        loss = sum(losses)
+        return loss / (targets != -1).sum() if reduction == "mean" else loss

@@ -1,0 +1,47 @@
+"""Builders for test stores: a small trained tokenizer and a (random-init) base checkpoint."""
+from __future__ import annotations
+
+import torch
+
+from nanochat.checkpoint import CheckpointManager
+
+
+def small_texts(n: int = 400, seed: int = 0) -> list[str]:
+    """Real prose from the Python install plus the synthetic task documents."""
+    import pydoc_data.topics
+    from nanochat.tasks import synthetic_documents
+    prose = [v for _, v in sorted(pydoc_data.topics.topics.items())][:n // 2]
+    return prose + synthetic_documents(n - len(prose), seed=seed)
+
+
+def make_tokenizer(store, vocab_size: int = 512, texts: list[str] | None = None):
+    from nanochat.tokenizer import train_tokenizer
+    tok = train_tokenizer(iter(texts or small_texts()), vocab_size)
+    tok.save(store)
+    return tok
+
+
+def make_base_checkpoint(store, tokenizer, depth: int = 2, seq_len: int = 128, head_dim: int = 64, stage: str = "base_train", seed: int = 0):
+    """A randomly initialised GPT saved as if base_train had produced it (model_config in meta)."""
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    config = GPTConfig.from_depth(depth, tokenizer.get_vocab_size(), seq_len, head_dim=head_dim, window_pattern="L")
+    model = GPT.create(config, device="cpu")
+    CheckpointManager(store, stage).save(1, model.state_dict(), {}, {"model_config": config.to_dict(), "config_hash": "fixture", "stage": stage})
+    return model
+
+
+def write_shards(store, texts: list[str], num_shards: int = 3):
+    """Parquet text shards + index.json in the store's layout (the last shard is the val split)."""
+    import io as io_mod
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanochat.store import sha256_bytes
+    per = -(-len(texts) // num_shards)
+    index = []
+    for i in range(num_shards):
+        buf = io_mod.BytesIO()
+        pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), buf, row_group_size=64, compression="zstd")
+        key = f"data/shards/shard_{i:05d}.parquet"
+        index.append({"key": key, "sha256": store.put_bytes(key, buf.getvalue())})
+    store.put_json("data/shards/index.json", {"shards": index})
