@@ -13,6 +13,10 @@ PROFILES: dict[str, dict] = {
         "nodes": 1,
         "common": {},
         "stages": {
+            "tok_train": {"vocab_size": 4096},
+            "base_train": {"depth": 4, "head_dim": 64, "window_pattern": "L", "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": -1,
+                           "num_iterations": 400, "eval_every": 100, "eval_tokens": 32768, "save_every": 100, "log_every": 25},
+            "base_eval": {"device_batch_size": 8, "eval_tokens": 32768},
             "mid_train": {"device_batch_size": 8, "total_batch_size": -1, "max_seq_len": 256, "num_iterations": 150, "eval_every": 50,
                           "eval_tokens": 32768, "save_every": 50, "log_every": 25},
             "chat_sft": {"device_batch_size": 8, "target_examples_per_step": 16, "num_iterations": 100, "init_lr_frac": 0.5, "eval_every": 50,
@@ -29,6 +33,10 @@ PROFILES: dict[str, dict] = {
         "nodes": 1,
         "common": {},
         "stages": {
+            "tok_train": {"vocab_size": 2048},
+            "base_train": {"depth": 2, "head_dim": 64, "window_pattern": "L", "max_seq_len": 128, "device_batch_size": 4, "total_batch_size": -1,
+                           "num_iterations": 30, "eval_every": 0, "eval_tokens": 2048, "save_every": 0},
+            "base_eval": {"device_batch_size": 4, "eval_tokens": 2048},
             "data": {"embedded_chars": 300_000, "shard_chars": 100_000},
             "mid_train": {"max_seq_len": 256, "device_batch_size": 4, "total_batch_size": -1, "num_iterations": 20, "eval_every": 0,
                           "eval_tokens": 4096, "save_every": 0, "compile": "false"},
