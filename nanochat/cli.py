@@ -123,7 +123,7 @@ def cmd_speedrun(args) -> int:
     print(f"\nreport: {store.uri('report/report.md')} ({len(text.splitlines())} lines); `nanochat report` copies it here", file=sys.stderr)
     if not ok:
         print(f"speedrun stopped after {time.time() - t0:.0f}s; re-run the same command to resume", file=sys.stderr)
-        return 130 if runner.stop.is_set() else 1
+        return 130 if runner.interrupted else 1
     print(f"speedrun finished in {time.time() - t0:.0f}s. Talk to your model:\n"
           f"  nanochat chat --store {store.root}\n  nanochat serve --store {store.root}", file=sys.stderr)
     return 0

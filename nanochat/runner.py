@@ -183,6 +183,7 @@ class Runner:
         self.env = env
         self.executor = executor or LocalExecutor(default_log_dir(store), env=env)
         self.stop = threading.Event()
+        self.interrupted = False
         self.handles: dict[str, Handle] = {}
         self.on_event = on_event or (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
         self.state: dict = {}
@@ -269,6 +270,7 @@ class Runner:
 
     def _on_signal(self, signum, frame):
         self.on_event(f"{signal.Signals(signum).name}: stopping stages (they checkpoint), re-run to resume")
+        self.interrupted = True
         self.stop.set()
 
     def _run(self, plan) -> bool:
