@@ -121,6 +121,22 @@ class CheckpointManager:
             if part.isdigit() and int(part) < current and int(part) not in complete:
                 self.store.delete(key)
 
+    def delete_other_configs(self, config_hash: str) -> list[tuple[int, str | None]]:
+        """Delete complete checkpoints whose meta names another config hash: a run must never resume from
+        them, and later stages must never take them for this run's model. Returns [(step, their hash)].
+        Call on one rank (rank 0)."""
+        stale = []
+        for s in self.steps():
+            try:
+                theirs = self.store.get_json(f"{self.step_prefix(s)}/{META}").get("meta", {}).get("config_hash")
+            except (StoreError, ValueError):
+                continue  # unreadable: load() skips it, retention removes it
+            if theirs != config_hash:
+                self.store.delete(f"{self.step_prefix(s)}/{META}")  # first: the checkpoint stops existing at once
+                self.store.delete_prefix(self.step_prefix(s) + "/")
+                stale.append((s, theirs))
+        return stale
+
     def _fetch(self, step: int, name: str, doc: dict, map_location):
         entry = doc["files"].get(name)
         if entry is None:
@@ -168,11 +184,23 @@ def load_model_state(store: Store, source: str, step: int | None = None, map_loc
     return s, model_state, meta
 
 
-def load_model(store: Store, source: str, device="cpu", step: int | None = None):
-    """(model in eval mode, step, meta) rebuilt from a checkpoint's model_config and weights."""
+def load_model(store: Store, source: str, device="cpu", step: int | None = None, dtype=None):
+    """(model in eval mode, step, meta) rebuilt from a checkpoint's model_config and weights.
+    dtype: the compute dtype (a stage passes ctx.dtype); None picks it per device."""
     from nanochat.gpt import GPT, GPTConfig
     s, state, meta = load_model_state(store, source, step, map_location=device)
-    model = GPT.create(GPTConfig.from_dict(meta["model_config"]), device=device)
+    model = GPT.create(GPTConfig.from_dict(meta["model_config"]), device=device, dtype=dtype)
     model.load_state_dict(state)
     model.eval()
     return model, s, meta
+
+
+CHAT_PREFERENCE = ("rl", "sft", "mid", "base")
+
+
+def newest_source(store: Store, prefer: tuple[str, ...] = CHAT_PREFERENCE) -> str:
+    """The most-trained model source with a complete checkpoint (rl → sft → mid → base), for chat and serve."""
+    for source in prefer:
+        if CheckpointManager(store, SOURCES[source]).latest() is not None:
+            return source
+    raise ObjectNotFound(f"no model checkpoint under {store.uri('checkpoints/')}: run `nanochat speedrun --store {store.root}` first")

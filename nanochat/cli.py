@@ -85,6 +85,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_speedrun(args) -> int:
+    from nanochat import profiles
     from nanochat.config import ConfigError, resolve_profile
     from nanochat.pipeline import steps_for
     from nanochat.report import Report
@@ -107,6 +108,9 @@ def cmd_speedrun(args) -> int:
     if not steps:
         error("no stages are available in this install")
     print(f"nanochat speedrun: profile {profile}, store {store.root}, {len(plan)} stage(s): " + " → ".join(s.name for s, *_ in plan), file=sys.stderr)
+    gpus = profiles.get(profile)["gpus_per_node"] * profiles.get(profile)["nodes"]
+    if gpus:
+        print_budget(profile, overrides, gpus, store)
     if args.dry_run:
         for s, a, name, h, forced in plan:
             print(f"  {s.name:<14} {'done' if runner.is_done(name, h) and not forced else 'to run':<7} nproc={s.nproc(profile)} {' '.join(a)}")
@@ -127,6 +131,20 @@ def cmd_speedrun(args) -> int:
     print(f"speedrun finished in {time.time() - t0:.0f}s. Talk to your model:\n"
           f"  nanochat chat --store {store.root}\n  nanochat serve --store {store.root}", file=sys.stderr)
     return 0
+
+
+def print_budget(profile: str, overrides: dict, gpus: int, store):
+    """The plan before a GPU run: params, tokens, shards, FLOPs, hours and dollars (base_train's settings)."""
+    from nanochat import dataset
+    from nanochat.config import parse_config
+    from nanochat.report import DEFAULT_GPU_HOUR_COST
+    from nanochat.stages.base_train import Config
+    cfg = parse_config(Config, [f"--profile={profile}", *overrides.get("*", []), *overrides.get("base_train", [])], "base_train")
+    r = dataset.recipe(cfg.depth, cfg.target_param_data_ratio, seq_len=cfg.max_seq_len, gpus=gpus, store=store)
+    print(dataset.format_recipe([r]), file=sys.stderr)
+    print(f"plan: {r['train_flops']:.3g} training FLOPs ≈ {r['hours']:.1f} h of base_train on {gpus} GPUs "
+          f"≈ ${r['hours'] * gpus * DEFAULT_GPU_HOUR_COST:,.0f} at ${DEFAULT_GPU_HOUR_COST}/GPU-hour (NANOCHAT_GPU_HOUR_COST); "
+          f"the chat stages add roughly a quarter", file=sys.stderr)
 
 
 def print_table(rows: list[dict]):

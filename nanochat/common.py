@@ -43,27 +43,50 @@ def autodetect_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+PG_TIMEOUT_S = 1800  # collectives wait this long for a slow rank (NANOCHAT_PG_TIMEOUT_S overrides)
+
+
 def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """bf16 on CUDA SM80+, fp32 elsewhere; NANOCHAT_DTYPE or the flag overrides."""
-    requested = os.environ.get("NANOCHAT_DTYPE", requested) or "auto"
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if requested != "auto":
-        if requested not in names:
-            raise ValueError(f"unknown dtype {requested!r}; accepted: auto, {', '.join(names)}")
-        return names[requested]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+    """bf16 on CUDA SM80+, fp32 elsewhere. An explicit `requested` wins, then NANOCHAT_DTYPE.
+
+    float16 is refused: training has no loss scaling, and every GPU without bf16 runs fp32 instead."""
+    if not requested or requested == "auto":
+        requested = os.environ.get("NANOCHAT_DTYPE", "").strip().lower() or "auto"
+    if requested == "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+            return torch.bfloat16
+        return torch.float32
+    if requested in ("float16", "fp16"):
+        raise ValueError(f"dtype {requested!r} (--dtype / NANOCHAT_DTYPE) is not supported: training has no loss scaling; "
+                         "use bfloat16 (SM80+ GPUs) or float32")
+    if requested not in DTYPES:
+        raise ValueError(f"unknown dtype {requested!r} (--dtype / NANOCHAT_DTYPE); accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
 
 
-def init_distributed(device: torch.device, timeout_s: int = 1800):
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
+def pg_timeout_s() -> float:
+    value = os.environ.get("NANOCHAT_PG_TIMEOUT_S", "").strip()
+    try:
+        timeout = float(value) if value else PG_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"NANOCHAT_PG_TIMEOUT_S={value!r}: expected a number of seconds") from None
+    if timeout <= 0:
+        raise ValueError(f"NANOCHAT_PG_TIMEOUT_S={value!r}: must be > 0")
+    return timeout
+
+
+def init_distributed(device: torch.device, timeout_s: float | None = None):
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): nccl on GPU, gloo on CPU.
+
+    timeout_s (default NANOCHAT_PG_TIMEOUT_S, else 1800) bounds how long a collective waits for a slow rank."""
     rank, local_rank, world_size = dist_info()
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or pg_timeout_s()),
                                 device_id=torch.device("cuda", local_rank) if device.type == "cuda" else None)
     return rank, local_rank, world_size
 

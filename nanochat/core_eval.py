@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.client
 import io
 import json
 import logging
@@ -36,9 +35,6 @@ import random
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -47,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.download import DownloadError, NotFound, download_file
 from nanochat.store import ObjectNotFound, StoreError, sha256_file
 
 log = logging.getLogger("nanochat")
@@ -62,13 +59,11 @@ DEFAULT_DELIMITER = " "
 BATCH_TOKENS = 8192   # padded tokens per forward pass (logits are B*T*vocab floats)
 PREP_CHUNK = 256      # examples rendered + tokenized at a time (bounds host memory on 10k-row tasks)
 
-# downloader
+# download defaults (nanochat.download does the work)
 RETRIES = 6
-BACKOFF = 1.0         # seconds before the first retry; doubles (with jitter) up to MAX_BACKOFF
-MAX_BACKOFF = 60.0
+BACKOFF = 1.0         # seconds before the first retry; doubles (with jitter)
 TIMEOUT = 60.0
-CHUNK = 1 << 20
-USER_AGENT = "nanochat-k8s (eval bundle downloader)"
+CHUNK = 1 << 20       # unzip copy buffer
 
 
 class BundleMissing(ObjectNotFound):
@@ -387,85 +382,18 @@ def core_metric(model, tokenizer, store, device, max_per_task: int = 500) -> flo
 
 # ----------------------------------------------------------------------------- the downloader
 
-class _Transient(Exception):
-    pass
-
-
 def _cache_dir() -> Path:
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     return Path(base) / "downloads"
 
 
-def _fetch(url: str, part: Path, timeout: float, progress) -> None:
-    """Append url's bytes to `part`, resuming with a Range request when part already has some."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
-            if have and resp.status != 206:  # the server ignored the Range: start over
-                have = 0
-            length = resp.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            with open(part, "ab" if have else "wb") as out:
-                got = have
-                progress(got, total)
-                while chunk := resp.read(CHUNK):
-                    out.write(chunk)
-                    got += len(chunk)
-                    progress(got, total)
-            if total is not None and got < total:
-                raise _Transient(f"connection closed after {got} of {total} bytes")
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left past what we have: the partial file is complete
-            return
-        if e.code in (408, 425, 429) or e.code >= 500:
-            raise _Transient(f"HTTP {e.code} {e.reason}") from None
-        hint = " (check --url; the default is " + EVAL_BUNDLE_URL + ")" if e.code == 404 else ""
-        raise EvalBundleError(f"HTTP {e.code} {e.reason}: {url}{hint}") from None
-    except http.client.HTTPException as e:  # IncompleteRead, RemoteDisconnected, ...
-        raise _Transient(f"{type(e).__name__}: {e}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-        if isinstance(e, urllib.error.URLError) and isinstance(e.reason, str) and "unknown url type" in e.reason:
-            raise EvalBundleError(f"bad URL {url}: {e.reason}") from None
-        raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
-
-
-class _Progress:
-    """A log line every ~10% (or 30 s) of a download: progress that reads well in pod logs."""
-
-    def __init__(self, url):
-        self.url, self.t0, self.last_t, self.last_frac = url, time.time(), 0.0, -1.0
-
-    def __call__(self, got, total):
-        now = time.time()
-        frac = got / total if total else 0.0
-        if frac - self.last_frac >= 0.1 or now - self.last_t > 30 or (total and got == total and self.last_frac < 1):
-            size = f"{got / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * frac:.0f}%)" if total else f"{got / 1e6:.1f} MB"
-            log.info("eval bundle: %s %s, %.1f MB/s", self.url, size, got / 1e6 / max(now - self.t0, 1e-6))
-            self.last_t, self.last_frac = now, frac
-
-
 def download_zip(url: str, dest: Path, retries: int = RETRIES, backoff: float = BACKOFF, timeout: float = TIMEOUT) -> Path:
     """Download url to dest (resuming dest.part across attempts and runs); retries transient failures."""
-    if url.startswith("file://"):  # a zip already on disk (air-gapped clusters)
-        src = Path(urllib.parse.urlparse(url).path)
-        if not src.is_file():
-            raise EvalBundleError(f"{url}: no such file")
-        shutil.copyfile(src, dest)
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    progress = _Progress(url)
-    for attempt in range(retries + 1):
-        try:
-            _fetch(url, part, timeout, progress)
-            break
-        except _Transient as e:
-            if attempt == retries:
-                raise EvalBundleError(f"download failed after {retries + 1} attempts: {url}: {e}") from None
-            delay = min(MAX_BACKOFF, backoff * 2 ** attempt) * (0.5 + random.random() / 2)
-            log.warning("eval bundle: %s: %s; retrying in %.1fs (%d/%d)", url, e, delay, attempt + 1, retries)
-            time.sleep(delay)
-    os.replace(part, dest)
+    try:
+        download_file(url, dest, retries=retries, backoff=backoff, timeout=timeout)
+    except DownloadError as e:
+        hint = f" (check --url; the default is {EVAL_BUNDLE_URL})" if isinstance(e, NotFound) else ""
+        raise EvalBundleError(f"{e}{hint}") from None
     return dest
 
 

@@ -17,24 +17,21 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
-import hashlib
-import http.client
 import itertools
 import json
 import math
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from nanochat import download as dl
 
 SHARDS_PREFIX = "data/shards"
 INDEX_KEY = f"{SHARDS_PREFIX}/index.json"
@@ -59,9 +56,8 @@ MAX_DOC_CHARS = 4000              # long pydoc topics are split at paragraphs in
 SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages",
                     "__pycache__", "pydoc_data", "venv"}
 
-DOWNLOAD_RETRIES = 5
-DOWNLOAD_TIMEOUT_S = 60.0
-DOWNLOAD_CHUNK = 1 << 20
+DOWNLOAD_RETRIES = dl.RETRIES
+DOWNLOAD_TIMEOUT_S = dl.TIMEOUT
 
 
 class DataError(RuntimeError):
@@ -338,7 +334,7 @@ class RemoteDataset:
 
     @property
     def base_url(self) -> str:
-        return f"https://huggingface.co/datasets/{self.repo}/resolve/main"
+        return f"{dl.hf_datasets_url()}/{self.repo}/resolve/main"
 
     @property
     def val_index(self) -> int:
@@ -380,81 +376,24 @@ def read_manifest(path: str) -> dict[str, str]:
     return out
 
 
-class _Transient(Exception):
-    """Worth retrying: 5xx, timeouts, resets, truncated or corrupted bodies."""
-
-
-class _CaptureRedirects(urllib.request.HTTPRedirectHandler):
-    """Keeps Hugging Face's X-Linked-Etag (the LFS file's sha256), sent on the redirect to the CDN."""
-
-    def __init__(self):
-        self.linked_etag = None
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.linked_etag = headers.get("X-Linked-Etag") or self.linked_etag
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _fetch(url: str, dest: Path, timeout_s: float) -> tuple[str, int, str | None]:
-    """Stream url into dest; returns (sha256, size, upstream sha256 if the server announced one)."""
-    redirects = _CaptureRedirects()
-    opener = urllib.request.build_opener(redirects)
-    req = urllib.request.Request(url, headers={"User-Agent": "nanochat-k8s"})
+def _shard_download(get, url: str, *target, expected: str | None, retries: int, backoff_s: float, timeout_s: float) -> dict:
+    """One shard through nanochat.download's `get` (download_file or fetch), its parquet structure checked too;
+    the sha256 checked is `expected`, else the one Hugging Face announces. Returns {sha256, size, rows, row_groups, chars}."""
+    info = {}
     try:
-        with opener.open(req, timeout=timeout_s) as resp:
-            expected_len = resp.headers.get("Content-Length")
-            linked = (redirects.linked_etag or resp.headers.get("X-Linked-Etag") or "").strip('"').lower()
-            h, size = hashlib.sha256(), 0
-            with open(dest, "wb") as f:
-                while chunk := resp.read(DOWNLOAD_CHUNK):
-                    f.write(chunk)
-                    h.update(chunk)
-                    size += len(chunk)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise DownloadError(f"not found (HTTP 404): {url} — check --dataset / -n, or --base-url / NANOCHAT_DATA_BASE_URL for mirrors") from None
-        if e.code >= 500 or e.code in (408, 429):
-            raise _Transient(f"HTTP {e.code} from {url}") from None
-        raise DownloadError(f"HTTP {e.code} {e.reason} for {url}") from None
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout) as e:
-        raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)} ({url})") from None
-    if expected_len is not None and int(expected_len) != size:
-        raise _Transient(f"truncated body from {url}: {size} of {expected_len} bytes")
-    return h.hexdigest(), size, linked if _SHA256_RE.match(linked) else None
+        got = get(url, *target, expected, retries, backoff_s, timeout_s, progress=False,  # Progress counts shards instead
+                  check=lambda path: info.update(parquet_info(path)))
+    except dl.NotFound as e:
+        raise DownloadError(f"{e} — check --dataset / -n, or --base-url / NANOCHAT_DATA_BASE_URL for mirrors") from None
+    except dl.DownloadError as e:
+        raise DownloadError(str(e)) from None
+    return {"sha256": got.sha256, "size": got.size, **info}
 
 
 def download_shard(url: str, dest: Path, expected_sha256: str | None = None, retries: int = DOWNLOAD_RETRIES,
                    backoff_s: float = 1.0, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> dict:
     """Download one shard with retries and exponential backoff; verify sha256 (when known) and parquet structure."""
-    last = None
-    for attempt in range(retries + 1):
-        try:
-            digest, size, announced = _fetch(url, dest, timeout_s)
-            expected = expected_sha256 or announced
-            if expected and digest != expected:
-                raise _Transient(f"sha256 mismatch for {url}: expected {expected[:12]}…, got {digest[:12]}… (corrupted in transit)")
-            try:
-                info = parquet_info(dest)
-            except DataError as e:
-                raise _Transient(f"{url}: {e}") from None
-            return {"sha256": digest, "size": size, **info}
-        except _Transient as e:
-            last = e
-            if attempt < retries:
-                time.sleep(backoff_s * 2 ** attempt * (0.5 + random.random()))
-    dest.unlink(missing_ok=True)
-    raise DownloadError(f"giving up after {retries + 1} attempts: {last}")
-
-
-def _store_sha256(store, key: str) -> str:
-    h = hashlib.sha256()
-    with store.open(key) as f:
-        while chunk := f.read(DOWNLOAD_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return _shard_download(dl.download_file, url, dest, expected=expected_sha256, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
 
 
 class Progress:
@@ -510,19 +449,16 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
         name = shard_name(i)
         rec = records.get(name)
         if rec and store.exists(shard_key(name)):
-            if not verify or _store_sha256(store, shard_key(name)) == rec["sha256"]:
+            if not verify or dl.stored_sha256(store, shard_key(name)) == rec["sha256"]:
                 continue
             log(f"{name}: stored copy does not match its recorded sha256; fetching it again")
         todo.append((i, name, manifest.get(name) or (rec or {}).get("sha256")))
     log(f"{dataset}: {len(todo)} shard(s) to fetch from {base} ({len(records)} already in {store.uri(SHARDS_PREFIX)})")
-    scratch = Path(tempfile.mkdtemp(prefix="nanochat-download-"))
     progress = Progress(len(todo), f"download {dataset}", log)
 
     def fetch(i: int, name: str, expected: str | None) -> dict:
-        tmp = scratch / name
-        info = download_shard(f"{base}/{name}", tmp, expected, retries, backoff_s, timeout_s)
-        store.put_file(shard_key(name), tmp)
-        tmp.unlink()
+        info = _shard_download(dl.fetch, f"{base}/{name}", store, shard_key(name), expected=expected, retries=retries,
+                               backoff_s=backoff_s, timeout_s=timeout_s)
         rec = {"name": name, "key": shard_key(name), "split": "val" if i == ds.val_index else "train", "source": dataset,
                "url": f"{base}/{name}", **info}
         store.put_json(f"{RECORDS_PREFIX}/{name}.json", rec)  # after the shard: a record means a verified shard
@@ -543,9 +479,6 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
                 other.cancel()
             raise
     progress.close()
-    for leftover in scratch.iterdir():
-        leftover.unlink()
-    scratch.rmdir()
     if errors:
         raise errors[0] if isinstance(errors[0], DataError) else DownloadError(str(errors[0]))
     entries = [r for r in _records(store, dataset).values() if store.exists(r["key"])]

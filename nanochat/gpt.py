@@ -17,7 +17,6 @@ then `model.init_weights()` (or just `GPT.create(config, device)`).
 """
 
 import math
-import os
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -73,18 +72,15 @@ class GPTConfig:
 # -----------------------------------------------------------------------------
 # compute dtype and attention kernels
 
-def compute_dtype_for(device):
-    """bf16 on SM80+ GPUs, fp32 elsewhere; NANOCHAT_DTYPE=float32|bfloat16 overrides."""
-    override = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
-    if override:
-        choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if override not in choices:
-            raise ValueError(f"NANOCHAT_DTYPE={override!r}: use float32 or bfloat16")
-        return choices[override]
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.bfloat16
-    return torch.float32
+def compute_dtype_for(device, requested=None):
+    """bf16 on SM80+ GPUs, fp32 elsewhere; `requested` (a torch.dtype or name, e.g. the stage's --dtype), else
+    NANOCHAT_DTYPE=float32|bfloat16, overrides. Same rules as common.compute_dtype (float16 refused)."""
+    from nanochat.common import DTYPES, compute_dtype
+    if isinstance(requested, torch.dtype):
+        if requested not in DTYPES.values():
+            raise ValueError(f"compute dtype {requested} is not supported; use torch.float32 or torch.bfloat16")
+        return requested
+    return compute_dtype(torch.device(device), requested or "auto")
 
 
 _FA3 = None  # the flash_attn_interface module, once a model lands on a Hopper GPU that has it
@@ -254,12 +250,15 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)  # derived, not saved in checkpoints
         self.register_buffer("sin", sin, persistent=False)
         self.compute_dtype = torch.float32
+        self.requested_dtype = None  # None: auto per device (compute_dtype_for); set by create(dtype=...)
 
     @classmethod
-    def create(cls, config, device="cpu"):
-        """Meta-device build, allocation on `device`, init_weights()."""
+    def create(cls, config, device="cpu", dtype=None):
+        """Meta-device build, allocation on `device`, init_weights(). `dtype` (e.g. a stage's ctx.dtype)
+        fixes the compute dtype; None picks it per device."""
         with torch.device("meta"):
             model = cls(config)
+        model.requested_dtype = dtype
         model.to_empty(device=device)
         model.init_weights()
         return model
@@ -287,7 +286,7 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
         self.cos, self.sin = self._rotary(self.cos.size(1), device)
-        self.compute_dtype = compute_dtype_for(device)
+        self.compute_dtype = compute_dtype_for(device, self.requested_dtype)
         if device.type == "cuda" and self.compute_dtype == torch.bfloat16:
             # embeddings are only gathered, never multiplied: bf16 storage halves their memory
             self.transformer.wte.to(dtype=torch.bfloat16)
@@ -298,7 +297,7 @@ class GPT(nn.Module):
         # keep the compute dtype in step with the device after .to() / .cuda() / .to_empty()
         super()._apply(fn, recurse)
         device = self.get_device()
-        self.compute_dtype = compute_dtype_for(device) if device.type != "meta" else torch.float32
+        self.compute_dtype = compute_dtype_for(device, self.requested_dtype) if device.type != "meta" else torch.float32
         load_flash_attn_3(device)
         return self
 

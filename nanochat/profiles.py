@@ -52,24 +52,26 @@ PROFILES: dict[str, dict] = {
         "description": "8×H100, ~4 h: nanochat's classic $100 speedrun (depth 20, width 1280, data:param ratio 20)",
         "gpus_per_node": 8,
         "nodes": 1,
-        "common": {},
-        "stages": {},
+        # depth and ratio size both the model (base_train) and the download (data) — one place
+        "common": {"depth": 20, "target_param_data_ratio": 20},
+        "stages": {"base_train": {"device_batch_size": 32}},
         "nproc": {"base_train": 8, "base_eval": 8, "mid_train": 8, "chat_sft": 8, "chat_rl": 8, "chat_eval": 8},
     },
     "d24": {
         "description": "8×H100: depth 24 at data:param ratio ~8 (the time-to-GPT-2 record setting)",
         "gpus_per_node": 8,
         "nodes": 1,
-        "common": {},
-        "stages": {},
+        "common": {"depth": 24, "target_param_data_ratio": 8},
+        # smaller micro-batches so activations fit 80 GB; grad accumulation keeps the 524K-token step
+        "stages": {"base_train": {"device_batch_size": 16}, "mid_train": {"device_batch_size": 16}, "base_eval": {"device_batch_size": 16}},
         "nproc": {"base_train": 8, "base_eval": 8, "mid_train": 8, "chat_sft": 8, "chat_rl": 8, "chat_eval": 8},
     },
     "d26": {
         "description": "8×H100, ~12 h: depth 26, GPT-2-grade CORE",
         "gpus_per_node": 8,
         "nodes": 1,
-        "common": {},
-        "stages": {},
+        "common": {"depth": 26, "target_param_data_ratio": 20},
+        "stages": {"base_train": {"device_batch_size": 16}, "mid_train": {"device_batch_size": 16}, "base_eval": {"device_batch_size": 16}},
         "nproc": {"base_train": 8, "base_eval": 8, "mid_train": 8, "chat_sft": 8, "chat_rl": 8, "chat_eval": 8},
     },
 }

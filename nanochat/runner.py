@@ -256,6 +256,17 @@ class Runner:
         done = self.store.get_json_or(f"stages/{name}/done.json")
         return bool(done) and done.get("config_hash") == h
 
+    def newer_upstream(self, step: Step, name: str) -> str | None:
+        """A dependency that finished after this step's last run (make's rule): its output is stale."""
+        done = self.store.get_json_or(f"stages/{name}/done.json")
+        if not done:
+            return None
+        for dep in step.depends_on:
+            dep_done = self.store.get_json_or(f"stages/{dep}/done.json")
+            if dep_done and dep_done.get("ended", 0) > done.get("ended", 0):
+                return dep
+        return None
+
     def run(self, from_step: str | None = None, only: list[str] | None = None) -> bool:
         plan = self.plan(from_step, only)
         self.acquire_lock()
@@ -292,6 +303,10 @@ class Runner:
             else:
                 if self.stop.is_set():
                     break
+                newer = self.newer_upstream(step, name)
+                if newer and not forced:
+                    self.on_event(f"{step.name}: {newer} finished after it last ran, re-running")
+                    args, forced = [*args, "--force"], True
                 if not forced and self.is_done(name, h):
                     st = self.step_state(step.name)
                     if st.get("state") != "succeeded":

@@ -80,13 +80,26 @@ def _set_hyperparams(optimizer, lr_mult: float, momentum: float | None):
             group["momentum"] = momentum
 
 
+def drop_other_configs(ctx: StageContext, ckpt: CheckpointManager):
+    """Delete checkpoints written by another config (rank 0, then all ranks wait): resuming from them would
+    mix two runs, and later stages would take the newest of them for this run's model."""
+    if ctx.is_master:
+        for step, theirs in ckpt.delete_other_configs(ctx.config_hash):
+            ctx.log(f"deleted stale checkpoint {ctx.store.uri(ckpt.step_prefix(step))}: written by config {theirs}, "
+                    f"this run is {ctx.config_hash}")
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def try_resume(ctx: StageContext, ckpt: CheckpointManager, model, optimizer, data) -> int:
-    """Load the newest usable checkpoint written by this exact config; returns the step to start at."""
+    """Load the newest usable checkpoint written by this exact config; returns the step to start at.
+    Checkpoints of other configs are deleted first; torn or corrupted ones are skipped (logged)."""
+    drop_other_configs(ctx, ckpt)
     got = ckpt.load(map_location=ctx.device)
     if got is None:
         return 0
     step, model_state, rank_state, meta = got
-    if meta.get("config_hash") != ctx.config_hash:
+    if meta.get("config_hash") != ctx.config_hash:  # a rank saw another set of checkpoints than rank 0
         ctx.log(f"checkpoint at step {step} was made with another config ({meta.get('config_hash')}); starting fresh")
         return 0
     model.load_state_dict(model_state)
@@ -94,7 +107,7 @@ def try_resume(ctx: StageContext, ckpt: CheckpointManager, model, optimizer, dat
     data.load_state_dict(rank_state["data"])
     set_rng_state(rank_state["rng"])
     ctx.load_history(step)
-    ctx.log(f"resumed from checkpoint step {step}")
+    ctx.log(f"resumed from checkpoint {ctx.store.uri(ckpt.step_prefix(step))} (step {step})")
     return step
 
 
@@ -106,21 +119,50 @@ def save(ctx: StageContext, ckpt: CheckpointManager, step: int, model, optimizer
                   {**meta, "config_hash": ctx.config_hash, "step": step})
 
 
-def train(ctx: StageContext, model, optimizer, data, ckpt: CheckpointManager, loop: LoopConfig, evaluate=None) -> dict:
+def _evaluate(ctx, model, step, total, evals) -> dict:
+    """Run the given (every, fn) evaluations in eval mode; log and return their scalars."""
+    values = {}
+    model.eval()
+    for _, fn in evals:
+        values.update(fn(model, step))
+    model.train()
+    if values:
+        ctx.log_metrics(step, total=total, flush=True, **values)
+    return values
+
+
+def train(ctx: StageContext, model, optimizer, data, ckpt: CheckpointManager, loop: LoopConfig, evaluate=None, periodic=()) -> dict:
     """Run steps [resume step, num_iterations); returns final metrics. `data` yields (x, y) micro-batches
-    and has state_dict()/load_state_dict(); `evaluate(model, step)` returns a dict of scalars."""
-    start = try_resume(ctx, ckpt, getattr(model, "_orig_mod", model), optimizer, data)
+    and has state_dict()/load_state_dict(); `evaluate(model, step)` returns a dict of scalars and runs every
+    loop.eval_every steps; `periodic` adds (every, fn) evaluations on their own cadence (e.g. CORE). All run
+    at the end too; `every` 0 means only there."""
+    raw = getattr(model, "_orig_mod", model)
+    if getattr(raw, "compute_dtype", ctx.dtype) != ctx.dtype:  # the stage's --dtype wins over the per-device default
+        ctx.log(f"computing in {str(ctx.dtype).replace('torch.', '')} (the model defaulted to {str(raw.compute_dtype).replace('torch.', '')})")
+        raw.requested_dtype = raw.compute_dtype = ctx.dtype
+    evals = ([(loop.eval_every, evaluate)] if evaluate else []) + [(every, fn) for every, fn in periodic if fn]
+    start = try_resume(ctx, ckpt, raw, optimizer, data)
     step, smooth, last_saved = start, None, start
     peak = peak_flops(ctx.device)
     metrics: dict = {}
     train_time = 0.0
+
+    def stop_point():
+        """Stop here if SIGTERM/SIGINT came (all ranks agree), saving the current step first."""
+        try:
+            ctx.check_stop()
+        except StageInterrupted:
+            if step != last_saved:
+                save(ctx, ckpt, step, model, optimizer, data, loop.meta)
+            ctx.log(f"stopped at step {step}; checkpoint saved, re-run to resume")
+            raise
+
     with ctx.graceful():
         while step < loop.num_iterations:
-            if loop.eval_every and step % loop.eval_every == 0 and step > start and evaluate:
-                model.eval()
-                metrics.update(evaluate(model, step))
-                model.train()
-                ctx.log_metrics(step, total=loop.num_iterations, **metrics)
+            due = [e for e in evals if e[0] and step % e[0] == 0] if step > start else []
+            if due:
+                metrics.update(_evaluate(ctx, model, step, loop.num_iterations, due))
+                stop_point()  # a long evaluation (CORE) may have outlasted a preemption notice
             t0 = time.time()
             mult = loop.lr_multiplier(step) if loop.lr_multiplier else 1.0
             _set_hyperparams(optimizer, mult, loop.momentum(step) if loop.momentum else None)
@@ -155,19 +197,9 @@ def train(ctx: StageContext, model, optimizer, data, ckpt: CheckpointManager, lo
             if loop.save_every and step % loop.save_every == 0 and step < loop.num_iterations:
                 save(ctx, ckpt, step, model, optimizer, data, loop.meta)
                 last_saved = step
-            try:
-                ctx.check_stop()
-            except StageInterrupted:
-                if step != last_saved:
-                    save(ctx, ckpt, step, model, optimizer, data, loop.meta)
-                ctx.log(f"stopped at step {step}; checkpoint saved, re-run to resume")
-                raise
-    if evaluate:
-        model.eval()
-        metrics.update(evaluate(model, step))
-        model.train()
-        ctx.log_metrics(step, total=loop.num_iterations, flush=True, **metrics)
-    if last_saved != step or not ckpt.steps() or ckpt.latest() != step:
-        save(ctx, ckpt, step, model, optimizer, data, loop.meta)
+            stop_point()
+        if last_saved != step or ckpt.latest() is None:  # before the final evaluation, so a preemption during it loses no training
+            save(ctx, ckpt, step, model, optimizer, data, loop.meta)
+    metrics.update(_evaluate(ctx, model, step, loop.num_iterations, evals))
     metrics.update(final_loss=smooth if smooth is not None else float("nan"), steps=step, train_time_s=round(train_time, 2))
     return metrics

@@ -43,10 +43,10 @@ def test_pipeline_retries_then_skips_when_done(store_uri, tmp_path):
     # a second run is a no-op: nothing is executed again
     assert make_runner(store, steps, tmp_path).run()
     assert executions(store, "echo_a") == 1 and executions(store, "echo_b") == 2
-    # a changed config re-runs only the changed stage
+    # a changed config re-runs the changed stage, and its dependents because their input changed
     steps[0] = Step("echo_a", ECHO, args=("--label=a", "--value=4"))
     assert make_runner(store, steps, tmp_path).run()
-    assert executions(store, "echo_a") == 2 and executions(store, "echo_b") == 2
+    assert executions(store, "echo_a") == 2 and executions(store, "echo_b") == 3
     rows = {r["stage"]: r for r in status_rows(store, steps)}
     assert rows["echo_a"]["state"] == "succeeded" and "value=4" in rows["echo_a"]["metrics"]
 
@@ -70,6 +70,23 @@ def test_only_and_from_force_reruns(tmp_path):
     assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 3, 2]
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         make_runner(store, steps, tmp_path).run(only=["nope"])
+
+
+def test_upstream_rerun_makes_dependents_stale_across_invocations(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    steps = [Step("echo_a", ECHO, args=("--label=a",)), Step("echo_b", ECHO, args=("--label=b",), depends_on=("echo_a",)),
+             Step("echo_c", ECHO, args=("--label=c",))]
+    events = []
+    assert make_runner(store, steps, tmp_path).run()
+    assert make_runner(store, steps, tmp_path).run(only=["echo_a"])  # e.g. the user re-trained the base model alone
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [2, 1, 1]
+    runner = make_runner(store, steps, tmp_path)
+    runner.on_event = events.append
+    assert runner.run()  # the next plain run brings echo_b up to date, leaves the independent echo_c alone
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [2, 2, 1]
+    assert any("echo_b: echo_a finished after it last ran" in e for e in events)
+    assert make_runner(store, steps, tmp_path).run()  # and then everything is current
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [2, 2, 1]
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

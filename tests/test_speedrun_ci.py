@@ -15,6 +15,20 @@ def speedrun(uri, tmp_path):
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
 
 
+def answer_from_final_model(store):
+    """The newest chat checkpoint answers a user turn in the conversation format, through the engine."""
+    from nanochat.checkpoint import load_model, newest_source
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+    assert newest_source(store) == "rl"
+    model, _, _ = load_model(store, "rl")
+    tokenizer = get_tokenizer(store)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 3 + 4?"}]})
+    results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=48, temperature=0.0)
+    completion = results[0][len(prompt):]
+    assert 0 < len(completion) <= 48 and tokenizer.decode(completion).strip(), "the model produced no answer"
+
+
 def test_ci_speedrun_end_to_end(tmp_path):
     uri = f"file://{tmp_path}/run"
     first = speedrun(uri, tmp_path)
@@ -29,6 +43,7 @@ def test_ci_speedrun_end_to_end(tmp_path):
     report = store.get_bytes("report/report.md").decode()
     assert "| Metric | BASE | MID | SFT | RL |" in report and "ChatCORE" in report
     assert "nanochat chat --store" in first.stderr
+    answer_from_final_model(store)
     second = speedrun(uri, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "started (attempt" not in second.stderr  # nothing re-ran

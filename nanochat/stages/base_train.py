@@ -37,12 +37,15 @@ class Config(StageConfig):
     final_lr_frac: float = opt(0.0, "lr at the end as a fraction of the peak")
     eval_every: int = opt(250, "steps between val bpb evaluations (0 = only at the end)")
     eval_tokens: int = opt(10 * 524288, "tokens per val bpb evaluation")
-    save_every: int = opt(500, "steps between checkpoints (0 = only at the end); bounds work lost to preemption")
-    keep_checkpoints: int = opt(2, "complete checkpoints kept in the store")
+    core_metric_every: int = opt(2000, "steps between CORE evaluations, also run at the end (0 = off; skipped when the eval bundle is not in the store)")
+    core_metric_max_per_task: int = opt(500, "CORE examples per task in those evaluations (-1 = all)")
+    # bookkeeping keys stay out of the config hash: changing them must not orphan the checkpoints of a run
+    save_every: int = opt(500, "steps between checkpoints (0 = only at the end); bounds work lost to preemption", hash=False)
+    keep_checkpoints: int = opt(2, "complete checkpoints kept in the store", hash=False)
     compile: str = opt("auto", "torch.compile the model: auto (GPU only), true, false", choices=["auto", "true", "false"])
     fp8: bool = opt(False, "fp8 matmuls (Hopper only)")
-    tokenizer_threads: int = opt(4, "threads for batch tokenization in the dataloader")
-    log_every: int = opt(10, "steps between log lines")
+    tokenizer_threads: int = opt(4, "threads for batch tokenization in the dataloader", hash=False)
+    log_every: int = opt(10, "steps between log lines", hash=False)
     wandb_run: str = opt("", "Weights & Biases run name (empty = off)", hash=False)
 
     def validate(self):
@@ -53,13 +56,13 @@ class Config(StageConfig):
             raise ConfigError(f"--window-pattern: only letters S and L allowed, got {self.window_pattern!r}")
 
 
-def build_model(cfg, vocab_size, device):
+def build_model(cfg, vocab_size, device, dtype=None):
     from nanochat.gpt import GPT, GPTConfig
     kw = dict(window_pattern=cfg.window_pattern, fp8=cfg.fp8)
     if cfg.n_kv_head:
         kw["n_kv_head"] = cfg.n_kv_head
     mc = GPTConfig.from_depth(cfg.depth, vocab_size, cfg.max_seq_len, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, **kw)
-    return GPT.create(mc, device=device), mc
+    return GPT.create(mc, device=device, dtype=dtype), mc
 
 
 def plan(cfg, model, world_size) -> dict:
@@ -85,19 +88,37 @@ def plan(cfg, model, world_size) -> dict:
             "train_tokens": tokens, "tokens_per_param": tokens / scaling, "train_flops": flops_per_token * tokens}
 
 
+def core_evaluator(ctx, cfg, model, tokenizer):
+    """(every, fn) for periodic CORE on the uncompiled model (prompt lengths vary), or None when off or the
+    eval bundle is not in the store (logged once: pretraining never waits for an eval download)."""
+    from nanochat.core_eval import bundle_available, evaluate_core, fetch_command, load_bundle
+    if cfg.core_metric_every <= 0:
+        return None
+    if not bundle_available(ctx.store):
+        ctx.log(f"CORE during training skipped: no eval bundle in the store (fetch it with `{fetch_command(ctx.store)}`)")
+        return None
+    tasks = load_bundle(ctx.store, cfg.core_metric_max_per_task)  # once: every evaluation scores the same rows
+
+    def core(_, step):
+        result = evaluate_core(model, tokenizer, ctx.store, ctx.device, max_per_task=cfg.core_metric_max_per_task, tasks=tasks)
+        ctx.log(f"step {step}: CORE {result['core']:.4f} ({len(tasks)} tasks, {result['seconds']:.0f}s)")
+        return {"core_metric": result["core"]}
+    return cfg.core_metric_every, core
+
+
 def run(ctx):
     import torch
     from nanochat.checkpoint import CheckpointManager
     from nanochat.dataloader import DataLoader
     from nanochat.optim import lr_multiplier, muon_momentum
     from nanochat.tokenizer import get_tokenizer
-    from nanochat.training import LoopConfig, evaluate_bpb, train
+    from nanochat.training import LoopConfig, drop_other_configs, evaluate_bpb, train
 
     cfg = ctx.cfg
     ctx.require("tokenizer/tokenizer.json", "tok_train")
     ctx.require("data/shards/index.json", "data")
     tokenizer = get_tokenizer(ctx.store)
-    model, model_config = build_model(cfg, tokenizer.get_vocab_size(), ctx.device)
+    model, model_config = build_model(cfg, tokenizer.get_vocab_size(), ctx.device, ctx.dtype)
     p = plan(cfg, model, ctx.world_size)
     ctx.log("plan: " + ", ".join(f"{k}={v:,.4g}" if isinstance(v, float) else f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in p.items()))
     optimizer = model.setup_optimizer(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
@@ -126,16 +147,21 @@ def run(ctx):
         lr_multiplier=lambda s: lr_multiplier(s, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
         momentum=muon_momentum, meta={"model_config": model_config.to_dict(), "stage": STAGE, "plan": p})
     ckpt = CheckpointManager(ctx.store, STAGE, keep=cfg.keep_checkpoints)
+    drop_other_configs(ctx, ckpt)  # before deciding whether this is a fresh start
+    core = core_evaluator(ctx, cfg, model, tokenizer)
     # val bpb before any training, so the report shows the fall
     if ckpt.latest() is None:
         model.eval()
         initial = evaluate(model, 0)
         model.train()
         ctx.log_metrics(0, total=n, **initial)
-    metrics = train(ctx, train_model, optimizer, data, ckpt, loop, evaluate=evaluate)
+    metrics = train(ctx, train_model, optimizer, data, ckpt, loop, evaluate=evaluate, periodic=[core] if core else [])
     metrics.update({k: p[k] for k in ("params_total", "params_scaling", "num_iterations", "train_tokens", "flops_per_token")})
-    ctx.section("Base model training", {**{k: v for k, v in p.items()}, "final val bpb": metrics.get("val_bpb"),
-                                        "final train loss": metrics.get("final_loss"), "train time (s, excl. step 1)": metrics.get("train_time_s")})
+    summary = {**p, "final val bpb": metrics.get("val_bpb")}
+    if "core_metric" in metrics:
+        summary[f"final CORE ({cfg.core_metric_max_per_task} per task)"] = metrics["core_metric"]
+    summary.update({"final train loss": metrics.get("final_loss"), "train time (s, excl. step 1)": metrics.get("train_time_s")})
+    ctx.section("Base model training", summary)
     ctx.card("BASE", **{"val bpb": metrics.get("val_bpb")})
     return metrics
 

@@ -7,9 +7,9 @@ Fetch the public task datasets (the Hugging Face parquet exports, plus two plain
 Files land at <store>/data/tasks/<dir>/<path in the dataset repo>, the layout the task loaders
 read. Downloads are pinned to a revision; a file with a known sha256 is verified (a mismatch is
 retried, then an error), and every file's sha256, size and URL go to data/tasks/<dir>/index.json.
-Re-running skips files whose stored bytes still match the index (resumable); transient failures
-(5xx, 429, resets, timeouts) are retried with exponential backoff; 404 and other 4xx fail at once
-with the URL in the message.
+Re-running skips files whose stored bytes still match the index (resumable). Each file goes through
+nanochat.download: transient failures (5xx, 429, resets, timeouts) are retried with exponential
+backoff; 404 and other 4xx fail at once with the URL in the message.
 
 Base URLs are overridable (mirrors, or a local server in tests): `base_url` replaces the Hugging
 Face endpoint ($HF_ENDPOINT is honoured, like huggingface_hub), `mirrors` maps any other default
@@ -18,30 +18,19 @@ base URL to a replacement.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
 import logging
 import os
-import random
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
+from nanochat.download import BACKOFF, RETRIES, TIMEOUT, DownloadError, NotFound, fetch, hf_datasets_url, stored_sha256
 from nanochat.tasks.files import TASKS_PREFIX, resolve_store
 
 log = logging.getLogger("nanochat")
 
-HF_DEFAULT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/datasets"
+HF_DEFAULT = hf_datasets_url()
 GITHUB_RAW = "https://raw.githubusercontent.com"
 KARPATHY_S3 = "https://karpathy-public.s3.us-west-2.amazonaws.com"
-RETRIES = 5
-BACKOFF = 1.0         # seconds before the first retry; doubles each time (with jitter), capped
-MAX_BACKOFF = 30.0
-TIMEOUT = 60.0        # socket timeout per read
-CHUNK = 1 << 20
-USER_AGENT = "nanochat-k8s (task data downloader)"
 
 
 class TaskDownloadError(RuntimeError):
@@ -162,67 +151,20 @@ def _still_valid(store, key, entry, expected, verify) -> bool:
         return False  # the pin changed since this file was fetched
     if not store.exists(key):
         return False
-    if not verify:
-        return True
-    digest = hashlib.sha256()
-    with store.open(key) as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest() == entry.get("sha256")
+    return not verify or stored_sha256(store, key) == entry.get("sha256")
 
 
 def _fetch_to_store(store, key, url, expected, retries, backoff, timeout, token=None) -> dict:
-    with tempfile.TemporaryDirectory(prefix="nanochat-dl-") as tmp:
-        path = os.path.join(tmp, key.rsplit("/", 1)[-1])
-        for attempt in range(retries + 1):
-            try:
-                sha256, size = _download(url, path, timeout, token)
-                if expected is not None and sha256 != expected:
-                    raise _Transient(f"sha256 mismatch: expected {expected}, got {sha256} (corrupted or changed upstream)")
-                break
-            except _Transient as e:
-                if attempt == retries:
-                    raise TaskDownloadError(f"download failed after {retries + 1} attempts: {url}: {e}") from None
-                delay = min(MAX_BACKOFF, backoff * 2 ** attempt) * (0.5 + random.random() / 2)
-                log.warning("task data: %s: %s; retrying in %.1fs (%d/%d)", url, e, delay, attempt + 1, retries)
-                time.sleep(delay)
-        store.put_file(key, path)
-    log.info("task data: %s -> %s (%d bytes, sha256 %s…)", url, store.uri(key), size, sha256[:12])
-    return {"sha256": sha256, "size": size, "url": url, "downloaded": time.time()}
-
-
-class _Transient(Exception):
-    pass
-
-
-def _download(url: str, path: str, timeout: float, token: str | None = None) -> tuple[str, int]:
-    """Stream url to path; return (sha256, size). 4xx -> TaskDownloadError, transient -> _Transient."""
-    headers = {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
-    request = urllib.request.Request(url, headers=headers)
-    digest, size = hashlib.sha256(), 0
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "wb") as out:
-            expected_size = response.headers.get("Content-Length")
-            while chunk := response.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-        if expected_size is not None and int(expected_size) != size:
-            raise _Transient(f"truncated body: {size} of {expected_size} bytes")
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise TaskDownloadError(f"not found (HTTP 404): {url} — check the dataset path/revision or the base URL") from None
-        if e.code in (408, 425, 429) or e.code >= 500:
-            raise _Transient(f"HTTP {e.code} {e.reason}") from None
-        hint = " (the dataset may be gated: set HF_TOKEN or use a mirror)" if e.code in (401, 403) else ""
-        raise TaskDownloadError(f"HTTP {e.code} {e.reason}: {url}{hint}") from None
-    except http.client.HTTPException as e:  # IncompleteRead, RemoteDisconnected, ...
-        raise _Transient(f"{type(e).__name__}: {e}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-        if isinstance(e, urllib.error.URLError) and isinstance(e.reason, str) and "unknown url type" in e.reason:
-            raise TaskDownloadError(f"bad URL {url}: {e.reason}") from None
-        raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
-    return digest.hexdigest(), size
+        got = fetch(url, store, key, expected, retries, backoff, timeout, headers=headers)
+    except NotFound as e:
+        raise TaskDownloadError(f"{e} — check the dataset path/revision or the base URL") from None
+    except DownloadError as e:
+        gated = " (the dataset may be gated: set HF_TOKEN or use a mirror)" if e.status in (401, 403) else ""
+        raise TaskDownloadError(f"{e}{gated}") from None
+    log.info("task data: %s -> %s (%d bytes, sha256 %s…)", url, store.uri(key), got.size, got.sha256[:12])
+    return {"sha256": got.sha256, "size": got.size, "url": url, "downloaded": time.time()}
 
 
 def main(argv=None):

@@ -1,0 +1,348 @@
+"""nanochat.download against a real HTTP server on 127.0.0.1 that serves files the test writes and
+injects faults on cue: 5xx, 429 with Retry-After, connection resets, cut and stalled bodies, wrong
+bytes, 404/403, redirects carrying Hugging Face's X-Linked-Etag."""
+from __future__ import annotations
+
+import email.utils
+import io
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nanochat import download as dl
+from nanochat.store import open_store, sha256_bytes
+from tests.s3util import free_port
+
+BODY = bytes(range(256)) * 40  # 10 KiB, every byte position distinct enough to catch a bad resume
+
+
+class Server:
+    """Serves `files` {path: bytes}. faults[path] is a list consumed one per request:
+    "503", "500", "403", "429:<Retry-After value>", "reset" (RST before any response), "cut" (half the
+    body, then the connection closes), "hang" (half the body, then silence), "corrupt" (one byte flipped),
+    "416". `ranges=False` makes it ignore Range headers (answers 200 with the whole file).
+    /r/<path> answers 302 to `redirect_to` + /<path> with X-Linked-Etag: "<sha256 of the file>"."""
+
+    def __init__(self, ranges: bool = True):
+        self.files: dict[str, bytes] = {}
+        self.faults: dict[str, list[str]] = {}
+        self.requests: list[tuple[str, str | None, str | None]] = []  # (path, Range, Authorization)
+        self.ranges, self.release = ranges, threading.Event()
+        self.redirect_to = None
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                srv.requests.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+                if self.path.startswith("/r/"):
+                    name = self.path[2:]
+                    self.send_response(302)
+                    self.send_header("Location", f"{srv.redirect_to or srv.url}{name}")
+                    self.send_header("X-Linked-Etag", f'"{sha256_bytes(srv.files[name])}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                script = srv.faults.get(self.path) or []
+                fault = script.pop(0) if script else ""
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()  # linger 0: the peer sees a TCP reset
+                    self.close_connection = True
+                    return
+                if fault.split(":")[0] in ("500", "503", "403", "429", "416"):
+                    code, _, retry_after = fault.partition(":")
+                    return self._send(int(code), b"no", {"Retry-After": retry_after} if retry_after else {})
+                if self.path not in srv.files:
+                    return self._send(404, b"not found")
+                body, status, start, headers = srv.files[self.path], 200, 0, {}
+                if fault == "corrupt":
+                    body = body[:100] + bytes([body[100] ^ 0xFF]) + body[101:]
+                rng = self.headers.get("Range")
+                if rng and srv.ranges:
+                    start, status = int(rng.removeprefix("bytes=").rstrip("-")), 206
+                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body) - start), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if fault in ("cut", "hang"):
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    if fault == "hang":
+                        srv.release.wait(60)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+            def _send(self, code, body, headers=()):
+                self.send_response(code)
+                for k, v in {"Content-Length": str(len(body)), **dict(headers)}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Quiet(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # the "reset" fault closes the socket under the handler on purpose
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def paths(self):
+        return [p for p, _, _ in self.requests]
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    s.files["/data/file.bin"] = BODY
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The backoff delays the downloader asked for, without waiting them out."""
+    asked = []
+    monkeypatch.setattr(dl.time, "sleep", asked.append)
+    return asked
+
+
+def tmp_leftovers(tmp_path):
+    return [p for p in (tmp_path / "tmp").rglob("*")]  # conftest points TMPDIR here
+
+
+# ----------------------------------------------------------------------------- fetch into a store
+
+
+def test_fetch_publishes_into_the_store(server, store_uri, tmp_path):
+    store = open_store(store_uri)
+    got = dl.fetch(f"{server.url}/data/file.bin", store, "data/x/file.bin", sha256=sha256_bytes(BODY), progress=False)
+    assert got == dl.Fetched(f"{server.url}/data/file.bin", sha256_bytes(BODY), len(BODY))
+    assert store.get_bytes("data/x/file.bin", sha256=got.sha256) == BODY
+    assert dl.stored_sha256(store, "data/x/file.bin") == got.sha256
+    assert server.requests == [("/data/file.bin", None, None)]
+    assert tmp_leftovers(tmp_path) == []
+
+
+def test_5xx_and_429_are_retried_honouring_retry_after(server, tmp_path, sleeps):
+    store = open_store(f"file://{tmp_path}/s")
+    date = email.utils.formatdate(time.time() + 120, usegmt=True)
+    server.faults["/data/file.bin"] = ["503", "429:7", "500", f"429:{date}", "429:999999"]
+    dl.fetch(f"{server.url}/data/file.bin", store, "k", backoff=0.01, progress=False)
+    assert store.get_bytes("k") == BODY and len(server.requests) == 6
+    assert len(sleeps) == 5
+    assert sleeps[0] < 0.1 and sleeps[2] < 0.1     # plain backoff: 0.01 * 2**attempt, with jitter
+    assert sleeps[1] == 7                          # Retry-After in seconds wins over a shorter backoff
+    assert 100 < sleeps[3] <= 120                  # Retry-After as an HTTP date
+    assert sleeps[4] == dl.MAX_RETRY_AFTER         # an absurd one is capped
+
+
+def test_backoff_grows_exponentially_and_is_capped(server, tmp_path, sleeps):
+    server.faults["/data/file.bin"] = ["503"] * 8
+    dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k", retries=8, backoff=4.0, progress=False)
+    for attempt, delay in enumerate(sleeps):
+        ceiling = min(dl.MAX_BACKOFF, 4.0 * 2 ** attempt)
+        assert ceiling / 2 <= delay <= ceiling     # jitter stays within [half, full] of the step
+    assert sleeps[-1] <= dl.MAX_BACKOFF and sleeps[-1] >= dl.MAX_BACKOFF / 2
+
+
+def test_connection_reset_is_retried(server, tmp_path, sleeps):
+    server.faults["/data/file.bin"] = ["reset", "reset"]
+    got = dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k", progress=False)
+    assert got.sha256 == sha256_bytes(BODY) and len(server.requests) == 3 and len(sleeps) == 2
+
+
+def test_cut_body_resumes_with_a_range_request(server, tmp_path, sleeps):
+    server.faults["/data/file.bin"] = ["cut"]
+    got = dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k", progress=False)
+    assert got.sha256 == sha256_bytes(BODY) and got.size == len(BODY)
+    assert [r for _, r, _ in server.requests] == [None, f"bytes={len(BODY) // 2}-"]
+
+
+def test_cut_body_starts_over_when_the_server_ignores_range(tmp_path, sleeps):
+    server = Server(ranges=False)
+    try:
+        server.files["/f"] = BODY
+        server.faults["/f"] = ["cut", "cut"]
+        store = open_store(f"file://{tmp_path}/s")
+        assert dl.fetch(f"{server.url}/f", store, "k", progress=False).sha256 == sha256_bytes(BODY)
+        assert [r for _, r, _ in server.requests][1:] == [f"bytes={len(BODY) // 2}-"] * 2  # asked, got 200, rewrote
+        assert store.get_bytes("k") == BODY
+    finally:
+        server.stop()
+
+
+def test_a_stalled_body_times_out_and_is_retried(server, tmp_path, sleeps):
+    server.faults["/data/file.bin"] = ["hang"]
+    got = dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k", timeout=0.5, progress=False)
+    assert got.sha256 == sha256_bytes(BODY) and len(server.requests) == 2
+
+
+def test_404_fails_fast_naming_the_url(server, tmp_path, sleeps):
+    store = open_store(f"file://{tmp_path}/s")
+    with pytest.raises(dl.NotFound, match=f"404.*{server.url}/data/missing.bin") as err:
+        dl.fetch(f"{server.url}/data/missing.bin", store, "k", retries=5, progress=False)
+    assert err.value.status == 404 and err.value.url == f"{server.url}/data/missing.bin"
+    assert len(server.requests) == 1 and sleeps == [] and not store.exists("k")
+    assert tmp_leftovers(tmp_path) == []
+
+
+def test_403_fails_fast_with_its_status(server, tmp_path, sleeps):
+    server.faults["/data/file.bin"] = ["403"]
+    with pytest.raises(dl.DownloadError, match=f"HTTP 403.*{server.url}/data/file.bin") as err:
+        dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k", progress=False)
+    assert err.value.status == 403 and not isinstance(err.value, dl.NotFound)
+    assert len(server.requests) == 1 and sleeps == []
+
+
+def test_giving_up_names_the_url_and_the_last_error(server, tmp_path, sleeps):
+    store = open_store(f"file://{tmp_path}/s")
+    server.faults["/data/file.bin"] = ["503"] * 10
+    with pytest.raises(dl.DownloadError, match=f"after 3 attempts: {server.url}/data/file.bin: HTTP 503"):
+        dl.fetch(f"{server.url}/data/file.bin", store, "k", retries=2, progress=False)
+    assert len(server.requests) == 3 and not store.exists("k")
+
+
+def test_nothing_listening_is_retried_then_reported(tmp_path, sleeps):
+    url = f"http://127.0.0.1:{free_port()}/f"
+    with pytest.raises(dl.DownloadError, match=f"after 2 attempts: {url}: ConnectionError"):
+        dl.fetch(url, open_store(f"file://{tmp_path}/s"), "k", retries=1, progress=False)
+
+
+def test_digest_mismatch_is_retried_then_nothing_is_published(server, tmp_path, sleeps):
+    store = open_store(f"file://{tmp_path}/s")
+    server.faults["/data/file.bin"] = ["corrupt"]
+    assert dl.fetch(f"{server.url}/data/file.bin", store, "k", sha256=sha256_bytes(BODY), progress=False).sha256 == sha256_bytes(BODY)
+    assert len(server.requests) == 2 and server.requests[1][1] is None  # a mismatch restarts from byte 0
+
+    server.faults["/data/file.bin"] = ["corrupt"] * 10
+    with pytest.raises(dl.DownloadError, match="after 3 attempts.*sha256 mismatch"):
+        dl.fetch(f"{server.url}/data/file.bin", store, "other", sha256=sha256_bytes(BODY), retries=2, progress=False)
+    assert not store.exists("other") and tmp_leftovers(tmp_path) == []
+
+
+def test_hugging_face_linked_etag_is_verified_and_auth_stays_on_its_host(server, tmp_path, sleeps):
+    cdn = Server()
+    try:
+        cdn.files["/data/file.bin"] = BODY
+        cdn.faults["/data/file.bin"] = ["corrupt"]
+        server.redirect_to = cdn.url  # the hub redirects to a CDN on another port, as huggingface.co does
+        got = dl.fetch(f"{server.url}/r/data/file.bin", open_store(f"file://{tmp_path}/s"), "k",
+                       headers={"Authorization": "Bearer secret"}, progress=False)
+        assert got.sha256 == sha256_bytes(BODY) and len(cdn.requests) == 2  # no sha256 given: the announced one caught it
+        assert {a for _, _, a in server.requests} == {"Bearer secret"} and {a for _, _, a in cdn.requests} == {None}
+    finally:
+        cdn.stop()
+
+
+def test_check_rejects_a_body(server, tmp_path, sleeps):
+    seen = []
+
+    def check(path):
+        seen.append(path.read_bytes())
+        if len(seen) == 1:
+            raise ValueError("not a parquet file")
+
+    got = dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k", check=check, progress=False)
+    assert got.size == len(BODY) and seen == [BODY, BODY]  # no digest known: the objection may be transit damage
+
+    seen.clear()
+    with pytest.raises(dl.DownloadError, match="not a parquet file"):  # the digest matched: refetching cannot help
+        dl.fetch(f"{server.url}/data/file.bin", open_store(f"file://{tmp_path}/s"), "k2", sha256=sha256_bytes(BODY),
+                 check=lambda p: (_ for _ in ()).throw(ValueError("not a parquet file")), progress=False)
+    assert len(server.requests) == 3
+
+
+# ----------------------------------------------------------------------------- download_file
+
+
+def test_download_file_resumes_a_part_left_by_an_earlier_call(server, tmp_path, sleeps):
+    dest = tmp_path / "cache" / "file.bin"
+    dest.parent.mkdir()
+    server.faults["/data/file.bin"] = ["cut"]
+    with pytest.raises(dl.DownloadError, match="truncated"):
+        dl.download_file(f"{server.url}/data/file.bin", dest, retries=0, progress=False)
+    assert not dest.exists() and dest.with_name("file.bin.part").stat().st_size == len(BODY) // 2
+    dl.download_file(f"{server.url}/data/file.bin", dest, progress=False)
+    assert dest.read_bytes() == BODY and not dest.with_name("file.bin.part").exists()
+    assert server.requests[-1][1] == f"bytes={len(BODY) // 2}-"
+
+
+def test_download_file_starts_over_on_416(server, tmp_path, sleeps):
+    dest = tmp_path / "file.bin"
+    dest.with_name("file.bin.part").write_bytes(b"x" * 50)
+    server.faults["/data/file.bin"] = ["416"]
+    dl.download_file(f"{server.url}/data/file.bin", dest, progress=False)
+    assert dest.read_bytes() == BODY and [r for _, r, _ in server.requests] == ["bytes=50-", None]
+
+
+def test_file_urls_are_copied(tmp_path):
+    src = tmp_path / "mirror" / "file.bin"
+    src.parent.mkdir()
+    src.write_bytes(BODY)
+    got = dl.download_file(src.as_uri(), tmp_path / "out.bin", sha256=sha256_bytes(BODY), progress=False)
+    assert (tmp_path / "out.bin").read_bytes() == BODY and got.size == len(BODY)
+    with pytest.raises(dl.NotFound, match="no such file"):
+        dl.download_file((tmp_path / "mirror" / "nope.bin").as_uri(), tmp_path / "out2.bin", progress=False)
+
+
+def test_bad_urls_fail_at_once(tmp_path):
+    with pytest.raises(dl.DownloadError, match="bad URL"):
+        dl.download_file("ftp://127.0.0.1/x", tmp_path / "x", progress=False)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_off_is_silent(server, tmp_path, caplog, monkeypatch, capfd):
+    monkeypatch.setattr(dl.sys.stderr, "isatty", lambda: True)
+    with caplog.at_level(logging.INFO, logger="nanochat"):
+        dl.download_file(f"{server.url}/data/file.bin", tmp_path / "f", progress=False)
+    assert caplog.records == [] and capfd.readouterr().err == ""
+
+
+def test_progress_logs_lines_without_a_terminal(server, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(dl.sys.stderr, "isatty", lambda: False)
+    with caplog.at_level(logging.INFO, logger="nanochat"):
+        dl.download_file(f"{server.url}/data/file.bin", tmp_path / "f")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(f"{server.url}/data/file.bin" in line for line in lines)
+    assert "(100%)" in lines[-1]
+
+
+def test_progress_bar_on_a_terminal(server, tmp_path, monkeypatch):
+    out = io.StringIO()
+    out.isatty = lambda: True
+    monkeypatch.setattr(dl.sys, "stderr", out)
+    server.faults["/data/file.bin"] = ["cut"]  # the bar follows the resumed transfer
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    dl.download_file(f"{server.url}/data/file.bin", tmp_path / "f")
+    text = out.getvalue()
+    assert "file.bin" in text and "10.0k/10.0k" in text
+
+
+def test_hf_endpoint_env_overrides_the_hub(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert dl.hf_datasets_url() == "https://huggingface.co/datasets"
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
+    assert dl.hf_datasets_url() == "http://127.0.0.1:9/datasets"
