@@ -178,7 +178,7 @@ def _check_status(url: str, resp, have: int, part: Path):
         part.unlink()
         raise _Transient("HTTP 416 on resume; starting over")
     if code in RETRY_STATUSES or code >= 500:
-        raise _Transient(f"HTTP {code} {resp.reason}", wait=None)
+        raise _Transient(f"HTTP {code} {resp.reason}", wait=_retry_after(resp))
     if code in (404, 410):
         raise NotFound(f"not found (HTTP {code}): {url}", url, code)
     raise DownloadError(f"HTTP {code} {resp.reason}: {url}", url, code)
