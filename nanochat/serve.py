@@ -398,6 +398,7 @@ class Job:
                 self.server.metrics.tokens_per_s.observe(total / (now - self.t_first))
             self.state = "done"
         if kind == "error":
+            self.state = "done"
             raise APIError(500, f"generation failed: {payload}", code="generation_failed")
         return kind, payload
 
@@ -466,7 +467,8 @@ class ServeState:
         self.context_len = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.free: asyncio.Queue | None = None
-        self.executor = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="nanochat-gen")
+        self.thread_prefix = f"nanochat-gen-{secrets.token_hex(3)}"  # this app's worker threads, by name
+        self.executor = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix=self.thread_prefix)
         self.waiting = self.in_flight = 0
         self.jobs: set[Job] = set()
         self.created = int(time.time())
@@ -696,6 +698,11 @@ def create_app(store_uri: str | None = None, *, source: str | None = None, step:
     async def api_error(request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
@@ -821,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait for a replica; more get 429")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, help="seconds in-flight streams get to finish on shutdown")
     for name, value in asdict(Limits()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=argparse.SUPPRESS)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, metavar="N", help=f"per-request limit (default {value})")
     p.add_argument("--log-level", default="info")
     return p
 
