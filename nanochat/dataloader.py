@@ -7,8 +7,9 @@
 
 - Row groups of the split (train: every shard but the last, val: the last) are striped across ranks:
   rank r reads row groups r, r+W, r+2W, ... of the concatenated shard list.
-- A background thread reads the next row groups (local file or S3, through `store.open`) and
+- A background thread reads the next row groups (local file or S3, through pyarrow's filesystem) and
   tokenizes them with the tokenizer's parallel batch encode, each document prefixed with <|bos|>.
+  Parquet page checksums are verified: a damaged shard is a CorruptObject naming it and the row group.
 - Packing (nanochat's "BOS-aligned best fit"): every row starts at a document start; each row is
   filled with the largest buffered document that fits whole; only when none fits is the shortest
   one cropped to fill the row exactly. No padding, every token trained on.
@@ -26,8 +27,9 @@ import threading
 import numpy as np
 import torch
 
-from nanochat.dataset import INDEX_KEY, TEXT_COLUMN, shard_entries
+from nanochat.dataset import INDEX_KEY, shard_entries
 from nanochat.store import ObjectNotFound
+from nanochat.text_shards import open_parquet, read_texts
 
 log = logging.getLogger("nanochat.dataloader")
 
@@ -294,12 +296,10 @@ class DataLoader:
 
 
 def _open_parquet(store, key: str, fs=None):
-    """ParquetFile on a seekable reader (local file or pyarrow's S3 file): footer + row-group range reads."""
-    import pyarrow.parquet as pq
-    fs, base = fs or store.arrow_fs()
+    """ParquetFile on a seekable reader, page checksums verified (see text_shards.open_parquet)."""
     try:
-        return pq.ParquetFile(fs.open_input_file(f"{base}/{key}"))
-    except FileNotFoundError:
+        return open_parquet(store, key, fs)
+    except ObjectNotFound:
         raise ObjectNotFound(f"no such object: {store.uri(key)} (listed in {store.uri(INDEX_KEY)})") from None
 
 
@@ -320,7 +320,7 @@ class _Reader:
                 shard_i, rg = self.assignments[pos]
                 if shard_i != open_shard:
                     pf, open_shard = _open_parquet(self.store, self.keys[shard_i], fs), shard_i
-                texts = pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()[row:]
+                texts = read_texts(pf, rg, self.store, self.keys[shard_i])[row:]
                 encoded = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.threads) if texts else []
                 docs = [(len(ids), np.asarray(ids[:self.capacity], dtype=np.int32)) for ids in encoded]
                 if not _put(out, (epoch, pos, row, docs), stop):

@@ -10,6 +10,8 @@ per row. Each row runs a small state machine for tool use: when the model writes
 """
 
 import codecs
+import contextlib
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,6 +21,25 @@ import torch.nn.functional as F
 from nanochat.calculator import evaluate as use_calculator
 
 DECODE_RESERVE = 256  # cache rows reserved for decoding when max_tokens is None (the cache grows beyond)
+# Decoding a small model on CPU is latency-bound: a second intra-op thread only adds synchronisation,
+# and on a busy 2-core machine it made decode 6x slower (measured). Training keeps all threads.
+DECODE_CPU_THREADS = int(os.environ.get("NANOCHAT_DECODE_THREADS", "1"))
+SMALL_MODEL_PARAMS = 100_000_000
+
+
+@contextlib.contextmanager
+def decode_threads(model):
+    """Limit torch's intra-op threads while a small model decodes on CPU; restore them after."""
+    before = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    limit = model.get_device().type == "cpu" and small and 0 < DECODE_CPU_THREADS < before
+    if limit:
+        torch.set_num_threads(DECODE_CPU_THREADS)
+    try:
+        yield
+    finally:
+        if limit:
+            torch.set_num_threads(before)
 
 
 @torch.inference_mode()
@@ -108,8 +129,12 @@ class Engine:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         return self._stream(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache)
 
-    @torch.inference_mode()
     def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache):
+        with decode_threads(self.model):
+            yield from self._decode(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache)
+
+    @torch.inference_mode()
+    def _decode(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache):
         device = self.model.get_device()
         rng = torch.Generator(device=device)  # per request: reproducible and independent of other requests
         rng.manual_seed(seed)

@@ -46,7 +46,7 @@ STEPS: list[Step] = [
     Step("eval_bundle", "eval_bundle", only_profiles=GPU_PROFILES, description="fetch the CORE eval bundle"),
     Step("base_train", "base_train", depends_on=("tok_train", "data_rest"), gpu=True, description="pretrain the base model"),
     Step("base_eval", "base_eval", depends_on=("base_train", "eval_bundle"), gpu=True, description="bpb, samples, CORE"),
-    Step("chat_eval_base", "chat_eval", args=("--source=base",), depends_on=("base_train",), only_profiles=CPU_PROFILES,
+    Step("chat_eval_base", "chat_eval", args=("--source=base",), depends_on=("base_train",), only_profiles=CPU_PROFILES, gpu=True,
          description="synthetic-task accuracy of the base model (the report card's BASE column on CPU profiles)"),
     Step("mid_train", "mid_train", depends_on=("base_train", "task_data"), gpu=True, description="midtraining: conversations, tools, multiple choice"),
     Step("chat_eval_mid", "chat_eval", args=("--source=mid",), depends_on=("mid_train",), gpu=True, description="ChatCORE of the mid model"),

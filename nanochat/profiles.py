@@ -15,7 +15,8 @@ PROFILES: dict[str, dict] = {
         "stages": {
             "tok_train": {"vocab_size": 4096},
             "base_train": {"depth": 4, "head_dim": 64, "window_pattern": "L", "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": -1,
-                           "num_iterations": 400, "eval_every": 100, "eval_tokens": 32768, "save_every": 100, "log_every": 25},
+                           "num_iterations": 400, "eval_every": 100, "eval_tokens": 32768, "save_every": 100, "log_every": 25,
+                           "core_metric_every": 0},
             "base_eval": {"device_batch_size": 8, "eval_tokens": 32768},
             "mid_train": {"device_batch_size": 8, "total_batch_size": -1, "max_seq_len": 256, "num_iterations": 150, "eval_every": 50,
                           "eval_tokens": 32768, "save_every": 50, "log_every": 25},
@@ -23,9 +24,11 @@ PROFILES: dict[str, dict] = {
                          "eval_steps": 16, "eval_metrics_every": 100, "eval_cat_examples": 200, "eval_gen_examples": 24, "eval_max_new_tokens": 128, "log_every": 25},
             "chat_rl": {"task": "synthetic_arithmetic", "num_iterations": 40, "examples_per_step": 8, "num_samples": 8, "device_batch_size": 8,
                         "max_new_tokens": 96, "init_lr_frac": 0.1, "eval_every": 20, "eval_examples": 50, "eval_samples": 4, "save_every": 20},
-            "chat_eval": {"tasks": "synthetic_arithmetic|synthetic_spelling|synthetic_mc|synthetic_chat", "max_problems": 200, "max_new_tokens": 128, "batch_size": 32},
+            # answers are <= 55 tokens; 100 problems per task keeps four evaluations under a few minutes
+            "chat_eval": {"tasks": "synthetic_arithmetic|synthetic_spelling|synthetic_mc|synthetic_chat", "max_problems": 100, "max_new_tokens": 64, "batch_size": 32},
         },
-        "nproc": {},
+        # two single-threaded ranks split the problems: decode does not scale with intra-op threads
+        "nproc": {"chat_eval": 2},
     },
     "ci": {
         "description": "tiny, cut further for the test suite (seconds per stage)",
@@ -35,7 +38,7 @@ PROFILES: dict[str, dict] = {
         "stages": {
             "tok_train": {"vocab_size": 2048},
             "base_train": {"depth": 2, "head_dim": 64, "window_pattern": "L", "max_seq_len": 128, "device_batch_size": 4, "total_batch_size": -1,
-                           "num_iterations": 30, "eval_every": 0, "eval_tokens": 2048, "save_every": 0},
+                           "num_iterations": 30, "eval_every": 0, "eval_tokens": 2048, "save_every": 0, "core_metric_every": 0},
             "base_eval": {"device_batch_size": 4, "eval_tokens": 2048},
             "data": {"embedded_chars": 300_000, "shard_chars": 100_000},
             "mid_train": {"max_seq_len": 256, "device_batch_size": 4, "total_batch_size": -1, "num_iterations": 20, "eval_every": 0,

@@ -41,7 +41,11 @@ class AccessDenied(StoreError):
     pass
 
 
-class DigestMismatch(StoreError):
+class CorruptObject(StoreError):
+    """The object exists but its bytes are damaged (bad digest, undecodable parquet page, ...)."""
+
+
+class DigestMismatch(CorruptObject):
     pass
 
 
@@ -134,16 +138,21 @@ class LocalStore(Store):
         return p
 
     def _atomic_write(self, path: Path, write):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):  # disk full, quota, read-only, permissions: one line naming the object
+                cls = AccessDenied if isinstance(e, PermissionError) else StoreError
+                raise cls(f"cannot write {'file://' + str(path)}: {e.strerror or e}") from e
             raise
 
     def put_bytes(self, key, data) -> str:
@@ -155,11 +164,14 @@ class LocalStore(Store):
             data = self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
+        except PermissionError:
+            raise AccessDenied(f"permission denied reading {self.uri(key)}") from None
         _check_digest(self.uri(key), sha256_bytes(data), sha256)
         return data
 
     def put_file(self, key, path) -> str:
-        self._atomic_write(self._path(key), lambda f: shutil.copyfileobj(open(path, "rb"), f, CHUNK))
+        with open(path, "rb") as src:  # opened first: a missing source is not a store write error
+            self._atomic_write(self._path(key), lambda f: shutil.copyfileobj(src, f, CHUNK))
         return sha256_file(path)
 
     def get_file(self, key, path, sha256=None) -> str:

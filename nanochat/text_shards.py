@@ -1,9 +1,19 @@
-"""Read the text column of the store's parquet shards (train = all but the last shard, val = the last)."""
+"""Read the text column of the store's parquet shards (train = all but the last shard, val = the last).
+
+Readers verify parquet page checksums (CRC32 per page, written by the data stage): a flipped bit in a
+shard is an error naming the shard and row group, never silently different training text. Damaged
+files, bad UTF-8 and a missing text column are `CorruptObject`s; I/O failures are `StoreError`s.
+"""
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.store import CorruptObject, ObjectNotFound, StoreError
+
 SHARD_PREFIX = "data/shards/"
+TEXT_COLUMN = "text"
+IO_MARKERS = ("AWS Error", "curlCode", "Connection", "connection", "timed out", "Timeout")  # pyarrow S3 errors, not damage
 
 
 def list_shards(store) -> list[str]:
@@ -13,7 +23,8 @@ def list_shards(store) -> list[str]:
 def split_shards(store, split: str) -> list[str]:
     shards = list_shards(store)
     if not shards:
-        raise FileNotFoundError(f"no parquet shards under {store.uri(SHARD_PREFIX)}: run the data stage first")
+        raise ObjectNotFound(f"no parquet shards under {store.uri(SHARD_PREFIX)}: run the data stage first "
+                             f"(`nanochat stage data --store {store.root}`)")
     if split == "train":
         return shards[:-1] or shards
     if split == "val":
@@ -21,10 +32,42 @@ def split_shards(store, split: str) -> list[str]:
     raise ValueError(f"split must be train or val, got {split!r}")
 
 
-def iter_texts(store, split: str = "train", batch_rows: int = 1024):
+def shard_error(store, key: str, where: str, e: BaseException) -> StoreError:
+    """One clear error for a failed shard read: missing, damaged, or I/O."""
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, FileNotFoundError):
+        return ObjectNotFound(f"no such object: {store.uri(key)}")
+    if isinstance(e, OSError) and any(m in msg for m in IO_MARKERS):
+        return StoreError(f"cannot read {where} of {store.uri(key)}: {msg}")
+    return CorruptObject(f"corrupt parquet shard {store.uri(key)} ({where}): {msg}; "
+                         f"re-create the shards (`nanochat stage data --force --store {store.root}`)")
+
+
+def open_parquet(store, key: str, fs=None) -> pq.ParquetFile:
+    """ParquetFile on a seekable reader (local file or pyarrow's S3 file): footer + row-group range reads."""
+    fs, base = fs or store.arrow_fs()
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(f"{base}/{key}"), page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise shard_error(store, key, "footer", e) from None
+    field = pf.schema_arrow.field(TEXT_COLUMN) if TEXT_COLUMN in pf.schema_arrow.names else None
+    if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+        found = f"type {field.type}" if field is not None else f"columns {pf.schema_arrow.names}"
+        raise CorruptObject(f"parquet shard {store.uri(key)} has no UTF-8 {TEXT_COLUMN!r} column ({found})")
+    return pf
+
+
+def read_texts(pf: pq.ParquetFile, rg: int, store, key: str) -> list[str]:
+    """The documents of one row group, checksums verified."""
+    try:
+        return pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise shard_error(store, key, f"row group {rg}", e) from None
+
+
+def iter_texts(store, split: str = "train"):
     """Documents of a split in shard order, streamed row group by row group."""
     for key in split_shards(store, split):
-        with store.open(key) as f:
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"]):
-                yield from batch.column(0).to_pylist()
+        pf = open_parquet(store, key)
+        for rg in range(pf.num_row_groups):
+            yield from read_texts(pf, rg, store, key)

@@ -107,7 +107,7 @@ def try_resume(ctx: StageContext, ckpt: CheckpointManager, model, optimizer, dat
     data.load_state_dict(rank_state["data"])
     set_rng_state(rank_state["rng"])
     ctx.load_history(step)
-    ctx.log(f"resumed from checkpoint {ctx.store.uri(ckpt.step_prefix(step))} (step {step})")
+    ctx.log(f"resumed from checkpoint step {step} ({ctx.store.uri(ckpt.step_prefix(step))})")
     return step
 
 

@@ -84,3 +84,18 @@ def test_two_ranks_save_and_fall_back_together(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+
+
+def test_delete_other_configs_leaves_only_this_configs_checkpoints(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    mgr = CheckpointManager(store, "base_train", keep=5)
+    for step, theirs in ((1, "mine"), (2, "other"), (3, "mine"), (4, None)):
+        mgr.save(step, {"w": torch.full((2,), float(step))}, {}, {"config_hash": theirs} if theirs else {})
+    store.put_bytes("checkpoints/base_train/000005/model.pt", b"torn")  # no meta.json: not a checkpoint, left to retention
+    assert mgr.delete_other_configs("mine") == [(2, "other"), (4, None)]
+    assert mgr.steps() == [1, 3]
+    assert not store.list("checkpoints/base_train/000002/") and not store.list("checkpoints/base_train/000004/")
+    assert store.exists("checkpoints/base_train/000005/model.pt")
+    step, model_state, _, meta = mgr.load()
+    assert step == 3 and meta == {"config_hash": "mine"} and torch.equal(model_state["w"], torch.full((2,), 3.0))
+    assert mgr.delete_other_configs("mine") == []

@@ -54,6 +54,8 @@ class Config(StageConfig):
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.window_pattern.strip("SL") or not self.window_pattern:
             raise ConfigError(f"--window-pattern: only letters S and L allowed, got {self.window_pattern!r}")
+        if self.core_metric_max_per_task == 0 or self.core_metric_max_per_task < -1:
+            raise ConfigError(f"--core-metric-max-per-task must be -1 (all) or >= 1, got {self.core_metric_max_per_task}")
 
 
 def build_model(cfg, vocab_size, device, dtype=None):
