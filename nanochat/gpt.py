@@ -229,6 +229,12 @@ class Block(nn.Module):
         return x
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding without its default init: init_weights() sets the values, and the default
+    reset_parameters() imports torch._dynamo (~1 s per process start)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         """Runs under torch.device("meta") in the normal flow: shapes only, real values in init_weights()."""
@@ -237,14 +243,14 @@ class GPT(nn.Module):
         self.windows = layer_windows(config)
         self.padded_vocab_size = math.ceil(config.vocab_size / PAD_VOCAB_TO) * PAD_VOCAB_TO
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "wte": embedding(self.padded_vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i, w) for i, w in enumerate(self.windows)]),
         })
         self.lm_head = Linear(config.n_embd, self.padded_vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # scales the residual stream per layer
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # mixes the input embedding back in per layer
         kv_dim = config.n_kv_head * config.head_dim
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+        self.value_embeds = nn.ModuleDict({str(i): embedding(self.padded_vocab_size, kv_dim)
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         cos, sin = self._rotary(ROTARY_OVERCOMPUTE * config.sequence_len, device=self.get_device())
         self.register_buffer("cos", cos, persistent=False)  # derived, not saved in checkpoints
@@ -302,6 +308,9 @@ class GPT(nn.Module):
         return self
 
     def _rotary(self, seq_len, device):
+        if torch.device(device).type == "meta":  # shapes only; arange on meta imports torch._dynamo (~1 s)
+            shape = (1, seq_len, 1, self.config.head_dim // 2)
+            return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
         half = torch.arange(0, self.config.head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (self.config.rope_base ** (half / self.config.head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)

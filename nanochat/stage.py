@@ -202,9 +202,9 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
     try:
         device = common.autodetect_device(cfg.device)
         dtype = common.compute_dtype(device, cfg.dtype)
+        rank, local_rank, world_size = common.init_distributed(device)
     except ValueError as e:
         return _fail(stage, str(e), EXIT_CONFIG)
-    rank, local_rank, world_size = common.init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
     common.seed_everything(cfg.seed + rank)

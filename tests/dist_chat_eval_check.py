@@ -168,7 +168,7 @@ def main(store_uri, flags):
     tasks = {n: chat_eval.load_task(n, store, cfg_flags.get("split", "test")) for n in names}
     model = build_model(get_tokenizer(store), tasks, max_problems)
     real = checkpoint.load_model
-    checkpoint.load_model = lambda store, source, device="cpu", step=None: (model, 7, {})
+    checkpoint.load_model = lambda store, source, device="cpu", step=None, dtype=None: (model, 7, {})
     try:
         return chat_eval.main([f"--store={store_uri}", *flags])
     finally:

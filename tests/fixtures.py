@@ -43,5 +43,6 @@ def write_shards(store, texts: list[str], num_shards: int = 3):
         buf = io_mod.BytesIO()
         pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), buf, row_group_size=64, compression="zstd")
         key = f"data/shards/shard_{i:05d}.parquet"
-        index.append({"key": key, "sha256": store.put_bytes(key, buf.getvalue())})
+        split = "val" if i == num_shards - 1 else "train"
+        index.append({"name": key.rsplit("/", 1)[1], "key": key, "split": split, "sha256": store.put_bytes(key, buf.getvalue())})
     store.put_json("data/shards/index.json", {"shards": index})

@@ -48,7 +48,7 @@ def run(ctx):
     if cfg.core == "true" or (cfg.core == "auto" and bundle_available(ctx.store)):
         core_tasks = load_bundle(ctx.store, cfg.max_per_task)  # before any work: a missing bundle names its fetch command
     tokenizer = get_tokenizer(ctx.store)
-    model, step, meta = load_model(ctx.store, cfg.source, ctx.device, None if cfg.step < 0 else cfg.step)
+    model, step, meta = load_model(ctx.store, cfg.source, ctx.device, None if cfg.step < 0 else cfg.step, dtype=ctx.dtype)
     seq = model.config.sequence_len
     token_bytes = tokenizer.token_bytes(ctx.device)
     steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq * ctx.world_size))

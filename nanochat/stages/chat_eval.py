@@ -81,7 +81,7 @@ def run(ctx):
     tokenizer = get_tokenizer(ctx.store)
     names = task_names(cfg.tasks)
     tasks = {name: load_task(name, ctx.store, cfg.split) for name in names}  # fail on missing data before any work
-    model, step, _ = load_model(ctx.store, cfg.source, ctx.device, None if cfg.step < 0 else cfg.step)
+    model, step, _ = load_model(ctx.store, cfg.source, ctx.device, None if cfg.step < 0 else cfg.step, dtype=ctx.dtype)
     engine = Engine(model, tokenizer)
     ctx.log(f"evaluating {cfg.source} (checkpoint step {step}) on {', '.join(names)}")
 

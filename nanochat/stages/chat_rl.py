@@ -245,7 +245,7 @@ def run(ctx):
     except TaskDataMissing as e:
         from nanochat.stage import MissingInput
         raise MissingInput(str(e)) from None
-    model, source_step, _ = load_model(ctx.store, cfg.source, ctx.device)
+    model, source_step, _ = load_model(ctx.store, cfg.source, ctx.device, dtype=ctx.dtype)
     model.train()
     engine = Engine(model, tokenizer)
     optimizer = model.setup_optimizer(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,

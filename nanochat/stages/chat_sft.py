@@ -79,12 +79,12 @@ def run(ctx):
     from nanochat.checkpoint import CheckpointManager, load_model
     from nanochat.optim import lr_multiplier
     from nanochat.tokenizer import get_tokenizer
-    from nanochat.training import LoopConfig, train
+    from nanochat.training import LoopConfig, drop_other_configs, train
 
     cfg = ctx.cfg
     ctx.require("tokenizer/tokenizer.json", "tok_train")
     tokenizer = get_tokenizer(ctx.store)
-    model, source_step, source_meta = load_model(ctx.store, cfg.source, ctx.device)
+    model, source_step, source_meta = load_model(ctx.store, cfg.source, ctx.device, dtype=ctx.dtype)
     model_config = source_meta["model_config"]
     max_len = cfg.max_seq_len if cfg.max_seq_len > 0 else model_config["sequence_len"]
     train_mix = build_mixture(cfg.tasks, ctx.store, split="train", seed=cfg.seed)
@@ -128,6 +128,7 @@ def run(ctx):
     initial = evaluate(model, 0)
     model.train()
     ckpt = CheckpointManager(ctx.store, STAGE, keep=cfg.keep_checkpoints)
+    drop_other_configs(ctx, ckpt)  # a stale checkpoint must not suppress the step-0 row
     if ckpt.latest() is None:
         ctx.log_metrics(0, total=n, **initial)
 
