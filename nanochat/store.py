@@ -220,6 +220,17 @@ class LocalStore(Store):
         return pafs.LocalFileSystem(), str(self.base)
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The S3 error inside boto3's transfer wrappers: upload_file raises S3UploadFailedError for any ClientError
+    (403, 404, 503 alike) and download_file RetriesExceededError for broken streams; classify what is inside."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
+        return exc.__context__
+    if isinstance(exc, RetriesExceededError) and isinstance(getattr(exc, "last_exception", None), Exception):
+        return exc.last_exception
+    return exc
+
+
 def _transient(exc) -> bool:
     """True for errors worth retrying: 5xx, throttling, timeouts, resets, truncated bodies."""
     from botocore.exceptions import ClientError, ConnectionError as BotoConnError, HTTPClientError, IncompleteReadError, ResponseStreamingError, ReadTimeoutError
@@ -258,23 +269,23 @@ class S3Store(Store):
         for attempt in range(retries + 1):
             try:
                 return fn()
-            except NoCredentialsError:
-                raise AccessDenied(f"no S3 credentials for {self.uri(key)}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
-            except ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                if code in ("NoSuchKey", "404", "NotFound"):
-                    raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
-                if code == "NoSuchBucket":
-                    raise BucketNotFound(f"bucket does not exist: s3://{self.bucket} (while trying to {what} {self.uri(key)})") from None
-                if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
-                    raise AccessDenied(f"S3 denied {what} on {self.uri(key)} ({code}): check the credentials and bucket policy") from None
+            except Exception as raised:  # noqa: BLE001 - classified below
+                e = _unwrap(raised)
+                if isinstance(e, StoreError):
+                    raise e from None
+                if isinstance(e, NoCredentialsError):
+                    raise AccessDenied(f"no S3 credentials for {self.uri(key)}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+                if isinstance(e, ClientError):
+                    code = e.response.get("Error", {}).get("Code", "")
+                    if code in ("NoSuchKey", "404", "NotFound"):
+                        raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
+                    if code == "NoSuchBucket":
+                        raise BucketNotFound(f"bucket does not exist: s3://{self.bucket} (while trying to {what} {self.uri(key)})") from None
+                    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
+                        raise AccessDenied(f"S3 denied {what} on {self.uri(key)} ({code}): check the credentials and bucket policy") from None
                 if not _transient(e) or attempt == retries:
-                    raise StoreError(f"S3 {what} failed for {self.uri(key)}: {e}") from e
-            except Exception as e:  # noqa: BLE001 - classify below
-                if not _transient(e) or attempt == retries:
-                    if isinstance(e, StoreError):
-                        raise
-                    raise StoreError(f"S3 {what} failed for {self.uri(key)} (endpoint {self.endpoint or 'AWS'}): {e}") from e
+                    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise StoreError(f"S3 {what} failed for {self.uri(key)} (endpoint {self.endpoint or 'AWS'}): {detail}") from e
             time.sleep(min(8.0, 0.1 * 2 ** attempt) * (0.5 + random.random()))
 
     def _transfer_config(self):

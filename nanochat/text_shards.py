@@ -1,4 +1,4 @@
-"""Read the text column of the store's parquet shards (train = all but the last shard, val = the last).
+"""Read the text column of the store's parquet shards (the splits of data/shards/index.json).
 
 Readers verify parquet page checksums (CRC32 per page, written by the data stage): a flipped bit in a
 shard is an error naming the shard and row group, never silently different training text. Damaged
@@ -21,15 +21,14 @@ def list_shards(store) -> list[str]:
 
 
 def split_shards(store, split: str) -> list[str]:
-    shards = list_shards(store)
-    if not shards:
-        raise ObjectNotFound(f"no parquet shards under {store.uri(SHARD_PREFIX)}: run the data stage first "
+    """Keys of a split's shards: as index.json lists them (so a lost shard is an error, not a smaller split),
+    else every shard file with the last one as val."""
+    from nanochat.dataset import shard_entries
+    keys = [e["key"] for e in shard_entries(store, split)]
+    if not keys:
+        raise ObjectNotFound(f"no {split} shards under {store.uri(SHARD_PREFIX)}: run the data stage first "
                              f"(`nanochat stage data --store {store.root}`)")
-    if split == "train":
-        return shards[:-1] or shards
-    if split == "val":
-        return shards[-1:]
-    raise ValueError(f"split must be train or val, got {split!r}")
+    return keys
 
 
 def shard_error(store, key: str, where: str, e: BaseException) -> StoreError:

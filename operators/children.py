@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 
 from operators import crd
-from operators.pytorchjob import dns_label, labels, owner_reference, s3_env
+from operators.pytorchjob import SCRATCH_ENV, dns_label, hardened_pod_spec, labels, owner_reference, s3_env, tmp_volume
 
 ANN_REPORT_DIGEST = "nanochat.dev/report-digest"
 ANN_CHECKPOINT = "nanochat.dev/checkpoint"
 CONFIGMAP_MAX = 1_000_000  # a ConfigMap holds at most 1 MiB
+# serving pods shut down like the chart's chat Deployment (helm/nanochat-speedrun values inference.*):
+PRESTOP_S = 10  # keep serving while the endpoint removal reaches every proxy
+DRAIN_S = 30    # then SIGTERM: in-flight streams get this long (nanochat serve --drain-timeout)
 
 
 def rfc3339(t: float) -> str:
@@ -80,20 +83,29 @@ def serving_objects(run: dict, checkpoint: str) -> list[dict]:
         limits["nvidia.com/gpu"] = str(sv["gpus"])
     container = {
         "name": "chat", "image": spec["image"], "imagePullPolicy": spec["imagePullPolicy"],
-        "command": ["nanochat", "serve", "--store", spec["store"]["uri"], "--host", "0.0.0.0", "--port", str(sv["port"])],
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *s3_env(spec)],
+        "command": ["nanochat", "serve", "--store", spec["store"]["uri"], "--host", "0.0.0.0", "--port", str(sv["port"]),
+                    "--drain-timeout", str(DRAIN_S)],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *SCRATCH_ENV, *s3_env(spec)],
         "ports": [{"name": "http", "containerPort": sv["port"], "protocol": "TCP"}],
         "resources": {"limits": limits, "requests": dict(limits)},
-        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10},
+        # /healthz: the process is up (500 if the model failed to load); /readyz: the weights are loaded
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 60},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3,
+                           "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 15, "timeoutSeconds": 5,
+                          "failureThreshold": 4},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],  # the checkpoint is downloaded here
     }
-    pod_spec = {"containers": [container]}
-    if spec.get("serviceAccountName"):
-        pod_spec["serviceAccountName"] = spec["serviceAccountName"]
+    pod_spec = hardened_pod_spec(spec, [container], [tmp_volume(sv.get("tmpSize"))])
+    pod_spec["terminationGracePeriodSeconds"] = PRESTOP_S + DRAIN_S + 15
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(run, name, "serving", annotations={ANN_CHECKPOINT: checkpoint}),
         "spec": {
             "replicas": sv["replicas"],
+            # the old model serves until the new one is loaded (/readyz)
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "selector": {"matchLabels": sel},
             "template": {"metadata": {"labels": sel, "annotations": {ANN_CHECKPOINT: checkpoint}}, "spec": pod_spec},
         },

@@ -111,7 +111,8 @@ def print_example(args) -> int:
 
 def install(args) -> int:
     from operators.manifests import operator_manifests
-    docs = operator_manifests(args.image, namespace=args.namespace, watch=args.watch, metrics_port=args.metrics_port)
+    docs = operator_manifests(args.image, namespace=args.namespace, watch=args.watch, metrics_port=args.metrics_port,
+                              health_port=args.health_port)
     for d in docs:
         validate.check(d)
     sys.stdout.write("---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs))
@@ -120,7 +121,10 @@ def install(args) -> int:
 
 def operator(args) -> int:
     from operators.operator import main
-    return main(namespaces=args.namespace or None, interval=args.interval, metrics_port=args.metrics_port)
+    if args.health_port and args.health_port == args.metrics_port:
+        return _fail(f"--health-port and --metrics-port are both {args.metrics_port}: kopf's /healthz needs its own port")
+    return main(namespaces=args.namespace or None, interval=args.interval, metrics_port=args.metrics_port,
+                health_port=args.health_port)
 
 
 def _fail(msg: str) -> int:
@@ -165,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--namespace", default="nanochat-system", help="namespace for the operator")
     i.add_argument("--watch", action="append", metavar="NAMESPACE", help="watch only this namespace (repeatable; default: all)")
     i.add_argument("--metrics-port", type=int, default=8080)
+    i.add_argument("--health-port", type=int, default=8081)
     i.set_defaults(func=install)
     o = sub.add_parser("operator", help="run the NanochatRun operator (kopf)")
     o.add_argument("--namespace", action="append", help="watch this namespace (repeatable; default: all)")
     o.add_argument("--interval", type=float, default=10.0, help="seconds between reconcile passes per run")
-    o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 = off)")
+    o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics and readiness /readyz port (0 = off)")
+    o.add_argument("--health-port", type=int, default=8081, help="kopf's liveness endpoint /healthz port (0 = off)")
     o.set_defaults(func=operator)
     return p
 

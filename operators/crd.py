@@ -55,6 +55,8 @@ def _stage_resources(description: str) -> dict:
         "cpu": _quantity("CPU request and limit per pod"),
         "memory": _quantity("memory request and limit per pod"),
         "shmSize": _quantity("size of the /dev/shm emptyDir (medium: Memory) per pod"),
+        "tmpSize": _quantity("size limit of the /tmp emptyDir per pod (scratch, compile caches; the root filesystem is read-only); "
+                             "unset: no limit"),
         "nodeSelector": _s("object", "node labels the pods must match", additionalProperties={"type": "string"}),
         "tolerations": _s("array", "tolerations for the pods", items=_obj("", {
             "key": _s("string"), "operator": _s("string", enum=["Exists", "Equal"]), "value": _s("string"),
@@ -120,6 +122,13 @@ def spec_schema() -> dict:
         "metricsPort": _s("integer", "each stage serves Prometheus /metrics here (local rank 0; rank r on port+r)",
                           minimum=1024, maximum=65535, default=9400),
         "serviceAccountName": _s("string", "service account for stage pods (e.g. for IRSA / workload identity S3 access)"),
+        "imagePullSecrets": _s("array", "Secrets for pulling `image` from a private registry, in every pod the operator creates",
+                               items=_obj("", {"name": _s("string", minLength=1)}, required=["name"])),
+        "podSecurityContext": _obj("replaces the default pod securityContext (non-root uid/gid/fsGroup 10001, RuntimeDefault "
+                                   "seccomp) of every pod the operator creates", **{"x-kubernetes-preserve-unknown-fields": True}),
+        "containerSecurityContext": _obj("replaces the default container securityContext (no privilege escalation, all "
+                                         "capabilities dropped, read-only root filesystem)",
+                                         **{"x-kubernetes-preserve-unknown-fields": True}),
         "env": _s("array", "extra environment variables for every stage container",
                   items=_obj("", {"name": _s("string", minLength=1), "value": _s("string")}, required=["name"])),
         "serving": _obj("after the run, serve the final chat model (nanochat serve) behind a Service / Ingress", {
@@ -129,6 +138,7 @@ def spec_schema() -> dict:
             "gpus": _s("integer", minimum=0, default=0),
             "cpu": _quantity("CPU per serving pod"),
             "memory": _quantity("memory per serving pod"),
+            "tmpSize": _quantity("size limit of the /tmp emptyDir the checkpoint is downloaded into (unset: no limit)"),
             "ingressHost": _s("string", "create an Ingress for this host"),
             "ingressClassName": _s("string"),
         }, default={}),

@@ -3,7 +3,10 @@ the CRD, a ServiceAccount with exactly the RBAC the operator uses, its Deploymen
 The Helm chart renders the same objects; RBAC_RULES is the list of API calls operators/operator.py makes."""
 from __future__ import annotations
 
+import copy
+
 from operators import crd
+from operators.pytorchjob import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, SCRATCH_ENV
 
 RBAC_RULES = [
     # the runs it reconciles (kopf watches and patches them: finalizer, annotations; we patch status)
@@ -26,11 +29,25 @@ RBAC_RULES = [
 LABELS = {"app.kubernetes.io/name": "nanochat-operator", "app.kubernetes.io/part-of": "nanochat"}
 
 
+def probes(metrics_port: int | str = "metrics", health_port: int | str = "health") -> dict:
+    """The operator container's probes (the Helm chart's operator Deployment has the same)."""
+    def healthz():
+        return {"httpGet": {"path": "/healthz", "port": health_port}}
+    return {
+        # kopf's liveness endpoint answers from kopf's event loop once it has logged in
+        "startupProbe": {**healthz(), "periodSeconds": 2, "failureThreshold": 60},
+        "livenessProbe": {**healthz(), "periodSeconds": 30, "timeoutSeconds": 5, "failureThreshold": 3},
+        # connected and watching: kopf started and the API server lists NanochatRuns in every watched namespace
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": metrics_port}, "periodSeconds": 10, "timeoutSeconds": 6},
+    }
+
+
 def operator_manifests(image: str, namespace: str = "nanochat-system", watch: list[str] | None = None,
-                       metrics_port: int = 8080, interval: float = 10.0) -> list[dict]:
+                       metrics_port: int = 8080, interval: float = 10.0, health_port: int = 8081) -> list[dict]:
     name = "nanochat-operator"
     meta = {"name": name, "namespace": namespace, "labels": dict(LABELS)}
-    args = ["python", "-m", "operators.cli", "operator", f"--metrics-port={metrics_port}", f"--interval={interval:g}"]
+    args = ["python", "-m", "operators.cli", "operator", f"--metrics-port={metrics_port}", f"--health-port={health_port}",
+            f"--interval={interval:g}"]
     args += [f"--namespace={ns}" for ns in watch or []]
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": dict(LABELS)}},
@@ -49,10 +66,16 @@ def operator_manifests(image: str, namespace: str = "nanochat-system", watch: li
                 "serviceAccountName": name,
                 "containers": [{
                     "name": "operator", "image": image, "command": args,
-                    "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
-                    "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
+                    "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *copy.deepcopy(SCRATCH_ENV)],
+                    "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
+                              {"name": "health", "containerPort": health_port, "protocol": "TCP"}],
+                    **probes(),
                     "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+                    "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
                 }],
+                "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
             }},
         }},
         {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {

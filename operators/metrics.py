@@ -1,4 +1,5 @@
-"""Prometheus metrics the operator serves on /metrics, derived from each reconcile's observations.
+"""Prometheus metrics the operator serves on /metrics, derived from each reconcile's observations,
+and its readiness on /readyz of the same port.
 
 Training pods serve their own stage metrics (nanochat.metrics, port `metricsPort`, container port
 `metrics`) for a PodMonitor; these are the run-level view: runs by phase, per-stage state,
@@ -8,11 +9,31 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from operators.crd import PHASES, STAGE_STATES
 
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # probes and scrapes every few seconds: no access log
+        pass
+
+
+def metrics_app(registry: CollectorRegistry, readiness: Callable[[], str | None] | None = None):
+    """WSGI app: /readyz → 200 "ok" or 503 with the reason `readiness()` returns; anything else → the metrics."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != "/readyz":
+            return metrics(environ, start_response)
+        reason = readiness() if readiness else None
+        start_response("200 OK" if reason is None else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"{reason or 'ok'}\n".encode()]
+    return app
 
 
 class OperatorMetrics:
@@ -37,9 +58,12 @@ class OperatorMetrics:
         for phase in PHASES:
             self.runs.labels(phase).set(0)
 
-    def serve(self, port: int, addr: str = "0.0.0.0"):
+    def serve(self, port: int, addr: str = "0.0.0.0", readiness: Callable[[], str | None] | None = None):
+        """/metrics (and /readyz, from `readiness`) on a daemon thread; port 0: off."""
         if port:
-            self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+            self._server = make_server(addr, port, metrics_app(self.registry, readiness), ThreadingWSGIServer,
+                                       handler_class=_QuietHandler)
+            threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
 
     def close(self):
         if self._server is not None:

@@ -8,6 +8,10 @@ jobs and keeps the run until they are gone. Nothing is remembered between passes
 
 Run it with `nanochat-k8s operator` (in the cluster: the Helm chart's Deployment) or embed it:
 `Operator(api_client).run(stop_flag=..., ready_flag=...)`.
+
+Probes: /healthz is kopf's liveness endpoint (served from kopf's event loop once it has logged in,
+so an answer means the loop is alive); /readyz on the metrics port means connected and watching:
+kopf has started and the API server lists NanochatRuns in every watched namespace.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from operators.reconcile import (CreateJob, DeleteJob, Event, InitReport, Observ
 
 log = logging.getLogger("nanochat.operator")
 DEFAULT_INTERVAL_S = 10.0
+READY_CACHE_S = 5.0     # probes come every few seconds: one LIST per this long at most
+READY_TIMEOUT_S = 5.0
 JOB_GROUP, JOB_VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 RUNS = (crd.GROUP, crd.VERSION, crd.PLURAL)  # kopf selector order; the client takes (group, version, namespace, plural)
 MERGE = "application/merge-patch+json"
@@ -207,6 +213,36 @@ class Operator:
         self.connection = connection
         self.clock = clock
         self.scanning = scanning  # kopf's CRD/namespace scanning (off where the API server cannot list namespaces)
+        self.started = threading.Event()  # kopf has logged in and runs its watchers
+        self._ready_lock = threading.Lock()
+        self._ready_at, self._ready_reason = -READY_CACHE_S, "not checked yet"
+
+    # --- probes
+    def readiness(self) -> str | None:
+        """None when ready (connected and watching), else why not. Cached for READY_CACHE_S."""
+        if not self.started.is_set():
+            return "kopf has not started (logging in, or stopped)"
+        with self._ready_lock:
+            if time.monotonic() - self._ready_at >= READY_CACHE_S:
+                self._ready_reason, self._ready_at = self._check_api(), time.monotonic()
+            return self._ready_reason
+
+    def _check_api(self) -> str | None:
+        """One LIST per watched namespace: the API server answers, the CRD is served and RBAC lets us list it."""
+        custom = self.cluster.custom
+        for ns in self.namespaces or [None]:
+            where = f"namespace {ns}" if ns else "all namespaces"
+            try:
+                if ns:
+                    custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, ns, crd.PLURAL, limit=1,
+                                                         _request_timeout=READY_TIMEOUT_S)
+                else:
+                    custom.list_cluster_custom_object(crd.GROUP, crd.VERSION, crd.PLURAL, limit=1, _request_timeout=READY_TIMEOUT_S)
+            except k8s.ApiException as e:
+                return f"cannot list {crd.PLURAL} in {where}: {e.status} {e.reason}"
+            except Exception as e:  # connection refused, timeout, TLS
+                return f"API server unreachable listing {crd.PLURAL} in {where}: {type(e).__name__}: {e}"
+        return None
 
     # --- one pass
     def observe(self, run: dict) -> tuple[list[Step], Observed, object]:
@@ -318,6 +354,10 @@ class Operator:
                 return
             self.reconcile_once(namespace, name)
 
+        @kopf.on.probe(id="ready", registry=reg)
+        def ready(**_):  # what /healthz reports besides answering; the last readiness result, no API call
+            return self._ready_reason or "ok"
+
         @kopf.on.delete(*RUNS, registry=reg)
         def on_delete(namespace, name, **_):
             left = self.finalize_once(namespace, name)
@@ -335,18 +375,41 @@ class Operator:
         s.scanning.disabled = not self.scanning
         return s
 
-    def run(self, stop_flag: threading.Event | None = None, ready_flag: threading.Event | None = None):
-        """Run until stop_flag is set (blocking; use a thread to embed it)."""
-        kopf.run(registry=self.registry(), settings=self.settings(), standalone=True,
-                 namespaces=self.namespaces, clusterwide=not self.namespaces,
-                 stop_flag=stop_flag, ready_flag=ready_flag)
+    def run(self, stop_flag: threading.Event | None = None, ready_flag: threading.Event | None = None,
+            liveness_endpoint: str | None = None):
+        """Run until stop_flag is set (blocking; use a thread to embed it). liveness_endpoint: e.g.
+        http://0.0.0.0:8081/healthz, kopf's health server."""
+        self.started.clear()
+        ready = _ChainedFlag(self.started, ready_flag)
+        try:
+            kopf.run(registry=self.registry(), settings=self.settings(), standalone=True,
+                     namespaces=self.namespaces, clusterwide=not self.namespaces,
+                     stop_flag=stop_flag, ready_flag=ready, liveness_endpoint=liveness_endpoint)
+        finally:
+            self.started.clear()
 
 
-def main(namespaces: list[str] | None = None, interval: float = DEFAULT_INTERVAL_S, metrics_port: int = 8080) -> int:
+class _ChainedFlag(threading.Event):
+    """kopf takes one ready flag: this one sets ours and the caller's."""
+
+    def __init__(self, *flags: threading.Event | None):
+        super().__init__()
+        self.flags = [f for f in flags if f is not None]
+
+    def set(self):
+        super().set()
+        for f in self.flags:
+            f.set()
+
+
+def main(namespaces: list[str] | None = None, interval: float = DEFAULT_INTERVAL_S, metrics_port: int = 8080,
+         health_port: int = 8081) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     op = Operator(namespaces=namespaces, interval=interval)
-    op.metrics.serve(metrics_port)
-    log.info("nanochat operator: watching %s, metrics on :%s/metrics", ", ".join(namespaces or []) or "all namespaces", metrics_port)
-    op.run()
+    op.metrics.serve(metrics_port, readiness=op.readiness)
+    liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
+    log.info("nanochat operator: watching %s, metrics and /readyz on :%s, /healthz on :%s",
+             ", ".join(namespaces or []) or "all namespaces", metrics_port, health_port)
+    op.run(liveness_endpoint=liveness)
     return 0
 

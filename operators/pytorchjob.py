@@ -13,6 +13,7 @@ operator's WORLD_SIZE/RANK count pods, not processes.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -37,6 +38,19 @@ MASTER_PORT = 23456               # the training operator's default `pytorchjob-
 JOB_NAME_MAX = 52                 # pods/services are <job>-worker-<i>: keep them within 63 characters
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_SHM = {True: "16Gi", False: "1Gi"}
+UID = 10001                       # the images' user (docker/Dockerfile.*)
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+# the root filesystem is read-only: home, caches and compile caches (inductor, triton, CUDA) live in the /tmp emptyDir
+SCRATCH_ENV = [
+    {"name": "HOME", "value": "/tmp"},
+    {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+    {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/tmp/torchinductor"},
+    {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+    {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+    {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+]
 
 
 class SpecError(ValueError):
@@ -160,9 +174,32 @@ def container_env(spec: dict) -> list[dict]:
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "3"},
         {"name": "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "value": timeout},
         {"name": "NCCL_DEBUG", "value": "WARN"},
+        *SCRATCH_ENV,
         *s3_env(spec),
     ]
     return env + [{"name": e["name"], "value": e.get("value", "")} for e in spec.get("env") or []]
+
+
+def tmp_volume(size=None) -> dict:
+    return {"name": "tmp", "emptyDir": {"sizeLimit": str(size)} if size else {}}
+
+
+def hardened_pod_spec(spec: dict, containers: list[dict], volumes: list[dict]) -> dict:
+    """Pod spec with the security settings every pod the operator creates shares (non-root, read-only root)."""
+    container_sc = spec.get("containerSecurityContext") or CONTAINER_SECURITY_CONTEXT
+    pod_spec = {
+        "securityContext": copy.deepcopy(spec.get("podSecurityContext") or POD_SECURITY_CONTEXT),
+        "enableServiceLinks": False,
+        "containers": [{**c, "securityContext": copy.deepcopy(container_sc)} for c in containers],
+        "volumes": volumes,
+    }
+    if spec.get("serviceAccountName"):
+        pod_spec["serviceAccountName"] = spec["serviceAccountName"]  # its token may be what S3 access needs
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # no pod of a run calls the API server
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [{"name": s["name"]} for s in spec["imagePullSecrets"]]
+    return pod_spec
 
 
 def pod_template(run_name: str, spec: dict, step: Step, res: dict, command: list[str], args: list[str]) -> dict:
@@ -182,18 +219,14 @@ def pod_template(run_name: str, spec: dict, step: Step, res: dict, command: list
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": spec["metricsPort"], "protocol": "TCP"}],
         "resources": {"limits": limits, "requests": requests},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
     }
-    pod_spec = {
-        "containers": [container],
-        # NCCL and dataloader workers need more than the container runtime's 64 MB /dev/shm
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res["shmSize"])}}],
-    }
+    # NCCL and dataloader workers need more than the container runtime's 64 MB /dev/shm
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res["shmSize"])}}, tmp_volume(res.get("tmpSize"))]
+    pod_spec = hardened_pod_spec(spec, [container], volumes)
     for key in ("nodeSelector", "tolerations", "priorityClassName"):
         if res.get(key):
             pod_spec[key] = res[key]
-    if spec.get("serviceAccountName"):
-        pod_spec["serviceAccountName"] = spec["serviceAccountName"]
     return {"metadata": {"labels": labels(run_name, step.name), "annotations": {"sidecar.istio.io/inject": "false"}},
             "spec": pod_spec}
 

@@ -591,3 +591,14 @@ def test_notes_tell_how_to_watch_the_run_and_reach_the_chat(rendered):
 def test_old_kubernetes_is_refused():
     proc = helmbin.helm(*helmbin.template_args(kube_version="1.29.0"), check=False)
     assert proc.returncode != 0 and "kubeVersion" in proc.stderr, proc.stderr
+
+
+
+def test_image_pull_secrets_reach_the_run_and_its_pods():
+    from operators.pytorchjob import render_run
+    docs = helmbin.template(sets=("imagePullSecrets[0].name=regcred",))
+    run = one(docs, "NanochatRun")
+    assert run["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    for _, job in render_run(run):  # the operator copies them into every training pod
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            assert replica["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]

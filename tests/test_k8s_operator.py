@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import kmock
@@ -59,6 +60,7 @@ class MockAPI:
     def __init__(self):
         self.ready = threading.Event()
         self.url = None
+        self.resources = RESOURCES
 
     def __enter__(self):
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
@@ -69,7 +71,7 @@ class MockAPI:
     async def _serve(self):
         self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for res, info in RESOURCES.items():
+            for res, info in self.resources.items():
                 emulator.resources[res] = kmock.ResourceInfo(verbs=VERBS, **info)
             self.url = str(server.url).rstrip("/")
             self.ready.set()
@@ -168,14 +170,16 @@ class FakeTrainingOperator:
 
 
 class RunningOperator:
-    def __init__(self, api: MockAPI, steps, interval=0.3, metrics=None):
+    def __init__(self, api: MockAPI, steps, interval=0.3, metrics=None, liveness_endpoint=None):
         conn = kopf.ConnectionInfo(server=api.url, insecure=True, default_namespace=NS)
         self.op = Operator(api.api_client(), namespaces=[NS], interval=interval, connection=conn, scanning=False,
                            steps_fn=lambda spec: plan_steps(spec, steps), metrics=metrics)
         self.stop, self.ready = threading.Event(), threading.Event()
+        self.liveness_endpoint = liveness_endpoint
 
     def __enter__(self):
-        self.thread = threading.Thread(target=self.op.run, kwargs=dict(stop_flag=self.stop, ready_flag=self.ready), daemon=True)
+        self.thread = threading.Thread(target=self.op.run, daemon=True, kwargs=dict(
+            stop_flag=self.stop, ready_flag=self.ready, liveness_endpoint=self.liveness_endpoint))
         self.thread.start()
         assert self.ready.wait(20), "kopf did not start"
         return self.op
@@ -239,7 +243,7 @@ def test_run_reaches_succeeded_with_retry_report_and_serving(api, tmp_path):
     steps = [Step("a", ECHO, args=("--label=a", "--value=3")),
              Step("b", ECHO, args=("--label=b",), depends_on=("a",)),
              Step("chat_sft", ECHO, args=("--label=sft",), depends_on=("b",))]
-    spec = {"profile": "tiny", "image": "nanochat:test", "store": {"uri": store_uri},
+    spec = {"profile": "tiny", "image": "nanochat:test", "store": {"uri": store_uri}, "imagePullSecrets": [{"name": "regcred"}],
             "retries": {"limit": 2, "backoffSeconds": 1}, "serving": {"enabled": True, "ingressHost": "chat.test"}}
     metrics = OperatorMetrics()
     port = free_port()
@@ -262,6 +266,8 @@ def test_run_reaches_succeeded_with_retry_report_and_serving(api, tmp_path):
             assert all(n == 1 for n in trainer.launches.values())
             for job in trainer.seen.values():  # exactly what the operator created
                 assert validate.pytorchjob_errors({k: v for k, v in job.items() if k != "status"}) == []
+                pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+                assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["securityContext"]["runAsNonRoot"] is True
 
             core = k8s.CoreV1Api(api.api_client())
             cm = core.read_namespaced_config_map("demo-report", NS)
@@ -270,6 +276,8 @@ def test_run_reaches_succeeded_with_retry_report_and_serving(api, tmp_path):
             assert validate.builtin_errors(api.api_client().sanitize_for_serialization(cm) | {"apiVersion": "v1", "kind": "ConfigMap"}) == []
             dep = k8s.AppsV1Api(api.api_client()).read_namespaced_deployment("demo-chat", NS)
             assert dep.spec.template.metadata.annotations["nanochat.dev/checkpoint"] == "chat_sft/000005"
+            assert [s.name for s in dep.spec.template.spec.image_pull_secrets] == ["regcred"]
+            assert dep.spec.template.spec.containers[0].readiness_probe.http_get.path == "/readyz"
             assert k8s.NetworkingV1Api(api.api_client()).read_namespaced_ingress("demo-chat", NS).spec.rules[0].host == "chat.test"
 
             events = core.list_namespaced_event(NS).items
@@ -363,3 +371,62 @@ def test_observe_reads_markers_from_s3_with_the_runs_secret(api, moto_server, mo
     assert [s.name for s in found_steps] == ["a"] and obs.error is None
     assert obs.done["a"]["config_hash"] == expected_hash == obs.hashes["a"]
     assert store.root == "s3://runs-k8s/r1" and obs.report_header is False
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except OSError:
+        return None
+
+
+def test_liveness_and_readiness_endpoints(api, tmp_path):
+    """/healthz: kopf's liveness endpoint on a real port; /readyz on the metrics port: connected and watching."""
+    steps = [Step("a", ECHO, args=("--label=a",))]
+    health_port, metrics_port = free_port(), free_port()
+    metrics = OperatorMetrics()
+    running = RunningOperator(api, steps, metrics=metrics, liveness_endpoint=f"http://127.0.0.1:{health_port}/healthz")
+    op = running.op
+    metrics.serve(metrics_port, addr="127.0.0.1", readiness=op.readiness)
+    try:
+        status, body = http_get(f"http://127.0.0.1:{metrics_port}/readyz")
+        assert status == 503 and "kopf has not started" in body
+        with running:
+            assert http_get(f"http://127.0.0.1:{metrics_port}/readyz") == (200, "ok\n")
+            # kopf starts its health server right after it reports ready (the startupProbe covers the gap);
+            # it answers from kopf's loop with the last readiness result (no API call: liveness must not hang)
+            status, body = wait_for("/healthz", lambda: _try(http_get, f"http://127.0.0.1:{health_port}/healthz"), timeout=20)
+            assert status == 200 and json.loads(body) == {"ready": "ok"}
+            assert "nanochat_operator_reconciles" in http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
+        assert op.readiness() is not None  # stopped: not ready any more
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=5)
+    finally:
+        metrics.close()
+
+
+def test_readiness_reports_why_it_is_not_ready(api):
+    # the API server answers but does not serve the CRD (not installed): 404 on the list
+    no_crd = MockAPI()
+    no_crd.resources = {k: v for k, v in RESOURCES.items() if "nanochatruns" not in k}
+    with no_crd:
+        op = Operator(no_crd.api_client(), namespaces=[NS])
+        op.started.set()  # as if kopf were running
+        reason = op.readiness()
+        assert reason.startswith("cannot list nanochatruns in namespace default: 404"), reason
+    # nothing listens on the API server's address
+    op = Operator(k8s.ApiClient(k8s.Configuration(host=f"http://127.0.0.1:{free_port()}")), namespaces=["ml", "dev"])
+    op.started.set()
+    assert "API server unreachable listing nanochatruns in namespace ml" in op.readiness()
+    # reachable, CRD served, every watched namespace listable
+    op = Operator(api.api_client(), namespaces=[NS, "other"])
+    op.started.set()
+    assert op.readiness() is None

@@ -386,3 +386,32 @@ def test_template_hash_annotation_is_what_reconcile_compares():
     actions, _ = step_once(run, rc.Observed(), T0)
     job = first_create(actions).job
     assert job["metadata"]["annotations"][ANN_TEMPLATE_HASH] == row(status_of(actions), "a")["templateHash"]
+
+
+def test_created_jobs_and_serving_carry_pull_secrets_and_the_security_context():
+    spec = copy.deepcopy(SPEC)
+    spec["serving"] = {"enabled": True}
+    run = make_run(spec)
+    actions, after = step_once(run, rc.Observed(), T0)
+    pod = first_create(actions).job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "imagePullSecrets" not in pod and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    # the registry turns private mid-run: adding a pull secret changes what the job runs, so the
+    # ImagePullBackOff job is replaced by one that can pull
+    pulling = observed_job(first_create(actions), cond("Created"))
+    changed = copy.deepcopy(after)
+    changed["spec"]["imagePullSecrets"] = [{"name": "regcred"}]
+    changed["metadata"]["generation"] = 2
+    assert validate.nanochatrun_errors(changed) == []
+    actions, after = step_once(changed, rc.Observed(jobs=[pulling]), T0 + 30)
+    assert [d.name for d in actions if isinstance(d, rc.DeleteJob)] == ["r1-a-a1"]
+    new_pod = first_create(actions).job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert new_pod["imagePullSecrets"] == [{"name": "regcred"}]
+    # serving, once everything is done, uses the same secrets and security settings
+    done = {n: marker(n, chash=f"h{n}") for n in "abc"}
+    obs = rc.Observed(done=done, hashes={n: f"h{n}" for n in "abc"}, checkpoint="chat_sft/000700")
+    actions, _ = step_once(after, obs, T0 + 60)
+    (roll,) = [a for a in actions if isinstance(a, rc.RollServing)]
+    serving_pod = roll.objects[0]["spec"]["template"]["spec"]
+    assert serving_pod["imagePullSecrets"] == [{"name": "regcred"}] and serving_pod["securityContext"] == pod["securityContext"]
+    assert validate.builtin_errors(roll.objects[0]) == []

@@ -244,3 +244,150 @@ def test_install_manifests_validate_and_grant_what_the_operator_calls():
               ("", "configmaps", "create"), ("", "configmaps", "patch"), ("", "events", "create"), ("", "secrets", "get"),
               ("apps", "deployments", "patch"), ("", "services", "create"), ("networking.k8s.io", "ingresses", "create")}
     assert needed <= granted
+
+
+# ----------------------------------------------------------------------------- pod security, pull secrets, serving
+
+def restricted_violations(pod_spec: dict) -> list[str]:
+    """The Pod Security Standards' `restricted` profile, the checks that apply to what we render."""
+    out = []
+    pod_sc = pod_spec.get("securityContext") or {}
+    for c in pod_spec["containers"]:
+        sc = c.get("securityContext") or {}
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            out.append(f"{c['name']}: runAsUser 0")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        if "ALL" not in (sc.get("capabilities") or {}).get("drop", []) or (sc.get("capabilities") or {}).get("add"):
+            out.append(f"{c['name']}: capabilities")
+        if (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile")
+        if sc.get("privileged"):
+            out.append(f"{c['name']}: privileged")
+    for v in pod_spec.get("volumes") or []:
+        if set(v) - {"name"} - {"emptyDir", "configMap", "secret", "projected", "persistentVolumeClaim", "downwardAPI", "ephemeral", "csi"}:
+            out.append(f"volume {v['name']}: type")
+    if pod_spec.get("hostNetwork") or pod_spec.get("hostPID") or pod_spec.get("hostIPC"):
+        out.append("host namespaces")
+    return out
+
+
+def writable_paths(pod_spec: dict, container: dict) -> set[str]:
+    """Where the container can write with a read-only root filesystem: its volume mounts."""
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    return {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+
+
+def pod_specs_of(job) -> list[dict]:
+    return [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def test_training_pods_are_restricted_with_a_read_only_root(all_stages):
+    run = d20_run(resources={"gpu": {"gpusPerNode": 8, "nodes": 2}})
+    jobs = render_run(run)
+    assert any("Worker" in job["spec"]["pytorchReplicaSpecs"] for _, job in jobs)
+    for step, job in jobs:
+        assert validate.pytorchjob_errors(job) == [], step.name  # kubernetes-validate --strict on every pod template
+        for pod in pod_specs_of(job):
+            assert restricted_violations(pod) == [], step.name
+            assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                              "seccompProfile": {"type": "RuntimeDefault"}}
+            assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+            (c,) = pod["containers"]
+            assert writable_paths(pod, c) == {"/tmp", "/dev/shm"}
+            assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+            e = env(c)
+            # everything the stages, torch.compile and triton write goes under /tmp
+            for var in ("HOME", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR"):
+                assert e[var] == "/tmp" or e[var].startswith("/tmp/"), var
+            assert e["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+def test_security_context_overrides_and_tmp_size(all_stages):
+    openshift = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}  # the SCC picks the uid
+    run = d20_run(podSecurityContext=openshift, serviceAccountName="s3-writer",
+                  resources={"gpu": {"gpusPerNode": 8, "tmpSize": "200Gi"}, "cpu": {"cpu": "8", "tmpSize": "20Gi"}})
+    assert validate.nanochatrun_errors(run) == []
+    jobs = {s.name: job for s, job in render_run(run)}
+    for name, size in (("base_train", "200Gi"), ("data", "20Gi")):
+        (pod,) = pod_specs_of(jobs[name])
+        assert pod["securityContext"] == openshift and restricted_violations(pod) == []
+        assert {"name": "tmp", "emptyDir": {"sizeLimit": size}} in pod["volumes"]
+        assert pod["serviceAccountName"] == "s3-writer" and "automountServiceAccountToken" not in pod
+        assert validate.pytorchjob_errors(jobs[name]) == []
+    # the overrides pass through to kubernetes-validate --strict: a misspelt field fails validation
+    typo = d20_run(containerSecurityContext={"allowPrivilegeEscalation": False, "readOnlyRootFileSystem": True})
+    assert validate.nanochatrun_errors(typo) == []  # preserved as is by the CRD...
+    errors = validate.pytorchjob_errors(dict(render_run(typo))[next(s for s in plan_steps(typo["spec"]) if s.name == "data")])
+    assert any("readOnlyRootFileSystem" in e for e in errors), errors  # ...and caught on the pod
+
+
+def test_image_pull_secrets_reach_every_pod_the_operator_creates(all_stages, tmp_path):
+    secrets = [{"name": "ghcr-pull"}, {"name": "mirror-pull"}]
+    run = d20_run(imagePullSecrets=secrets, resources={"gpu": {"gpusPerNode": 8, "nodes": 2}})
+    assert validate.nanochatrun_errors(run) == []
+    for _, job in render_run(run):
+        for pod in pod_specs_of(job):
+            assert pod["imagePullSecrets"] == secrets
+    deployment = children.serving_objects(run, "chat_sft/000700")[0]
+    assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == secrets
+    assert "imagePullSecrets" not in pod_specs_of(render_run(d20_run())[0][1])[0]
+    # a NanochatRun manifest → `nanochat-k8s render -f` → jobs with the secrets
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(new_run("pull", {"profile": "tiny", "image": "registry.example/nanochat:1",
+                                                      "store": {"uri": "s3://b/r"}, "imagePullSecrets": secrets[:1]})))
+    docs = list(yaml.safe_load_all(cli("render", "-f", str(path)).stdout))
+    assert docs and all(pod_specs_of(d)[0]["imagePullSecrets"] == secrets[:1] for d in docs)
+
+
+def chart_chat_deployment() -> dict:
+    from tests import helmbin
+    return next(d for d in helmbin.template() if d["kind"] == "Deployment"
+                and d["metadata"]["labels"].get("app.kubernetes.io/component") == "inference")
+
+
+def test_fallback_serving_deployment_matches_the_charts_chat_deployment():
+    """When the chart's Deployment does not exist the operator creates its own: same probes, shutdown and security."""
+    run = d20_run()
+    ours = children.serving_objects(run, "chat_sft/000700")[0]
+    assert validate.builtin_errors(ours) == []
+    chart = chart_chat_deployment()
+    pod, chart_pod = ours["spec"]["template"]["spec"], chart["spec"]["template"]["spec"]
+    (c,), (chart_c,) = pod["containers"], chart_pod["containers"]
+    for key in ("startupProbe", "readinessProbe", "livenessProbe", "lifecycle", "securityContext"):
+        assert c[key] == chart_c[key], key
+    assert pod["securityContext"] == chart_pod["securityContext"] and restricted_violations(pod) == []
+    assert pod["terminationGracePeriodSeconds"] == chart_pod["terminationGracePeriodSeconds"]
+    assert ours["spec"]["strategy"] == chart["spec"]["strategy"]
+    assert c["command"][c["command"].index("--drain-timeout") + 1] == chart_c["command"][chart_c["command"].index("--drain-timeout") + 1]
+    assert writable_paths(pod, c) == {"/tmp"} and {m["mountPath"] for m in chart_c["volumeMounts"]} == {"/tmp"}
+    chart_env = {e["name"]: e["value"] for e in chart_c["env"] if "value" in e}
+    assert {k: v for k, v in env(c).items() if k in chart_env} == chart_env
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}} in children.serving_objects(
+        d20_run(serving={"enabled": True, "tmpSize": "8Gi"}), "x")[0]["spec"]["template"]["spec"]["volumes"]
+
+
+def test_fallback_serving_probes_answer_on_nanochat_serve():
+    """The probe paths and the command are what `nanochat serve` provides (its real parser and app)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from nanochat.serve import build_parser, create_app
+    c = children.serving_objects(d20_run(), "chat_sft/000700")[0]["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(c["command"][2:])
+    assert args.port == c["ports"][0]["containerPort"] and args.drain_timeout == children.DRAIN_S
+    gate = threading.Event()
+
+    def loader(devices):  # still loading while the probes are checked
+        gate.wait(30)
+        raise RuntimeError("test over")
+    try:
+        with TestClient(create_app(loader=loader, devices=["cpu"])) as client:
+            assert client.get(c["startupProbe"]["httpGet"]["path"]).status_code == 200
+            assert client.get(c["livenessProbe"]["httpGet"]["path"]).status_code == 200
+            assert client.get(c["readinessProbe"]["httpGet"]["path"]).status_code == 503  # not ready before the model is in
+    finally:
+        gate.set()

@@ -3,6 +3,7 @@ our `pytorchjob` scheduler plugin (found through its entry point) renders valid 
 submits / describes / deletes them against an in-memory Kubernetes API."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nanochat import pipeline
 from nanochat.store import open_store
 from operators import torchx_components as tc, validate
 from operators.torchx_scheduler import PyTorchJobScheduler, app_to_pytorchjob, create_scheduler, Opts
@@ -67,17 +69,45 @@ def test_kubernetes_dryrun_is_a_valid_volcano_job(tmp_path):
     assert c["image"] == "nanochat:1"
 
 
-def test_every_component_builds_a_torchrun_app():
-    for name in ("data", "task_data", "eval_bundle", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train",
-                 "chat_sft", "chat_rl", "chat_eval"):
-        app = getattr(tc, name)(store="s3://b/r")
+def stage_components() -> list[str]:
+    """The component functions TorchX can address in the file: public defs returning an AppDef."""
+    tree = ast.parse(Path(COMPONENTS).read_text())
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+            and n.returns is not None and ast.unparse(n.returns).endswith("AppDef")]
+
+
+def test_every_stage_module_of_the_pipeline_has_a_valid_component():
+    """What TorchX does with `torchx run FILE:NAME`: parse the file, lint the def, load it, read its docstring."""
+    from torchx.specs.file_linter import get_fn_docstring, validate as lint
+    from torchx.specs.finder import get_component
+    assert sorted(stage_components()) == sorted(["stage", *pipeline.MODULES])
+    for name in pipeline.MODULES:
+        assert lint(COMPONENTS, name) == [], name
+        component = get_component(f"{COMPONENTS}:{name}")
+        app = component.fn(store="s3://b/r")
         (role,) = app.roles
-        module = f"nanochat.stages.{name}"
-        assert role.entrypoint == "bash" and f"-m {module} --store=s3://b/r" in role.args[1], name
+        assert role.entrypoint == "bash" and f"-m nanochat.stages.{name} --store=s3://b/r" in role.args[1], name
         assert role.metadata[tc.META_STAGE] == name
+        summary, arg_help = get_fn_docstring(component.fn)
+        step = next(s for s in pipeline.STEPS if s.module == name)
+        assert summary.lower().startswith(step.description.lower()) or name == "chat_eval", (name, summary)
+        assert arg_help["store"] == tc.ARG_HELP["store"] and arg_help["profile"].startswith("nanochat profile")
     assert "--source=rl" in tc.chat_eval(store="s3://b/r", source="rl").roles[0].args[1]
-    cpu = tc.base_train(store="s3://b/r", profile="tiny").roles[0]
-    assert cpu.resource.gpu == 0 and "--nproc_per_node 1" in cpu.args[1]
+
+
+@pytest.mark.parametrize("call, nproc, gpus", [
+    (lambda: tc.base_train(store="s3://b/r"), 8, 8),                        # d20: 1 node x 8 GPUs
+    (lambda: tc.base_train(store="s3://b/r", profile="tiny"), 1, 0),        # CPU profile: one process, no GPU
+    (lambda: tc.chat_eval(store="s3://b/r", profile="tiny"), 2, 0),         # the profile's processes for the stage
+    (lambda: tc.tok_train(store="s3://b/r", profile="d20"), 1, 0),          # a CPU stage on a GPU profile
+    (lambda: tc.base_train(store="s3://b/r", j="2x4", gpu=4), 4, 4),        # explicit placement wins
+    (lambda: tc.stage(module="tests.fake_stages.echo", store="s3://b/r"), 1, 0),
+    (lambda: tc.stage(module="mid_train", store="s3://b/r", profile="d24"), 8, 8),
+])
+def test_placement_follows_the_pipeline_and_profiles(call, nproc, gpus):
+    (role,) = call().roles
+    assert f"--nproc_per_node {nproc}" in role.args[1] and role.resource.gpu == gpus
+    assert role.metadata[tc.META_NPROC] == str(nproc)
 
 
 def test_pytorchjob_scheduler_renders_valid_jobs():

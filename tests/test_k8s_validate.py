@@ -80,6 +80,11 @@ def test_example_run_is_valid():
     (lambda s: s.update(resources={"gpu": {"memory": "lots"}}), "does not match"),
     (lambda s: s.update(imagePullpolicy="Always"), "spec.imagePullpolicy: unknown field"),
     (lambda s: s.update(resources={"stages": {"base_train": {"gpus": 4}}}), "spec.resources.stages.base_train.gpus: unknown field"),
+    (lambda s: s.update(imagePullSecrets=[{"secret": "regcred"}]), "'name' is a required property"),
+    (lambda s: s.update(imagePullSecrets=[{"name": ""}]), "should be non-empty"),
+    (lambda s: s.update(imagePullSecrets="regcred"), "is not of type 'array'"),
+    (lambda s: s.update(resources={"gpu": {"tmpSize": "big"}}), "does not match"),
+    (lambda s: s.update(podSecurityContext="nonroot"), "is not of type 'object'"),
 ])
 def test_invalid_runs_are_rejected(mutate, expect):
     run = crd.example()
