@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.checkpoint import CheckpointManager, load_model, load_model_state
+from nanochat.checkpoint import load_model, load_model_state
 from nanochat.dataloader import DataLoader
 from nanochat.store import CorruptObject, ObjectNotFound, StoreError, open_store
 from nanochat.text_shards import iter_texts

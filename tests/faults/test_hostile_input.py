@@ -17,7 +17,6 @@ import sys
 import textwrap
 import traceback
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st

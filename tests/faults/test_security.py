@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from pathlib import Path
 
 import yaml
 
@@ -119,3 +118,31 @@ def test_operator_rbac_has_no_wildcards_and_only_reads_secrets():
         assert not {"pods/exec", "pods/attach", "nodes", "clusterroles", "clusterrolebindings", "roles", "rolebindings"} & set(rule["resources"]), rule
         if "secrets" in rule["resources"]:
             assert rule["verbs"] == ["get"], rule  # reads the run's S3 Secret by name: no list/watch of every Secret
+
+
+def pod_specs(doc: dict):
+    """Every pod spec inside a rendered object (Deployment template, PyTorchJob replica templates)."""
+    if doc.get("kind") == "Deployment":
+        yield doc["spec"]["template"]["spec"]
+    if doc.get("kind") == "PyTorchJob":
+        for replica in doc["spec"]["pytorchReplicaSpecs"].values():
+            yield replica["template"]["spec"]
+
+
+def test_rendered_pods_run_as_non_root_without_privilege_escalation():
+    """`nanochat-k8s render` (training jobs) and `install` (the operator): non-root, no escalation, no capabilities."""
+    texts = []
+    for argv in (["render", "--profile=d20", "--image=img:1", "--store=s3://bucket/run", "--secret=s3"],
+                 ["render", "--profile=tiny", "--image=img:1", "--store=s3://bucket/run"], ["install", "--image=img:1"]):
+        with contextlib.redirect_stdout(out := io.StringIO()):
+            assert k8s_cli.main(argv) == 0
+        texts.append(out.getvalue())
+    pods = [spec for text in texts for doc in yaml.safe_load_all(text) if doc for spec in pod_specs(doc)]
+    assert len(pods) > 5
+    for spec in pods:
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"].get("runAsUser", 1) != 0
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+        for container in spec["containers"]:
+            sc = container.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), container["name"]
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add"), container["name"]
