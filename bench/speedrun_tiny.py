@@ -28,10 +28,11 @@ def run_speedrun(profile: str, store_uri: str, overrides: list[str]) -> tuple[in
     return rc, time.time() - t0
 
 
-def stage_table(store_uri: str) -> list[tuple[str, str, str]]:
+def stage_table(store_uri: str, profile: str) -> list[tuple[str, str, str]]:
+    from nanochat.pipeline import steps_for
     from nanochat.runner import status_rows
     from nanochat.store import open_store
-    return [(r["stage"], r["state"], r["duration"]) for r in status_rows(open_store(store_uri))]
+    return [(r["stage"], r["state"], r["duration"]) for r in status_rows(open_store(store_uri), steps_for(profile))]
 
 
 def main(argv=None) -> int:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     from nanochat.store import open_store
     print(f"\n## speedrun --profile {args.profile}: {os.cpu_count()} CPUs, exit code {rc}\n")
     print("| stage | state | wall time |\n|---|---|---|")
-    for stage, state, dur in stage_table(args.store):
+    for stage, state, dur in stage_table(args.store, args.profile):
         print(f"| {stage} | {state} | {dur} |")
     verdict = "within" if wall <= TARGET_S else "OVER"
     print(f"| **total (incl. runner)** | | **{wall / 60:.1f} min** ({verdict} the {TARGET_S // 60} min target) |\n")
