@@ -12,6 +12,7 @@ strings that the model reads as the tool's output.
 import ast
 import math
 import re
+import threading
 
 MAX_EXPR_CHARS = 1000   # longer inputs are refused before parsing
 MAX_NODES = 256         # AST nodes in one expression
@@ -42,6 +43,11 @@ def evaluate(expr: str) -> str:
         return "error: cannot evaluate"
 
 
+# CPython < 3.11.8 can raise "AST constructor recursion depth mismatch" when several threads build
+# ASTs at once (gh-106905); the server's workers all call the calculator, so parsing is serialised.
+_PARSE_LOCK = threading.Lock()
+
+
 def _evaluate(expr):
     if not isinstance(expr, str):
         raise CalculatorError("expression must be text")
@@ -53,7 +59,8 @@ def _evaluate(expr):
     if "'" not in expr and '"' not in expr:
         expr = _THOUSANDS.sub("", expr)
     try:
-        tree = ast.parse(expr, mode="eval")
+        with _PARSE_LOCK:
+            tree = ast.parse(expr, mode="eval")
     except SyntaxError:  # includes "too many nested parentheses"
         raise CalculatorError("invalid syntax")
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:  # ast.walk is iterative: safe on deep trees

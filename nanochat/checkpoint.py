@@ -47,6 +47,22 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# how torch's zip writer reports a failed write (it raises RuntimeError, not OSError)
+WRITE_FAILURES = ("file write failed", "basic_ios::clear", "unexpected pos", "No space left", "File too large")
+
+
+def _save_scratch(obj, path: str):
+    """torch.save into local scratch; a failed write (ENOSPC, EFBIG) is one StoreError naming the scratch dir."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in WRITE_FAILURES):
+            raise
+        raise StoreError(f"cannot write {path}: the local scratch dir {os.path.dirname(os.path.dirname(path))} (TMPDIR) "
+                         f"is full ({reason}); free space there or point TMPDIR at a larger disk") from None
+
+
 def _all_gather_object(obj):
     rank, world = _dist()
     if world == 1:
@@ -95,14 +111,14 @@ class CheckpointManager:
         prefix = self.step_prefix(step)
         with tempfile.TemporaryDirectory(prefix="nanochat-ckpt-") as tmp:
             rank_file = os.path.join(tmp, f"optim_rank{rank}.pt")
-            torch.save(rank_state, rank_file)
+            _save_scratch(rank_state, rank_file)
             digest = self.store.put_file(f"{prefix}/optim_rank{rank}.pt", rank_file)
             digests = _all_gather_object({f"optim_rank{rank}.pt": {"sha256": digest, "size": os.path.getsize(rank_file)}})
             doc = None
             if rank == 0:
                 files = {k: v for d in digests for k, v in d.items()}
                 model_file = os.path.join(tmp, "model.pt")
-                torch.save(model_state, model_file)
+                _save_scratch(model_state, model_file)
                 files["model.pt"] = {"sha256": self.store.put_file(f"{prefix}/model.pt", model_file), "size": os.path.getsize(model_file)}
                 doc = {"files": files, "created": time.time(), "step": step, "world_size": world, "meta": meta}
                 self.store.put_json(f"{prefix}/{META}", doc)  # last: the checkpoint exists from now on

@@ -89,7 +89,7 @@ def coerce(key: str, value, tp, choices=None):
             out = str(value)
         else:
             out = value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: --seed=1e999 (int of an infinite float)
         kind = {bool: "a boolean (true/false)", int: "an integer", float: "a number"}.get(tp, tp.__name__)
         raise ConfigError(f"--{key.replace('_', '-')}: expected {kind}, got {value!r}") from None
     if choices and out not in choices:
@@ -146,12 +146,18 @@ def _prescan(argv: list[str], key: str) -> str | None:
 def load_config_file(path: str) -> dict:
     import yaml
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) if not path.endswith(".json") else json.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConfigError(f"--config: cannot parse {path}: {e}".splitlines()[0]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not a UTF-8 text file") from None
+    except OSError as e:  # a directory, no permission, a device that refuses reads
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # open() refuses a path with a NUL byte
+        raise ConfigError(f"--config: cannot read {path!r}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -99,16 +99,16 @@ def shard_entries(store, split: str) -> list[dict]:
 
 
 def iter_documents(store, split: str = "train"):
-    """Every document of a split, in shard order, one row group at a time (tokenizer training and eval)."""
-    import pyarrow.parquet as pq
+    """Every document of a split, in shard order, one row group at a time (tokenizer training and eval).
+    Page checksums are verified: a damaged shard is a CorruptObject naming it and the row group."""
+    from nanochat.text_shards import open_parquet, read_texts
     entries = shard_entries(store, split)
     if not entries:
         raise DataError(f"no {split} shards in {store.uri(SHARDS_PREFIX)}: run the data stage first")
     for e in entries:
-        with store.open(e["key"]) as f:
-            pf = pq.ParquetFile(f)
-            for rg in range(pf.num_row_groups):
-                yield from pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist()
+        pf = open_parquet(store, e["key"])
+        for rg in range(pf.num_row_groups):
+            yield from read_texts(pf, rg, store, e["key"])
 
 
 def _index_doc(source: str, entries: list[dict], extra: dict | None = None) -> dict:
@@ -188,7 +188,8 @@ class ShardWriter:
         name = shard_name(len(self.entries))
         path = self.scratch / name
         table = pa.table({TEXT_COLUMN: pa.array(docs, type=pa.string())})
-        pq.write_table(table, path, row_group_size=self.row_group_rows, compression="zstd", use_dictionary=False)
+        pq.write_table(table, path, row_group_size=self.row_group_rows, compression="zstd", use_dictionary=False,
+                       write_page_checksum=True)  # readers verify them: a flipped bit is an error, not other text
         digest = self.store.put_file(shard_key(name), path)
         entry = {"name": name, "key": shard_key(name), "sha256": digest, "size": path.stat().st_size, "rows": len(docs),
                  "row_groups": math.ceil(len(docs) / self.row_group_rows), "chars": sum(map(len, docs)),

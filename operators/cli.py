@@ -37,10 +37,40 @@ def _spec_from_args(args) -> dict:
     return spec
 
 
+class ManifestError(Exception):
+    """A manifest file that cannot be read or is not Kubernetes objects: one error line, exit 2."""
+
+
+def read_manifests(path: str) -> list[dict]:
+    """The documents of a YAML file (empty ones dropped); each must be a mapping (a Kubernetes object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    except OSError as e:  # missing, a directory, no permission
+        raise ManifestError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} is not a UTF-8 text file") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise ManifestError(f"cannot read {path!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ManifestError(f"cannot parse {path}: " + " ".join(str(e).split())) from None
+    for i, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{path}: document {i} is a {type(doc).__name__}, not a Kubernetes object (a mapping)")
+        if not isinstance(doc.get("metadata", {}), dict):
+            raise ManifestError(f"{path}: document {i}: metadata is a {type(doc['metadata']).__name__}, not a mapping")
+    return docs
+
+
 def render(args) -> int:
     if args.file:
-        with open(args.file) as f:
-            run = next(d for d in yaml.safe_load_all(f) if d and d.get("kind") == crd.KIND)
+        try:
+            runs = [d for d in read_manifests(args.file) if d.get("kind") == crd.KIND]
+        except ManifestError as e:
+            return _fail(str(e))
+        if not runs:
+            return _fail(f"no {crd.KIND} in {args.file}")
+        run = runs[0]
         errors = validate.nanochatrun_errors(run)
         if errors:
             return _fail("invalid NanochatRun:\n  " + "\n  ".join(errors))
@@ -85,17 +115,21 @@ def render(args) -> int:
 def validate_files(args) -> int:
     bad = 0
     for path in args.files:
-        with open(path) as f:
-            for doc in yaml.safe_load_all(f):
-                if not doc:
-                    continue
-                what = f"{path}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}"
-                try:
-                    validate.check(doc)
-                    print(f"ok   {what}")
-                except validate.ValidationFailed as e:
-                    bad += 1
-                    print(f"FAIL {what}\n  " + "\n  ".join(e.errors))
+        try:
+            docs = read_manifests(path)
+        except ManifestError as e:
+            return _fail(str(e))
+        for doc in docs:
+            if not doc:
+                continue
+            meta = doc.get("metadata")
+            what = f"{path}: {doc.get('kind')} {meta.get('name') if isinstance(meta, dict) else None}"
+            try:
+                validate.check(doc)
+                print(f"ok   {what}")
+            except validate.ValidationFailed as e:
+                bad += 1
+                print(f"FAIL {what}\n  " + "\n  ".join(e.errors))
     return 1 if bad else 0
 
 

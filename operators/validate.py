@@ -97,6 +97,8 @@ def _path(parts) -> str:
 
 
 def metadata_errors(meta: dict) -> list[str]:
+    if not isinstance(meta, dict):
+        return [f"metadata: must be a mapping, got {type(meta).__name__}"]
     errors = []
     name = meta.get("name", "")
     if not name or len(name) > 253 or not DNS1123_SUBDOMAIN.match(name):
@@ -189,7 +191,8 @@ def nanochatrun_errors(run: dict, strict: bool = True) -> list[str]:
 def check_nanochatrun(run: dict, strict: bool = True) -> dict:
     errors = nanochatrun_errors(run, strict)
     if errors:
-        raise ValidationFailed(f"NanochatRun {run.get('metadata', {}).get('name')!r}", errors)
+        meta = run.get("metadata") if isinstance(run.get("metadata"), dict) else {}
+        raise ValidationFailed(f"NanochatRun {meta.get('name')!r}", errors)
     return run
 
 

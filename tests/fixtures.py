@@ -41,7 +41,8 @@ def write_shards(store, texts: list[str], num_shards: int = 3):
     index = []
     for i in range(num_shards):
         buf = io_mod.BytesIO()
-        pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), buf, row_group_size=64, compression="zstd")
+        pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), buf, row_group_size=64, compression="zstd",
+                       write_page_checksum=True)
         key = f"data/shards/shard_{i:05d}.parquet"
         split = "val" if i == num_shards - 1 else "train"
         index.append({"name": key.rsplit("/", 1)[1], "key": key, "split": split, "sha256": store.put_bytes(key, buf.getvalue())})

@@ -42,7 +42,8 @@ class FaultProxy:
     """HTTP proxy on 127.0.0.1 that forwards to an upstream S3 server and injects faults.
 
     `policy(method, path, n) -> action` decides per request (n counts requests):
-    None (forward), ("status", code, s3_code), "reset" (drop the connection), "truncate" (cut the body).
+    None (forward), ("status", code, s3_code), "reset" (drop the connection), "truncate" (cut the body; a HEAD,
+    which has none, is dropped). Forwarded HEAD answers keep the upstream's headers, Content-Length included.
     """
 
     def __init__(self, upstream_port: int, policy=None):
@@ -68,7 +69,8 @@ class FaultProxy:
                 action = proxy.policy(self.command, self.path, n)
                 if action is not None:
                     proxy.injected.append((self.command, self.path, action))
-                if action == "reset":
+                head = self.command == "HEAD"
+                if action == "reset" or (action == "truncate" and head):  # a HEAD has no body to cut: drop it
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                     return
@@ -78,20 +80,23 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload if self.command != "HEAD" else b"")
+                    self.wfile.write(payload if not head else b"")
                     return
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
-                data = resp.read()
+                data = resp.read()  # b"" for a HEAD
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    # a HEAD answer keeps the upstream's Content-Length: clients (pyarrow) size objects by it
+                    if k.lower() not in ("transfer-encoding", "connection") and (head or k.lower() != "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command == "HEAD":
+                if head:
+                    conn.close()
                     return
                 if action == "truncate" and len(data) > 1:
                     self.wfile.write(data[: len(data) // 2])

@@ -12,7 +12,8 @@ import pytest
 
 from nanochat.checkpoint import load_model, load_model_state
 from nanochat.dataloader import DataLoader
-from nanochat.store import CorruptObject, ObjectNotFound, StoreError, open_store
+from nanochat.dataset import iter_documents
+from nanochat.store import CorruptObject, ObjectNotFound, open_store
 from nanochat.text_shards import iter_texts
 from nanochat.tokenizer import get_tokenizer
 from tests.faults import harness as h
@@ -60,9 +61,6 @@ def test_bit_flip_in_a_checksummed_shard_is_detected_naming_the_shard(lab):
     assert "row group 1" in r.message and "shard_00007.parquet" in r.message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): nanochat/dataset.py ShardWriter._write calls pq.write_table without "
-                   "write_page_checksum=True, so a flipped bit in a shard is trained on as different text (the loader "
-                   "verifies page checksums, but there are none to verify)")
 def test_bit_flip_in_a_shard_written_by_the_data_stage_is_detected(lab):
     r = h.shard_row_group_corruption(lab, seeds=range(3), checksummed=False)
     assert r.ok, r.explain()
@@ -120,6 +118,8 @@ def test_damaged_shard_files_are_errors_naming_the_shard(store_uri, damage):
     assert store.uri(SHARD) in str(info.value)
     with pytest.raises(expected, match=SHARD):
         list(iter_texts(store, "train"))  # the tokenizer stages' reader
+    with pytest.raises(expected, match=SHARD):
+        list(iter_documents(store, "train"))  # the data stage's reader (tokenizer training, eval)
 
 
 def test_base_train_on_a_damaged_shard_exits_with_one_clear_error_naming_it(lab):
@@ -132,13 +132,10 @@ def test_base_train_on_a_damaged_shard_exits_with_one_clear_error_naming_it(lab)
     assert r.exit_code == 1 and "corrupt parquet shard" in r.message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): nanochat/tokenizer.py get_tokenizer json.loads a damaged "
-                   "tokenizer.json without naming it: a bare JSONDecodeError (traceback in every stage) instead of a "
-                   "StoreError (CorruptObject) naming the object's URI")
 def test_damaged_tokenizer_is_an_error_naming_it(store_uri):
     from tests.fixtures import make_tokenizer
     store = open_store(store_uri)
-    make_tokenizer(store, vocab_size=300, texts=["hello world"] * 50)
+    make_tokenizer(store, vocab_size=300, texts=[f"document {i} " * 20 for i in range(64)])
     store.put_bytes("tokenizer/tokenizer.json", store.get_bytes("tokenizer/tokenizer.json")[:100])
-    with pytest.raises(StoreError, match="tokenizer/tokenizer.json"):
+    with pytest.raises(CorruptObject, match=r"damaged tokenizer .*tokenizer/tokenizer.json.*tok_train"):
         get_tokenizer(store)

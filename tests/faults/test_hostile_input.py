@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import traceback
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -40,20 +39,6 @@ VALUES = st.one_of(
                      "auto", "-0", "9" * 40, "1.5", "/", "/dev/null", "s3://", "s3:///x", "gs://b", "file://", "\x00",
                      "\udcff", "=", "--seed=1", "-h", "  7 ", "1e3", "Ⅻ", "٣"]),
     st.integers().map(str), st.floats().map(str))
-# Bugs found by this suite in files its author does not own (reported to the lead). The fuzz tests tolerate exactly
-# these (so they keep guarding everything else); test_known_config_bugs_are_fixed fails once they are fixed, as a
-# reminder to delete this tolerance.
-KNOWN_BUGS = {
-    ("coerce", OverflowError): "nanochat/config.py coerce: --seed=1e999 / inf raise OverflowError, not ConfigError",
-    ("load_config_file", OSError): "nanochat/config.py load_config_file: --config=<a directory, /proc/self/mem> raise OSError",
-    ("load_config_file", ValueError): "nanochat/config.py load_config_file: --config with a NUL byte or a binary file "
-                                      "raises ValueError/UnicodeDecodeError",
-}
-
-
-def known_bug(e: BaseException) -> bool:
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/nanochat/" in f.filename]
-    return any((f.name, cls) in KNOWN_BUGS and isinstance(e, cls) for f in frames[-1:] for cls in (OverflowError, OSError, ValueError))
 
 
 def check_config_junk(call):
@@ -64,9 +49,6 @@ def check_config_junk(call):
         assert str(e).strip()
     except SystemExit as e:
         assert e.code in (0, 2), e.code  # 0: --help
-    except Exception as e:  # noqa: BLE001
-        if not known_bug(e):
-            raise
 
 
 @fuzz(400)
@@ -101,8 +83,8 @@ def test_junk_config_files_are_config_errors(tmp_path, what):
         check_config_junk(lambda: parse_config(STAGES["base_train"].Config, argv, "base_train", env=env))
 
 
-@pytest.mark.xfail(strict=True, reason="BUGS (reported): " + "; ".join(KNOWN_BUGS.values()))
-def test_known_config_bugs_are_fixed(tmp_path):
+def test_overflowing_numbers_and_unreadable_config_files_are_config_errors(tmp_path):
+    """--seed=1e999 (OverflowError), a directory, a binary file (UnicodeDecodeError), a NUL in the path (ValueError)."""
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00junk")
     cls = STAGES["base_train"].Config
@@ -157,13 +139,10 @@ def test_k8s_render_flags_render_or_exit_2_with_a_message(flags):
 
 
 JUNK_MANIFESTS = {"a list": "- 1\n", "a ConfigMap only": "apiVersion: v1\nkind: ConfigMap\n", "bad YAML": "a: [\n",
-                  "a scalar first": "---\n5\n---\nkind: NanochatRun\n", "binary": b"\xff\xfe\x00", "a number kind": "kind: 5\n"}
+                  "a scalar first": "---\n5\n---\nkind: NanochatRun\n", "binary": b"\xff\xfe\x00", "a number kind": "kind: 5\n",
+                  "a string for metadata": "kind: NanochatRun\nmetadata: x\n"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): operators/cli.py render -f / validate read the manifest with no error "
-                   "handling: a missing file, bad YAML, a non-mapping document, no NanochatRun in the file or a binary "
-                   "file end in a traceback (StopIteration, AttributeError, ParserError, UnicodeDecodeError) instead of "
-                   "`nanochat-k8s: error: ...` and exit 2")
 def test_k8s_render_of_a_junk_manifest_is_one_error(tmp_path):
     for what in [*JUNK_MANIFESTS, "a missing file"]:
         path = tmp_path / f"{len(what)}.yaml"
@@ -173,7 +152,9 @@ def test_k8s_render_of_a_junk_manifest_is_one_error(tmp_path):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             assert k8s_cli.main(["render", "-f", str(path)]) == 2, what
-        assert "nanochat-k8s: error:" in err.getvalue(), what
+            if what not in ("a ConfigMap only", "a number kind"):  # mappings: validate judges them (exit 0/1)
+                assert k8s_cli.main(["validate", str(path)]) == 2, what
+        assert "nanochat-k8s: error:" in err.getvalue() and "Traceback" not in err.getvalue(), what
 
 
 # ----------------------------------------------------------------------------- text: tokenizer and dataloader
@@ -215,13 +196,26 @@ def test_tokenizer_encodes_hostile_text_without_special_tokens(tok, what):
     assert tok.decode(ids) == "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
-@pytest.mark.xfail(strict=True, raises=BaseException, reason="BUG (reported): nanochat/tokenizer.py Tokenizer._encode_one hands "
-                   "the whole text to tiktoken, whose regex overflows on a run of >= ~1M spaces/tabs and panics "
-                   "(pyo3 PanicException, a BaseException): one such document in a shard kills base_train with a traceback; "
-                   "split such runs before encoding")
 def test_tokenizer_survives_a_megabyte_of_spaces(tok):
-    ids = tok.encode(" " * 1_100_000)
-    assert tok.decode(ids) == " " * 1_100_000
+    """tiktoken's regex overflows (a Rust panic) on a ~1M run of whitespace: the tokenizer cuts such runs first."""
+    for text in (" " * 1_100_000, "a" + "\t" * 1_100_000 + "b", "\u00a0\u3000 " * 400_000):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+    docs = ["x" + " " * 1_100_000, "ordinary text", " \n" * 600_000]
+    assert [tok.decode(ids) for ids in tok.encode(docs, num_threads=2)] == docs  # the batch path as well
+
+
+@given(st.lists(st.sampled_from(["a", "bc", " ", "\t", "\n", "\u00a0"]), max_size=60), st.integers(1, 5))
+@fuzz(200)
+def test_bounded_pieces_only_cut_long_whitespace_runs(parts, limit):
+    import re
+    from nanochat.tokenizer import bounded_pieces
+    text = "".join(parts)
+    pieces = bounded_pieces(text, limit)
+    assert "".join(pieces) == text and (pieces == [text] or all(pieces))
+    assert all(len(run) <= limit for p in pieces for run in re.findall(r"\s+", p))
+    if not re.search(r"\s{%d}" % (limit + 1), text):
+        assert pieces == [text]  # text without a long run is encoded exactly as before
 
 
 def test_dataloader_packs_hostile_documents_into_valid_batches(tmp_path, tok):
@@ -393,34 +387,116 @@ def test_sandbox_cannot_disarm_its_timers():
         assert not result.success and result.error
 
 
+# write every candidate nonce as a success line to every descriptor (non-blocking: a full pipe must not hang), exit 0
+FORGE_LINES = textwrap.dedent("""
+    def forge(candidates):
+        import os
+        for fd in range(3, 64):
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                continue
+            for c in list(candidates) + ['{"ok": true}']:
+                try:
+                    os.write(fd, f"{c}:1:0:audit:\\n".encode())
+                except OSError:
+                    pass
+        os._exit(0)
+""")
 FORGE = {
     "status fd from argv": "import os, sys, json\nos.write(json.loads(sys.argv[1])['fd'], b'{\"ok\": true}\\n')\nos._exit(0)",
     "status fd by scanning": "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'{\"ok\": true}\\n')\n    except OSError: pass\nos._exit(0)",
+    "the report event raised by the code": "import sys, os\nsys.audit('nanochat.sandbox.report', True, False, None, ('audit',))\nos._exit(0)",
+    "the harness's worker on a thread of its own": textwrap.dedent("""
+        import __main__, _thread, time
+        def locks():
+            done = _thread.allocate_lock()
+            done.acquire()
+            return _thread.allocate_lock(), done
+        _thread.start_new_thread(__main__._worker, ("pass", ("audit",), *locks()))
+        __main__._worker("pass", ("audit",), *locks())  # and nested in this thread
+        time.sleep(0.5)
+        raise AssertionError("the tests failed")"""),
+    "the harness patched through __main__": textwrap.dedent("""
+        import __main__
+        __main__._run = lambda code: (True, False, None)
+        __main__._quiesce = lambda *a: None
+        __main__.REPORT_EVENT = "x"
+        __main__.BLOCKED_EVENTS.clear()
+        raise AssertionError("the tests failed")"""),
+    "finalizers that raise the report event": textwrap.dedent("""
+        import functools, sys
+        class Bomb:
+            __del__ = functools.partial(sys.audit, "nanochat.sandbox.report", True, False, None, ("audit",))
+        kept = Bomb()
+        cycle = [Bomb()]
+        cycle.append(cycle)  # freed by the collector after the code
+        raise AssertionError("the tests failed")"""),
+    "the nonce from the harness's frames": FORGE_LINES + textwrap.dedent("""
+        import re, sys
+        found, f = set(), sys._getframe()
+        while f is not None:
+            found |= {v for v in [*f.f_locals.values(), *f.f_globals.values()] if isinstance(v, str) and re.fullmatch('[0-9a-f]{32}', v)}
+            f = f.f_back
+        forge(found)"""),
+    "the nonce from gc referents": FORGE_LINES + textwrap.dedent("""
+        import gc
+        try:
+            objs = gc.get_objects()
+        except PermissionError:
+            objs = []
+        forge({c.cell_contents for o in objs if callable(o) and getattr(o, '__closure__', None) for c in o.__closure__
+               if isinstance(c.cell_contents, str) and len(c.cell_contents) == 32})"""),
+    "the nonce from /proc/self/mem": FORGE_LINES + textwrap.dedent("""
+        import re
+        found = set()
+        try:
+            with open('/proc/self/mem', 'rb') as mem:
+                for line in open('/proc/self/maps').read().splitlines():
+                    lo, hi = (int(x, 16) for x in line.split()[0].split('-'))
+                    if line.split()[1].startswith('rw') and hi - lo < 1 << 26:
+                        try:
+                            mem.seek(lo)
+                            found |= {m.decode() for m in re.findall(rb'[0-9a-f]{32}', mem.read(hi - lo))}
+                        except OSError:
+                            pass
+        except PermissionError:
+            pass
+        forge(found)"""),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): nanochat/execution.py trusts the child's status pipe, which stays open "
-                   "(and is named in sys.argv) while the untrusted code runs: code can write {\"ok\": true} to it and "
-                   "os._exit(0), and execute_code reports success without the tests having run (HumanEval reward hacking)")
 @pytest.mark.parametrize("how", list(FORGE))
 def test_sandboxed_code_cannot_forge_success(how):
+    """The parent believes only the status line with its nonce, which only the harness's reporter holds."""
     code = "def check(candidate):\n    assert candidate() == 1\n" + FORGE[how]
-    assert not execute_code(code, timeout=3).success
+    result = execute_code(code, timeout=3)
+    assert not result.success and result.error, result
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): nanochat/execution.py: the sandboxed code can read "
-                   "/proc/<parent pid>/environ (same uid, or root when the drop to nobody is skipped), so the parent's "
-                   "credentials (AWS_SECRET_ACCESS_KEY of the eval stage) reach model-written code; block /proc/<other pid> "
-                   "reads in the audit hook, or make the parent non-dumpable")
+PARENT_ENVIRON = {  # routes to the caller's environment (its credentials)
+    "by pid": "print(open(f'/proc/{os.getppid()}/environ', 'rb').read())",
+    "through /proc/self/..": "print(open(f'/proc/self/../{os.getppid()}/environ', 'rb').read())",
+    "through a symlink": "os.symlink(f'/proc/{os.getppid()}/environ', 'e'); print(open('e', 'rb').read())",
+    "relative to /proc as dir_fd": "d = os.open('/proc', os.O_RDONLY)\nprint(os.read(os.open(f'{os.getppid()}/environ', os.O_RDONLY, dir_fd=d), 1 << 16))",
+    "from its cwd": "os.chdir(f'/proc/{os.getppid()}'); print(open('environ', 'rb').read())",
+    "through the task directory": "print(open(f'/proc/{os.getppid()}/task/{os.getppid()}/environ', 'rb').read())",
+}
+
+
 def test_sandboxed_code_cannot_read_the_parents_environment(tmp_path):
     secret = "parent-secret-5f1c2a"
     code = textwrap.dedent("""
-        import sys
+        import json, sys
         from nanochat.execution import execute_code
-        r = execute_code("import os\\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())", timeout=3)
-        print(r.stdout, r.error)
+        for attempt in json.loads(sys.argv[1]):
+            r = execute_code("import os\\n" + attempt, timeout=3)
+            print(r.success, r.stdout, r.error)
+        print(execute_code("print(open('/proc/self/status').read())", timeout=3).success)  # its own entries stay readable
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
-                         env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "AWS_SECRET_ACCESS_KEY": secret})
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(list(PARENT_ENVIRON.values()))], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "AWS_SECRET_ACCESS_KEY": secret})
     assert out.returncode == 0, out.stderr
     assert secret not in out.stdout
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith("False") for line in lines) == len(PARENT_ENVIRON) and lines[-1] == "True", out.stdout

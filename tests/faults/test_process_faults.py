@@ -9,8 +9,8 @@ from tests.faults.harness import SAVE_EVERY, sigkill_during_checkpoint_write, si
 
 
 def test_sigkill_of_one_rank_fails_the_job_cleanly_and_the_rerun_resumes_bit_exact(lab):
-    """Rank 0 (the one that writes meta.json) dies mid-step: torchrun takes rank 1 down and exits non-zero, no
-    done.json, every visible checkpoint whole; the re-run resumes from the newest one and matches a 2-rank run."""
+    """Rank 0 (the one that writes meta.json) dies mid-step: rank 1 stops with one line (no traceback), torchrun
+    exits non-zero, no done.json, every visible checkpoint whole; the re-run resumes from the newest one and matches a 2-rank run."""
     r = sigkill_one_rank(lab, rank=0)
     assert r.ok, r.explain()
     assert int(r.steps_redone) <= SAVE_EVERY and r.data_lost == "none"
