@@ -13,12 +13,14 @@ Derived files, kept in sync by `python -m tests.helmbin sync` (tests/test_manife
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import importlib.metadata
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -87,8 +89,10 @@ def helm_path() -> Path:
 
 @functools.cache
 def _helm_home() -> Path:
-    """Empty config/cache/data dirs: no user repositories, plugins or registry logins leak in."""
-    return Path(tempfile.mkdtemp(prefix="nanochat-helm-"))
+    """Empty config/cache/data dirs: no user repositories, plugins or registry logins leak in (removed at exit)."""
+    home = tempfile.mkdtemp(prefix="nanochat-helm-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return Path(home)
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
