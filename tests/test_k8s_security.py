@@ -7,6 +7,7 @@ a write anywhere but /tmp, /dev/shm and the store fails them, as it would in the
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,14 +21,25 @@ from tests.conftest import S3_ENV, make_bucket
 
 REPO = Path(__file__).resolve().parents[1]
 # in the new mount namespace: the emptyDir on /tmp, then the root read-only, then the container command
-POD_MOUNTS = 'mount --bind "$0" /tmp && mount -o remount,bind,ro / && exec "$@"'
+POD_MOUNTS = 'mount --rbind "$0" /tmp && mount -o remount,bind,ro / && exec "$@"'
+
+
+def code_under_tmp() -> list[Path]:
+    """The checkout and the venv when they live under /tmp (a clone in /tmp): the emptyDir would hide them."""
+    paths = sorted(p for p in {REPO, Path(sys.prefix).resolve()} if p.is_relative_to("/tmp"))
+    return [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]
 
 
 def pod_sandbox(empty_dir: Path) -> list[str]:
     unshare = ["unshare", "--mount", "--propagation", "private"]
     if os.geteuid() != 0:  # unprivileged: a user namespace where we may mount
         unshare.insert(1, "--map-root-user")
-    return [*unshare, "sh", "-c", POD_MOUNTS, str(empty_dir)]
+    binds = ""
+    for path in code_under_tmp():  # the image's code is in the image, not in /tmp: keep it visible in the emptyDir
+        inside = empty_dir / path.relative_to("/tmp")
+        inside.mkdir(parents=True, exist_ok=True)
+        binds += f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(inside))} && "
+    return [*unshare, "sh", "-c", binds + POD_MOUNTS, str(empty_dir)]
 
 
 @pytest.fixture

@@ -1,0 +1,859 @@
+"""
+GPU performance benchmark (issue #13): correctness on the device first, then speed. One table, JSON under $OUT.
+
+    python bench/gpu.py --budget-s 480         on a lent H100/H200 (one 600 s device call)
+    python bench/gpu.py --device cpu --smoke   every code path at toy sizes on CPU, well under a minute
+
+Sections, in this order (rows that no longer fit in --budget-s are recorded as "skipped: budget"):
+  correctness  bf16 training steps vs an fp32 reference (loss and gradient relative error); sliding-window
+               attention vs a dense float64 reference (kernel, FA3 when loaded, and the model's layer wiring);
+               KV-cache decode vs a full forward (logits, greedy tokens, the Engine); fp8 vs bf16 (Hopper/Ada only)
+  device       measured bf16 matmul peak (the MFU denominator) and device-to-device copy bandwidth
+  train        base_train step (forward + backward + MuonAdamW) via bench/train.py's worker: tokens/s, MFU vs
+               the measured peak, peak memory; d20 bf16, d24 bf16 vs fp8, then d20/d12/d24 variants
+               (eager, fp8, SDPA vs FlashAttention-3); device batch = largest that fits (eager probe, OOM-safe)
+  optimizer    MuonAdamW.step() alone, as a share of the d20 step
+  inference    TTFT and decode tok/s at batch 1/8/32 via bench/inference.py's worker; HBM utilisation at batch 1
+  dataloader   tokens/s of the tokenizing best-fit packer on this host (bench/dataloader.py's measure)
+
+Outputs: $OUT/gpu.json (rewritten after every row, so a killed run keeps what it measured), $OUT/gpu_table.md,
+$OUT/gpu_log.txt. $OUT defaults to ./gpu_out.
+"""
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# issue #13 targets
+MFU_TARGET = 0.45          # d20 bf16 on one H100, vs the measured bf16 matmul peak
+FP8_SPEEDUP_TARGET = 0.10  # fp8 tokens/s over bf16 at d24
+OPTIM_SHARE_TARGET = 0.05  # optimizer step / whole step
+DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
+LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
+NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
+
+# full-size configs (the issue) and the toy ones of --smoke
+FULL = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL", steps=5, batches=[64, 32, 16, 8, 4, 2, 1],
+            small=dict(depth=4, vocab=4096, seq=256, head_dim=64, short_window=32, batch=4, prompt=128, new=16),
+            infer=dict(depth=20, prompt=2048, new_tokens=256, repeats=3),
+            loader=dict(max_chars=0, vocab=16384, B=32, T=2048, batches=20, threads=[1, 4]))
+SMOKE = dict(seq=128, vocab=512, head_dim=32, window="SSSL", steps=2, batches=[2],
+             small=dict(depth=2, vocab=512, seq=64, head_dim=32, short_window=8, batch=2, prompt=32, new=12),
+             infer=dict(depth=2, prompt=16, new_tokens=8, repeats=1),
+             loader=dict(max_chars=100_000, vocab=512, B=4, T=128, batches=5, threads=[1]))
+
+# relative-error tolerances by compute dtype (METHOD.md: fp32 far under 1e-3, bf16 operands 1e-3..1e-2)
+TOL = {
+    "float32": dict(attn=1e-4, logits=1e-4, loss=1e-4, grad=1e-3),
+    "bfloat16": dict(attn=2e-2, logits=3e-2, loss=1e-2, grad=5e-2),
+}
+FP8_TOL = dict(fwd=0.1, grad=0.25, loss=5e-2)  # e4m3 forward, e5m2 gradients: loose by design
+
+
+def load_bench(name):
+    """bench/<name>.py as a module (bench/ is not a package); we only read these files."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# -----------------------------------------------------------------------------
+# the report: rows, budget, incremental JSON
+
+class Report:
+    def __init__(self, args, out_dir):
+        self.args, self.out_dir = args, out_dir
+        self.t0 = time.perf_counter()
+        self.rows, self.meta, self.peaks = [], {}, {}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = out_dir / "gpu_log.txt"
+        self.log_path.write_text("")
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def remaining(self):
+        return self.args.budget_s - self.elapsed()
+
+    def log(self, msg):
+        line = f"[{self.elapsed():6.1f}s] {msg}"
+        print(line, file=sys.stderr, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def run(self, section, name, min_s, fn):
+        """Run one row unless fewer than min_s seconds of the budget are left; save the JSON either way."""
+        row = dict(section=section, name=name, status="skipped: budget", result="", target="", met=None, metrics={}, notes="")
+        if self.remaining() >= min_s:
+            t0 = time.perf_counter()
+            try:
+                row.update(fn())
+            except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+                row["status"] = f"error: {type(e).__name__}: {first_line(e)}"
+                self.log(traceback.format_exc())
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            if self.args.smoke and section != "correctness":
+                row["met"] = None  # toy sizes: the targets are for the full-size GPU rows
+            free_device_memory()
+        self.rows.append(row)
+        self.save()
+        self.log(f"{section} / {name}: {row['status']} {row['result']} {row['notes']}".rstrip())
+        return row
+
+    def save(self, finished=False):
+        data = dict(meta=self.meta, peaks=self.peaks, budget_s=self.args.budget_s, elapsed_s=round(self.elapsed(), 1),
+                    finished=finished, rows=self.rows)
+        tmp = self.out_dir / "gpu.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        tmp.replace(self.out_dir / "gpu.json")  # atomic: a kill mid-write leaves the previous version
+
+    def table(self):
+        lines = ["| section | row | result | target | met? | status / notes |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            met = {True: "yes", False: "NO", None: ""}[r["met"]]
+            notes = r["status"] if r["status"] != "ok" else ""
+            notes = "; ".join(x for x in (notes, r["notes"]) if x)
+            lines.append(f"| {r['section']} | {r['name']} | {r['result']} | {r['target']} | {met} | {notes} |")
+        return "\n".join(lines)
+
+
+def free_device_memory():
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# context: device, dtype, configs, measured peaks, results other rows build on
+
+class Bench:
+    def __init__(self, args, report):
+        import torch
+        self.args, self.report = args, report
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.cfg = SMOKE if args.smoke else FULL
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32  # what training computes in on this device
+        self.dtype_name = str(self.dtype).replace("torch.", "")
+        self.gpu = torch.cuda.get_device_name(self.device) if self.cuda else ""
+        self.train = {}      # (depth, compile, fp8, attn) -> worker result
+        self.fit = {}        # depth -> probed device batch
+        self.peak_flops = None
+        self.hbm = None
+        self.inductor_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nanochat-gpu-inductor"))
+
+    def sync(self):
+        import torch
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_it(self, fn, reps, warmup):
+        """Median seconds of fn() (CUDA events on the GPU, wall clock on the CPU), after warm-up calls."""
+        import torch
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    # -- small models for the correctness checks
+
+    def small_config(self, **overrides):
+        from nanochat.gpt import GPTConfig
+        s = self.cfg["small"]
+        kw = dict(head_dim=s["head_dim"], n_kv_head=2, window_pattern="SSSL", short_window=s["short_window"])  # GQA on
+        kw.update(overrides)
+        return GPTConfig.from_depth(s["depth"], s["vocab"], s["seq"], **kw)
+
+    def small_model(self, config, dtype, state=None, seed=0):
+        """A small GPT in `dtype` with every weight random (the zero-init projections would make attention a no-op)."""
+        import torch
+        from nanochat.gpt import GPT
+        torch.manual_seed(seed)  # init_weights draws the embeddings from the global generator
+        model = GPT.create(config, self.device, dtype=dtype)
+        if state is None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:
+                        p.copy_(torch.randn(p.shape, generator=g) * p.size(1) ** -0.5)
+        else:
+            model.load_state_dict(state)
+        return model
+
+    def tokens(self, shape, vocab, seed):
+        import torch
+        return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+    # -- children (bench/train.py and bench/inference.py workers)
+
+    def child_env(self, force_sdpa=False):
+        path = [str(REPO)]
+        if force_sdpa:  # a flash_attn_interface that fails to import: nanochat.gpt falls back to SDPA
+            shim = Path(tempfile.gettempdir()) / "nanochat-gpu-no-fa3"
+            shim.mkdir(parents=True, exist_ok=True)
+            (shim / "flash_attn_interface.py").write_text("raise ImportError('disabled by bench/gpu.py (SDPA row)')\n")
+            path.insert(0, str(shim))
+        return dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]),
+                    TORCHINDUCTOR_CACHE_DIR=self.inductor_dir)
+
+    def run_child(self, cmd, env):
+        """Run a worker with the rest of the budget as its timeout; returns (result dict | None, stderr, why)."""
+        timeout = max(1.0, self.report.remaining())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                                process_group=0)  # own group, same session: a timeout also ends its compile workers
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return None, err, f"skipped: budget (killed after {timeout:.0f} s)"
+        if proc.returncode != 0:
+            oom = "OutOfMemoryError" in err or "out of memory" in err
+            return None, err, "oom" if oom else f"error: worker exit {proc.returncode}: {last_error_line(err)}"
+        return json.loads(out.strip().splitlines()[-1]), err, "ok"
+
+
+def last_error_line(stderr):
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if "Error" in l or "error" in l]
+    return (errors or lines or ["(no stderr)"])[-1].strip()[:300]
+
+
+# -----------------------------------------------------------------------------
+# correctness
+
+def train_steps(model, x, y, steps, ortho_dtype):
+    """`steps` MuonAdamW steps on one batch; returns the losses and the first step's gradients (fp32)."""
+    import torch
+    opt = model.setup_optimizer(compile=False, ortho_dtype=ortho_dtype)
+    losses, grads = [], None
+    for i in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        if i == 0:
+            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, grads
+
+
+def check_bf16_training(b):
+    """A few training steps in bf16 vs the same model in fp32 (fp32 Muon orthogonalization as the reference)."""
+    import torch
+    torch.set_float32_matmul_precision("highest")  # a true fp32 reference: no TF32
+    config, s = b.small_config(), b.cfg["small"]
+    ref = b.small_model(config, torch.float32)
+    state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    x, y = b.tokens((s["batch"], s["seq"]), s["vocab"], 1), b.tokens((s["batch"], s["seq"]), s["vocab"], 2)
+    ref_losses, ref_grads = train_steps(ref, x, y, 3, torch.float32)
+    low = b.small_model(config, torch.bfloat16, state)
+    losses, grads = train_steps(low, x, y, 3, torch.bfloat16)
+    tol = TOL["bfloat16"]
+    loss_err = max(abs(a - r) / abs(r) for a, r in zip(losses, ref_losses))
+    grad_err = rel_err(torch.cat([grads[n].flatten() for n in ref_grads]), torch.cat([g.flatten() for g in ref_grads.values()]))
+    worst = max(ref_grads, key=lambda n: rel_err(grads[n], ref_grads[n]) if ref_grads[n].norm() > 0 else 0)
+    finite = all(math.isfinite(v) for v in losses)
+    ok = finite and loss_err <= tol["loss"] and grad_err <= tol["grad"]
+    return dict(status="ok" if ok else "FAIL", met=ok, target=f"loss ≤ {tol['loss']:g}, grad ≤ {tol['grad']:g}",
+                result=f"loss rel {loss_err:.1e} · grad rel {grad_err:.1e}",
+                notes=f"3 steps; worst param {worst} {rel_err(grads[worst], ref_grads[worst]):.1e}",
+                metrics=dict(loss_rel=loss_err, grad_rel=grad_err, losses=losses, ref_losses=ref_losses))
+
+
+def dense_attention(q, k, v, window):
+    """The obvious float64 reference: explicit causal + sliding-window mask, GQA by repeating k/v heads."""
+    import torch
+    dtype = q.dtype
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    Tq, Tk = q.size(2), k.size(2)
+    i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    j = torch.arange(Tk, device=q.device)[None, :]
+    allowed = (j <= i) & ((i - j <= window) | (window < 0))
+    scores = (q @ k.mT) / math.sqrt(q.size(-1))
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).to(dtype)
+
+
+def check_sliding_window(b):
+    """nanochat.gpt.attention (and FA3 when loaded) vs the dense reference; the model's windows vs the reference model."""
+    import torch
+    import nanochat.gpt as gpt
+    s = b.cfg["small"]
+    T, D, errs = s["seq"], s["head_dim"], {}
+    cases = [(T, -1), (T, 0), (T, 1), (T, 7), (T, T // 4), (T, T - 2), (T, T - 1), (T, 2 * T),  # training shapes
+             (1, -1), (1, 7), (1, T // 4), (5, 7), (5, -1), (T // 2, T // 4)]                 # decode / chunked prefill
+    dtypes = [torch.float32] + ([b.dtype] if b.dtype != torch.float32 else [])
+    g = torch.Generator().manual_seed(3)
+    for dtype in dtypes:
+        for Tq, window in cases:
+            q = torch.randn(2, 4, Tq, D, generator=g).to(b.device, dtype)
+            k, v = (torch.randn(2, 2, T, D, generator=g).to(b.device, dtype) for _ in range(2))
+            errs[f"{str(dtype)[6:]}/sdpa/Tq{Tq}/w{window}"] = rel_err(gpt.attention(q, k, v, window), dense_attention(q, k, v, window))
+    # the model: build one (this also loads FA3 on a Hopper GPU that has it)
+    config = b.small_config()
+    model = b.small_model(config, b.dtype).eval()
+    fa3 = gpt._FA3
+    if fa3 is not None:
+        for Tq, window in cases:
+            if Tq != T or window >= T:
+                continue
+            q = torch.randn(2, T, 4, D, generator=g).to(b.device, torch.bfloat16)
+            k, v = (torch.randn(2, T, 2, D, generator=g).to(b.device, torch.bfloat16) for _ in range(2))
+            y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+            y = y[0] if isinstance(y, tuple) else y
+            ref = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window).transpose(1, 2)
+            errs[f"bfloat16/fa3/Tq{Tq}/w{window}"] = rel_err(y, ref)
+    idx = b.tokens((2, T), config.vocab_size, 4)
+    with torch.inference_mode():
+        logits = model(idx)
+        real = gpt.attention
+        gpt.attention, gpt._FA3 = dense_attention, None  # same weights, attention by the reference
+        try:
+            ref_logits = model(idx)
+        finally:
+            gpt.attention, gpt._FA3 = real, fa3
+        full = b.small_model(b.small_config(window_pattern="L"), b.dtype, model.state_dict()).eval()
+        full_logits = full(idx)
+    tol = TOL[b.dtype_name]
+    model_err = rel_err(logits, ref_logits)
+    window_effect = rel_err(full_logits, logits)  # a window that changes nothing would make the check vacuous
+    worst = max(errs, key=errs.get)
+    kernel_ok = all(e <= TOL[k.split("/")[0]]["attn"] for k, e in errs.items())
+    ok = kernel_ok and model_err <= tol["logits"] and window_effect > max(5 * model_err, 0.05)
+    return dict(status="ok" if ok else "FAIL", met=ok, target=f"attn ≤ {TOL['float32']['attn']:g} fp32 / {TOL['bfloat16']['attn']:g} bf16",
+                result=f"kernel worst {errs[worst]:.1e} · model {model_err:.1e}",
+                notes=f"{len(errs)} kernel cases ({'SDPA + FA3' if fa3 else 'SDPA'}), worst {worst}; window effect {window_effect:.2f}",
+                metrics=dict(kernel=errs, model_rel=model_err,
+                             window_effect=window_effect, fa3=fa3 is not None))
+
+
+def greedy_margin(full_logits, tokens):
+    """Largest (max logit - chosen logit) over positions: 0 when every token is the full forward's argmax."""
+    import torch
+    chosen = full_logits.gather(-1, torch.as_tensor(tokens, device=full_logits.device).view(-1, 1))[:, 0]
+    return (full_logits.max(-1).values - chosen).max().item()
+
+
+def check_kv_decode(b):
+    """Chunked prefill + greedy decode through a (growing) KV cache vs one full forward; then the Engine."""
+    import torch
+    from nanochat.engine import Engine
+    s = b.cfg["small"]
+    P, N = s["prompt"], s["new"]
+    config = b.small_config()
+    model = b.small_model(config, b.dtype).eval()
+    prompt = b.tokens((1, P), config.vocab_size, 5)
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1, max_len=P // 2)  # too small on purpose: the cache must grow
+        prefill = torch.cat([model(prompt[:, :P // 2], kv_cache=cache), model(prompt[:, P // 2:], kv_cache=cache)], 1)
+        step_logits, tokens = [prefill[0, -1]], []
+        for _ in range(N):
+            tokens.append(int(step_logits[-1].argmax()))
+            step_logits.append(model(torch.tensor([[tokens[-1]]], device=b.device), kv_cache=cache)[0, -1])
+        seq = torch.cat([prompt, torch.tensor([tokens], device=b.device)], 1)
+        full = model(seq)[0]
+        prefill_err = rel_err(prefill[0], full[:P])
+        decode_err = rel_err(torch.stack(step_logits[1:]), full[P:P + N])
+        max_abs = max((prefill[0] - full[:P]).abs().max().item(), (torch.stack(step_logits[1:]) - full[P:]).abs().max().item())
+        tol = TOL[b.dtype_name]
+        margin_tol = max(4 * max_abs, 1e-5)  # a different greedy token is fine only at a tie within the kernels' noise
+        margin = greedy_margin(full[P - 1:P - 1 + N], tokens)
+        # the Engine: batch-1 prefill, cache replicated to 2 rows, greedy: both rows equal, greedy w.r.t. a full forward
+        tok = load_bench("inference").SpecialsOnlyTokenizer(config.vocab_size)
+        columns = [col for col, _ in Engine(model, tok).generate(prompt[0].tolist(), num_samples=2, max_tokens=N, temperature=0.0)]
+        rows = [list(r) for r in zip(*columns)]
+        eng_full = model(torch.cat([prompt, torch.tensor([rows[0]], device=b.device)], 1))[0]
+        eng_margin = greedy_margin(eng_full[P - 1:P - 1 + N], rows[0])
+    same_rows = rows[0] == rows[1] and len(rows[0]) == N
+    ok = prefill_err <= tol["logits"] and decode_err <= tol["logits"] and margin <= margin_tol and eng_margin <= margin_tol and same_rows
+    agree = sum(a == c for a, c in zip(tokens, rows[0]))
+    return dict(status="ok" if ok else "FAIL", met=ok, target=f"logits ≤ {tol['logits']:g}, greedy",
+                result=f"prefill {prefill_err:.1e} · decode {decode_err:.1e} · greedy margin {max(margin, eng_margin):.1e}",
+                notes=f"prompt {P} (2 chunks, cache grows), {N} tokens, window {s['short_window']}; engine rows equal: {same_rows}, "
+                      f"engine = manual loop on {agree}/{N}",
+                metrics=dict(prefill_rel=prefill_err, decode_rel=decode_err, greedy_margin=margin, engine_margin=eng_margin,
+                             margin_tol=margin_tol, engine_rows_equal=same_rows, engine_agree=agree))
+
+
+def check_fp8(b):
+    """fp8_linear vs an fp32 F.linear (forward and both gradients), then fp8 vs bf16 training steps of a small GPT."""
+    import torch
+    import torch.nn.functional as F
+    from nanochat.fp8 import fp8_linear, fp8_supported
+    if not fp8_supported(b.device):
+        cap = torch.cuda.get_device_capability(b.device) if b.cuda else None
+        why = f"compute capability {cap}" if cap else f"device is {b.device.type}"
+        return dict(status=f"skipped: fp8 needs an NVIDIA GPU with fp8 tensor cores (SM89+) and torch._scaled_mm; {why}")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 1024, generator=g).to(b.device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(768, 1024, generator=g) * 0.02).to(b.device).requires_grad_()
+    dy = torch.randn(512, 768, generator=g).to(b.device, torch.bfloat16)
+    y8 = fp8_linear(x, w)
+    y8.backward(dy)
+    gx8, gw8 = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    xr = x.detach().float().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+    yr = F.linear(xr, wr)
+    yr.backward(dy.float())
+    fwd, gx, gw = rel_err(y8, yr), rel_err(gx8, xr.grad), rel_err(gw8, wr.grad)
+    # model level: same weights, fp8 on vs off
+    config, s = b.small_config(), b.cfg["small"]
+    base = b.small_model(config, torch.bfloat16)
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    x_tok, y_tok = b.tokens((s["batch"], s["seq"]), s["vocab"], 7), b.tokens((s["batch"], s["seq"]), s["vocab"], 8)
+    ref_losses, _ = train_steps(base, x_tok, y_tok, 3, torch.bfloat16)
+    fp8_model = b.small_model(b.small_config(fp8=True), torch.bfloat16, state)
+    losses, _ = train_steps(fp8_model, x_tok, y_tok, 3, torch.bfloat16)
+    loss_err = max(abs(a - r) / abs(r) for a, r in zip(losses, ref_losses))
+    ok = fwd <= FP8_TOL["fwd"] and max(gx, gw) <= FP8_TOL["grad"] and loss_err <= FP8_TOL["loss"] and all(map(math.isfinite, losses))
+    return dict(status="ok" if ok else "FAIL", met=ok,
+                target=f"fwd ≤ {FP8_TOL['fwd']:g}, grads ≤ {FP8_TOL['grad']:g}, loss ≤ {FP8_TOL['loss']:g}",
+                result=f"fwd {fwd:.1e} · dx {gx:.1e} · dW {gw:.1e} · loss {loss_err:.1e}",
+                notes="vs fp32 F.linear; loss: 3 steps of the small GPT, fp8 vs bf16",
+                metrics=dict(fwd_rel=fwd, grad_x_rel=gx, grad_w_rel=gw, loss_rel=loss_err, losses=losses, ref_losses=ref_losses))
+
+
+# -----------------------------------------------------------------------------
+# device ceilings
+
+def measure_peaks(b):
+    """bf16 matmul FLOP/s (fp32 on the CPU) and copy bandwidth (bytes read + written), on random data."""
+    import torch
+    n = 8192 if b.cuda else 512
+    g = torch.Generator().manual_seed(9)
+    a, c = (torch.randn(n, n, generator=g).to(b.device, b.dtype) for _ in range(2))
+    t = b.time_it(lambda: a @ c, reps=50 if b.cuda else 5, warmup=200 if b.cuda else 2)  # ~0.3 s of warm-up: clocks ramp up
+    b.peak_flops = 2 * n**3 / t
+    numel = (1 << 29) if b.cuda else (1 << 23)  # 1 GiB / 32 MiB of fp16
+    src = torch.empty(numel, dtype=torch.float16, device=b.device).normal_()
+    dst = torch.empty_like(src)
+    t = b.time_it(lambda: dst.copy_(src), reps=50 if b.cuda else 10, warmup=20 if b.cuda else 2)
+    copy_bw = 2 * src.numel() * src.element_size() / t
+    datasheet_flops = next((v for k, v in load_bench("train").PEAK_FLOPS.items() if k in b.gpu), None) if b.cuda else None
+    hbm_table = load_bench("inference").HBM_BYTES_PER_S
+    datasheet_bw = next((v for k, v in hbm_table.items() if k in b.gpu), None) if b.cuda else None
+    if datasheet_bw and "PCIe" in b.gpu and "H100" in b.gpu:
+        datasheet_bw = 2.0e12  # the table's H100 is the SXM part
+    b.hbm = datasheet_bw or copy_bw
+    b.report.peaks.update(matmul_flops=b.peak_flops, matmul_n=n, matmul_dtype=b.dtype_name, datasheet_flops=datasheet_flops,
+                          copy_bytes_s=copy_bw, datasheet_bytes_s=datasheet_bw, hbm_bytes_s=b.hbm,
+                          hbm_source="datasheet" if datasheet_bw else "measured copy")
+    unit = 1e12 if b.cuda else 1e9
+    u = "T" if b.cuda else "G"
+    notes = f"datasheet {datasheet_flops / 1e12:.0f} TFLOP/s" if datasheet_flops else "no datasheet peak for this device"
+    notes += f"; bandwidth for decode: {b.hbm / 1e9:,.0f} GB/s ({b.report.peaks['hbm_source']})"
+    return dict(status="ok", result=f"{b.peak_flops / unit:,.1f} {u}FLOP/s {b.dtype_name} {n}³ · copy {copy_bw / 1e9:,.0f} GB/s",
+                notes=notes, metrics=dict(b.report.peaks))
+
+
+# -----------------------------------------------------------------------------
+# training throughput
+
+def train_config(b, depth, fp8=False):
+    from nanochat.gpt import GPTConfig
+    c = b.cfg
+    return GPTConfig.from_depth(depth, c["vocab"], c["seq"], head_dim=c["head_dim"], window_pattern=c["window"], fp8=fp8)
+
+
+def probe_batch(b, depth):
+    """Largest device batch from the candidates whose eager bf16 step (with the optimizer) fits in 92% of the GPU
+    memory, probed in this process: an OOM costs a second, not a compile. Compiled steps need less memory."""
+    import torch
+    from nanochat.gpt import GPT
+    if depth in b.fit:
+        return b.fit[depth]
+    candidates = b.cfg["batches"]
+    if not b.cuda:
+        b.fit[depth] = (candidates[0], None)
+        return b.fit[depth]
+    total = torch.cuda.get_device_properties(b.device).total_memory
+    model = GPT.create(train_config(b, depth), b.device)
+    opt = model.setup_optimizer(compile=False)
+    found = (None, None)
+    for batch in candidates:
+        torch.cuda.reset_peak_memory_stats(b.device)
+        peak = try_step(b, model, opt, batch)
+        model.zero_grad(set_to_none=True)
+        free_device_memory()
+        b.report.log(f"  probe d{depth} batch {batch}: " + (f"peak {peak / 1e9:.1f} GB" if peak else "OOM"))
+        if peak is not None and peak <= 0.92 * total:
+            found = (batch, peak)
+            break
+    del model, opt
+    free_device_memory()
+    b.fit[depth] = found
+    return found
+
+
+def try_step(b, model, opt, batch):
+    import torch
+    try:
+        x = torch.randint(0, b.cfg["vocab"], (batch, b.cfg["seq"]), device=b.device)
+        model(x, x).backward()
+        opt.step()
+        b.sync()
+        return torch.cuda.max_memory_allocated(b.device)
+    except torch.cuda.OutOfMemoryError:
+        return None  # the frame (and its tensors) goes away with the return
+
+
+def fa3_importable(b):
+    """Whether nanochat.gpt loads FlashAttention-3 here (Hopper + flash_attn_interface that imports)."""
+    from nanochat.gpt import load_flash_attn_3
+    try:
+        return b.cuda and load_flash_attn_3(b.device) is not None
+    except Exception:  # noqa: BLE001 - a broken install (missing .so) is "not importable" too
+        return False
+
+
+def train_row(b, depth, compile_=True, fp8=False, attn="default", target=None):
+    """One base_train throughput row through bench/train.py's worker (own process: own peak memory and compile)."""
+    from nanochat.fp8 import fp8_supported
+    if fp8 and not fp8_supported(b.device):
+        return dict(status="skipped: fp8 not supported on this device (SM89+ with torch._scaled_mm)")
+    fa3 = fa3_importable(b)
+    if attn == "sdpa" and not fa3:
+        return dict(status="skipped: flash_attn_interface not importable, so every other row already used SDPA")
+    batch, probe_peak = probe_batch(b, depth)
+    if batch is None:
+        return dict(status=f"skipped: not even batch {b.cfg['batches'][-1]} fits (eager probe)")
+    c = b.cfg
+    while True:
+        cmd = [sys.executable, str(REPO / "bench" / "train.py"), "--worker", "--device", b.device.type, "--steps", str(c["steps"]),
+               "--threads", "0", "--depth", str(depth), "--batch", str(batch), "--seq", str(c["seq"]), "--vocab", str(c["vocab"]),
+               "--head-dim", str(c["head_dim"]), "--window", c["window"], "--fp8" if fp8 else "--no-fp8",
+               "--compile" if compile_ else "--no-compile", "--compile-optim" if b.cuda else "--no-compile-optim"]
+        res, err, why = b.run_child(cmd, b.child_env(force_sdpa=attn == "sdpa"))
+        if why == "oom" and batch > 1:
+            b.report.log(f"  d{depth} batch {batch} ran out of memory in the worker; halving")
+            batch //= 2
+            continue
+        break
+    if res is None:
+        if why != "oom":
+            b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
+        return dict(status="error: out of memory at batch 1" if why == "oom" else why, metrics=dict(stderr_tail=err[-1500:]))
+    used_attn = "FA3" if (fa3 and attn != "sdpa") else "SDPA"
+    res.update(batch=batch, attn=used_attn, compile=compile_, fp8=fp8, depth=depth, probe_peak_gb=(probe_peak or 0) / 1e9)
+    res["mfu_measured"] = res["tflops"] * 1e12 / b.peak_flops if b.peak_flops else None
+    b.train[(depth, compile_, fp8, attn)] = res
+    mfu = res["mfu_measured"]
+    result = (f"{res['tok_s']:,.0f} tok/s · {res['ms']:.0f} ms · MFU {mfu:.1%} · {res['peak_gb']:.1f} GB" if mfu is not None
+              else f"{res['tok_s']:,.0f} tok/s · {res['ms']:.0f} ms · {res['peak_gb']:.1f} GB")
+    notes = f"batch {batch}×{c['seq']}, {used_attn}, {res['tflops']:.0f} TFLOP/s" if b.cuda else f"batch {batch}×{c['seq']}"
+    if res.get("mfu"):
+        notes += f", MFU {res['mfu']:.1%} of datasheet"
+    notes += f", first step {res['first_s']:.0f} s"
+    row = dict(status="ok", result=result, notes=notes, metrics=res)
+    if target:
+        extra = target(res)
+        if "notes" in extra:
+            row["notes"] += "; " + extra.pop("notes")
+        row.update(extra)
+    return row
+
+
+def mfu_target(res):
+    mfu = res["mfu_measured"]
+    return dict(target=f"MFU ≥ {MFU_TARGET:.0%}", met=None if mfu is None else mfu >= MFU_TARGET)
+
+
+def fp8_target(b, depth):
+    def target(res):
+        base = b.train.get((depth, True, False, "default"))
+        if not base:
+            return dict(target=f"≥ +{FP8_SPEEDUP_TARGET:.0%} vs bf16", notes=f"no d{depth} bf16 compile row to compare with")
+        gain = res["tok_s"] / base["tok_s"] - 1
+        res["fp8_gain"] = gain
+        return dict(target=f"≥ +{FP8_SPEEDUP_TARGET:.0%} vs bf16", met=gain >= FP8_SPEEDUP_TARGET,
+                    result=f"{gain:+.1%} vs bf16 · {res['tok_s']:,.0f} tok/s · {res['peak_gb']:.1f} GB")
+    return target
+
+
+# -----------------------------------------------------------------------------
+# optimizer, inference, dataloader
+
+def optimizer_row(b, depth):
+    """MuonAdamW.step() alone on the depth's model (compiled on the GPU, as base_train does), random gradients."""
+    import torch
+    from nanochat.gpt import GPT
+    model = GPT.create(train_config(b, depth), b.device)
+    opt = model.setup_optimizer()
+    g = torch.Generator(device=b.device).manual_seed(10)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, device=b.device, dtype=p.dtype) * 1e-3
+    opt_s = b.time_it(opt.step, reps=10 if b.cuda else 5, warmup=3 if b.cuda else 2)
+    step = next((b.train[k] for k in [(depth, True, False, "default"), (depth, False, False, "default")] if k in b.train), None)
+    metrics = dict(opt_ms=opt_s * 1e3, depth=depth)
+    if step is None:
+        return dict(status="ok", result=f"{opt_s * 1e3:.1f} ms", target=f"≤ {OPTIM_SHARE_TARGET:.0%} of step",
+                    notes=f"no d{depth} train row to compare with", metrics=metrics)
+    opt_ms, share = opt_s * 1e3, opt_s * 1e3 / step["ms"]
+    tokens = step["batch"] * b.cfg["seq"]
+    accum = max(1, NANOCHAT_STEP_TOKENS // tokens)  # nanochat's 524,288-token step on one GPU
+    notes = f"one micro-batch step ({tokens:,} tokens)"
+    if opt_ms < step["ms"]:
+        share_accum = opt_ms / (accum * (step["ms"] - opt_ms) + opt_ms)
+        metrics.update(share_524k_step=share_accum, grad_accum=accum)
+        notes += f"; with nanochat's {NANOCHAT_STEP_TOKENS:,}-token step (×{accum} accumulation) {share_accum:.1%}"
+    else:
+        notes += "; timed alone it exceeds the whole step: the timings are noise (busy host?)"
+    metrics.update(step_ms=step["ms"], share=share)
+    return dict(status="ok", met=share <= OPTIM_SHARE_TARGET, target=f"≤ {OPTIM_SHARE_TARGET:.0%} of step",
+                result=f"{opt_ms:.1f} ms = {share:.1%} of a {step['ms']:.0f} ms step", notes=notes, metrics=metrics)
+
+
+def decode_bytes_per_step(config, batch, mean_ctx, elem):
+    """Bytes a decode step must read: every matmul weight once (embedding rows are gathered, not read whole) + the KV cache."""
+    import torch
+    from nanochat.gpt import GPT
+    with torch.device("meta"):
+        model = GPT(config)
+    weights = sum(p.numel() for n, p in model.named_parameters() if "wte" not in n and "value_embeds" not in n) * elem
+    kv = 2 * config.n_layer * config.n_kv_head * config.head_dim * mean_ctx * elem * batch
+    return weights + kv
+
+
+def inference_row(b, batch, bandwidth=False):
+    """TTFT / decode tok/s through bench/inference.py's worker (KV-cache Engine, random weights, no early stop)."""
+    from nanochat.gpt import GPTConfig
+    c, i = b.cfg, b.cfg["infer"]
+    row = dict(mode="engine", batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"], vocab=c["vocab"],
+               head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name)
+    cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--one", json.dumps(row), "--device", b.device.type,
+           "--repeats", str(i["repeats"]), "--threads", "0"]
+    res, err, why = b.run_child(cmd, b.child_env())
+    if res is None:
+        b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
+        return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
+    out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s · {res['peak_gb']:.2f} GB",
+               notes=f"prompt {i['prompt']}, {i['new_tokens']} new, d{i['depth']}")
+    if bandwidth:
+        config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
+        elem = 2 if b.cuda else 4  # inference.py casts the model to bf16 on CUDA
+        per_token = decode_bytes_per_step(config, 1, i["prompt"] + i["new_tokens"] / 2, elem)
+        util = res["decode_tok_s"] * per_token / b.hbm if b.hbm else None
+        copy_bw = b.report.peaks.get("copy_bytes_s")
+        res.update(bytes_per_token=per_token, hbm_bytes_s=b.hbm, bw_util=util,
+                   bw_util_vs_copy=res["decode_tok_s"] * per_token / copy_bw if copy_bw else None)
+        if util is not None:
+            out.update(target=f"≥ {DECODE_BW_TARGET:.0%} of HBM", met=util >= DECODE_BW_TARGET,
+                       result=out["result"] + f" · {util:.1%} of {b.hbm / 1e9:,.0f} GB/s")
+            if res["bw_util_vs_copy"] is not None:
+                out["notes"] += f"; {res['bw_util_vs_copy']:.1%} of the measured copy bandwidth"
+            if res.get("bw_limit_tok_s"):
+                out["notes"] += f"; inference.py bw limit {res['bw_limit_tok_s']:,.0f} tok/s"
+    return out
+
+
+def bench_tokenizer(docs, vocab_size, backend="auto"):
+    """The pipeline's tokenizer (rustbpe-trained, run by tiktoken). Without rustbpe (e.g. the GPU image), train the
+    same split pattern with HuggingFace tokenizers and run its merges through tiktoken: the loader path is the same."""
+    from nanochat.tokenizer import Tokenizer, train_tokenizer
+    if backend in ("auto", "rustbpe"):
+        try:
+            import rustbpe  # noqa: F401
+            return train_tokenizer(iter(docs), vocab_size), "rustbpe → tiktoken"
+        except ImportError:
+            if backend == "rustbpe":
+                raise
+    hf = train_tokenizer(iter(docs), vocab_size, backend="huggingface")
+    merged = [t for t, _ in sorted(hf.mergeable_ranks().items(), key=lambda kv: kv[1]) if len(t) > 1]  # merge order
+    ranks = {bytes([i]): i for i in range(256)} | {t: 256 + i for i, t in enumerate(merged)}
+    return Tokenizer(ranks), "HF tokenizers BPE → tiktoken (rustbpe not importable)"
+
+
+def dataloader_row(b):
+    """bench/dataloader.py's measure() on a file:// store of the embedded corpus (no S3 server on the device)."""
+    missing = [m for m in ("pyarrow", "tiktoken", "numpy") if importlib.util.find_spec(m) is None]
+    if missing:
+        return dict(status=f"skipped: {', '.join(missing)} not importable (carry wheels, see the device README)")
+    if importlib.util.find_spec("rustbpe") is None and importlib.util.find_spec("tokenizers") is None:
+        return dict(status="skipped: neither rustbpe nor tokenizers importable to train a tokenizer")
+    from nanochat import dataset
+    from nanochat.store import open_store
+    import torch
+    L = b.cfg["loader"]
+    work = Path(tempfile.mkdtemp(prefix="nanochat-gpu-loader-"))
+    threads_before = torch.get_num_threads()
+    try:
+        t0 = time.perf_counter()
+        docs, _ = dataset.embedded_documents(L["max_chars"])
+        tokenizer, kind = bench_tokenizer(docs, L["vocab"])
+        store = open_store(f"file://{work}/store")
+        dataset.build_embedded(store, max_chars=L["max_chars"], row_group_rows=256)
+        setup_s = time.perf_counter() - t0
+        torch.set_num_threads(1)  # as bench/dataloader.py: the loader's own threads do the work
+        measure = load_bench("dataloader").measure
+        runs = {t: measure(store, tokenizer, L["B"], L["T"], t, L["batches"]) for t in L["threads"]}
+    finally:
+        torch.set_num_threads(threads_before)
+        shutil.rmtree(work, ignore_errors=True)
+    best = max(r["tok_s"] for r in runs.values())
+    out = dict(status="ok", metrics=dict(runs={str(t): r for t, r in runs.items()}, tokenizer=kind, setup_s=setup_s, best_tok_s=best),
+               result=" · ".join(f"{t} thr {r['tok_s']:,.0f} tok/s" for t, r in runs.items()),
+               notes=f"B={L['B']} T={L['T']}, file://, {kind}, {os.cpu_count()} CPU cores")
+    step = next((b.train[k] for k in [(20, True, False, "default")] if k in b.train), None) or next(iter(b.train.values()), None)
+    if step:
+        ratio = best / step["tok_s"]
+        out.update(target=f"≥ {LOADER_TARGET:g}× d{step['depth']} tok/s", met=ratio >= LOADER_TARGET)
+        out["result"] += f" · {ratio:.1f}× the d{step['depth']} step"
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the plan: rows in priority order
+
+def plan(b):
+    """(section, name, min seconds, fn) in the issue's order: correctness, d20 bf16, d24 fp8 vs bf16, optimizer,
+    inference, the rest. min seconds: below that much budget left, the row is skipped."""
+    full = not b.args.smoke
+    k = 1 if full else 0.05  # toy rows are quick
+    rows = [
+        ("correctness", "bf16 train steps vs fp32", 20 * k, lambda: check_bf16_training(b)),
+        ("correctness", "sliding window vs dense", 15 * k, lambda: check_sliding_window(b)),
+        ("correctness", "KV decode vs full forward", 15 * k, lambda: check_kv_decode(b)),
+        ("correctness", "fp8 vs bf16", 15 * k, lambda: check_fp8(b)),
+        ("device", "matmul peak · copy bandwidth", 10 * k, lambda: measure_peaks(b)),
+    ]
+    if full:
+        rows += [
+            ("train", "d20 bf16 compile", 90, lambda: train_row(b, 20, target=mfu_target)),
+            ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
+            ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
+            ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
+            ("inference", "d20 batch 1", 30, lambda: inference_row(b, 1, bandwidth=True)),
+            ("inference", "d20 batch 8", 30, lambda: inference_row(b, 8)),
+            ("inference", "d20 batch 32", 30, lambda: inference_row(b, 32)),
+            ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
+            ("train", "d20 bf16 eager", 30, lambda: train_row(b, 20, compile_=False)),
+            ("train", "d20 fp8 compile", 90, lambda: train_row(b, 20, fp8=True, target=fp8_target(b, 20))),
+            ("train", "d20 bf16 compile SDPA (vs FA3)", 90, lambda: train_row(b, 20, attn="sdpa")),
+            ("train", "d12 bf16 compile", 60, lambda: train_row(b, 12)),
+            ("train", "d12 fp8 compile", 60, lambda: train_row(b, 12, fp8=True, target=fp8_target(b, 12))),
+            ("train", "d12 bf16 eager", 25, lambda: train_row(b, 12, compile_=False)),
+            ("train", "d24 bf16 eager", 30, lambda: train_row(b, 24, compile_=False)),
+        ]
+    else:  # one tiny row of each measuring section: proves the code paths, measures nothing
+        rows += [
+            ("train", "d2 eager (smoke)", 3, lambda: train_row(b, 2, compile_=False, target=mfu_target)),
+            ("optimizer", "d2 MuonAdamW step (smoke)", 1, lambda: optimizer_row(b, 2)),
+            ("inference", "d2 batch 1 (smoke)", 3, lambda: inference_row(b, 1, bandwidth=True)),
+            ("dataloader", "embedded corpus, file:// (smoke)", 3, lambda: dataloader_row(b)),
+        ]
+    only = set(b.args.only.split(",")) if b.args.only else None
+    return [r for r in rows if only is None or r[0] in only]
+
+
+def collect_meta(b):
+    import torch
+    meta = dict(device=b.device.type, gpu=b.gpu or None, torch=torch.__version__, cuda=torch.version.cuda,
+                python=platform.python_version(), cpus=os.cpu_count(), smoke=b.args.smoke, host=platform.node(),
+                started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv[1:])
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    if b.cuda:
+        props = torch.cuda.get_device_properties(b.device)
+        meta.update(capability=".".join(map(str, torch.cuda.get_device_capability(b.device))), sms=props.multi_processor_count,
+                    memory_gb=props.total_memory / 1e9)
+        meta["fa3_importable"] = fa3_importable(b)
+    from nanochat.fp8 import fp8_supported
+    meta["fp8_supported"] = fp8_supported(b.device)
+    head = REPO / ".git" / "HEAD"  # the commit, without running git
+    try:
+        ref = head.read_text().strip()
+        meta["commit"] = (REPO / ".git" / ref[5:]).read_text().strip() if ref.startswith("ref: ") else ref
+    except OSError:
+        meta["commit"] = None
+    return meta
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available (default: auto)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes: correctness + one tiny row per section (CPU: well under a minute)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="total seconds; rows that no longer fit are recorded as 'skipped: budget' (default 480: one 600 s device call)")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu_out)")
+    p.add_argument("--only", default="", help="comma-separated sections to run: correctness,device,train,optimizer,inference,dataloader")
+    p.add_argument("--steps", type=int, default=None, help="timed train steps per row after the first (default 5; smoke 2)")
+    args = p.parse_args()
+    out_dir = Path(args.out or os.environ.get("OUT") or "gpu_out").resolve()
+    # one inductor cache for this process and every worker: the optimizer row reuses the train rows' kernels
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nanochat-gpu-inductor"))
+    import torch
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if args.device == "cpu" and not args.smoke:
+        p.error("--device cpu needs --smoke: the full sizes (d20 at seq 2048) are for a GPU")
+    report = Report(args, out_dir)
+    b = Bench(args, report)
+    if args.steps:
+        b.cfg = dict(b.cfg, steps=args.steps)
+    report.meta = collect_meta(b)
+    report.log(f"bench/gpu.py: {report.meta['gpu'] or 'cpu'}, torch {torch.__version__}, budget {args.budget_s:.0f} s, out {out_dir}")
+    report.save()
+    for section, name, min_s, fn in plan(b):
+        report.run(section, name, min_s, fn)
+    report.save(finished=True)
+    table = report.table()
+    (out_dir / "gpu_table.md").write_text(table + "\n")
+    m = report.meta
+    print(f"\n# bench/gpu.py: {m['gpu'] or 'CPU'} (capability {m.get('capability', '-')}), torch {m['torch']}, CUDA {m['cuda']}, "
+          f"triton {m['triton']}, {report.elapsed():.0f} s of {args.budget_s:.0f} s{' (smoke)' if args.smoke else ''}")
+    print(table)
+    print(f"JSON: {out_dir / 'gpu.json'}", flush=True)
+    return 1 if any(r["status"] == "FAIL" for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""bench/gpu.py (issue #13) on CPU: the --smoke run passes its correctness rows and writes the JSON and table,
+a tiny --budget-s skips rows instead of running them, a worker that outlives the budget is killed, and the
+tokenizer fallback the GPU image needs (no rustbpe) works."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu.py"
+
+
+def load_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_gpu(tmp_path, *flags):
+    """OUT in tmp_path; TMPDIR and TORCHINDUCTOR_CACHE_DIR are already there (conftest's isolated_env)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", *flags], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(out)}, timeout=300)
+    return proc, out
+
+
+def test_smoke_on_cpu(tmp_path):
+    proc, out = run_gpu(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "gpu.json").read_text())
+    assert {"meta", "peaks", "rows", "finished", "budget_s", "elapsed_s"} <= set(data)
+    assert data["finished"] is True
+    assert data["meta"]["device"] == "cpu" and data["meta"]["torch"]
+    rows = {r["name"]: r for r in data["rows"]}
+    for r in data["rows"]:
+        assert {"section", "name", "status", "result", "target", "met", "metrics", "notes"} <= set(r)
+
+    correctness = [r for r in data["rows"] if r["section"] == "correctness"]
+    assert len(correctness) == 4
+    for name in ("bf16 train steps vs fp32", "sliding window vs dense", "KV decode vs full forward"):
+        assert rows[name]["status"] == "ok" and rows[name]["met"] is True, rows[name]
+    assert rows["sliding window vs dense"]["metrics"]["window_effect"] > 0  # the windows really change the model
+    assert rows["KV decode vs full forward"]["metrics"]["engine_rows_equal"] is True
+    assert rows["fp8 vs bf16"]["status"].startswith("skipped: fp8 needs")  # no fp8 on a CPU
+
+    # one tiny row of every measuring section ran and measured something
+    assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_s"] > 0
+    by_section = {r["section"]: r for r in data["rows"] if r["section"] != "correctness"}
+    assert set(by_section) == {"device", "train", "optimizer", "inference", "dataloader"}
+    for r in by_section.values():
+        assert r["status"] == "ok", r
+        assert r["met"] is None  # smoke sizes: no target verdicts
+    assert by_section["train"]["metrics"]["tok_s"] > 0
+    assert by_section["optimizer"]["metrics"]["opt_ms"] > 0
+    assert by_section["inference"]["metrics"]["decode_tok_s"] > 0
+    assert by_section["inference"]["metrics"]["bw_util"] > 0
+    assert by_section["dataloader"]["metrics"]["best_tok_s"] > 0
+
+    # one table, printed last and saved
+    table = (out / "gpu_table.md").read_text()
+    assert table.startswith("| section | row | result | target | met? |")
+    assert table.count("\n") == len(data["rows"]) + 2
+    assert "| correctness | KV decode vs full forward |" in proc.stdout
+    assert (out / "gpu_log.txt").read_text().count("\n") >= len(data["rows"])
+
+
+def test_tiny_budget_skips_rows(tmp_path):
+    proc, out = run_gpu(tmp_path, "--budget-s", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "gpu.json").read_text())
+    assert data["finished"] is True and len(data["rows"]) == 9
+    assert all(r["status"] == "skipped: budget" for r in data["rows"])
+    assert "skipped: budget" in proc.stdout
+
+
+def test_budget_runs_out_mid_plan(tmp_path):
+    """A row that overruns the budget is kept, every later row is skipped, and the JSON is rewritten after each row."""
+    import torch  # noqa: F401 - imported now, not inside the first row's cleanup (the budget is 2 s)
+    gpu = load_gpu()
+    report = gpu.Report(argparse.Namespace(budget_s=2.0, smoke=True), tmp_path / "out")
+
+    def slow():
+        time.sleep(2.1)
+        return dict(status="ok", result="slow")
+
+    def on_disk():
+        return [r["name"] for r in json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]]
+
+    report.run("correctness", "first", 0.1, lambda: dict(status="ok"))
+    assert on_disk() == ["first"]
+    report.run("train", "slow", 0.1, slow)
+    assert on_disk() == ["first", "slow"]
+    report.run("train", "third", 0.1, lambda: dict(status="ok"))
+    report.run("train", "fourth", 0, lambda: dict(status="ok"))
+    assert [r["status"] for r in report.rows] == ["ok", "ok", "skipped: budget", "skipped: budget"]
+    assert on_disk() == ["first", "slow", "third", "fourth"]
+    report.save(finished=True)
+    assert json.loads((tmp_path / "out" / "gpu.json").read_text())["finished"] is True
+
+
+def test_worker_past_budget_is_killed(tmp_path):
+    gpu = load_gpu()
+    args = argparse.Namespace(budget_s=1.0, smoke=True, device="cpu")
+    report = gpu.Report(args, tmp_path / "out")
+    bench = gpu.Bench(args, report)
+    t0 = time.perf_counter()
+    res, _, why = bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], bench.child_env())
+    assert res is None and why.startswith("skipped: budget (killed")
+    assert time.perf_counter() - t0 < 50  # killed, not waited for
+
+
+def test_sdpa_row_hides_flash_attention(tmp_path):
+    gpu = load_gpu()
+    bench = gpu.Bench(argparse.Namespace(budget_s=10, smoke=True, device="cpu"), gpu.Report(argparse.Namespace(budget_s=10), tmp_path / "o"))
+    env = bench.child_env(force_sdpa=True)
+    proc = subprocess.run([sys.executable, "-c", "import flash_attn_interface"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "disabled by bench/gpu.py" in proc.stderr
+
+
+def test_tokenizer_without_rustbpe():
+    """The GPU image has tokenizers and tiktoken but no rustbpe: the dataloader row trains with HF, runs tiktoken."""
+    gpu = load_gpu()
+    from nanochat import dataset
+    docs, _ = dataset.embedded_documents(50_000)
+    tok, kind = gpu.bench_tokenizer(docs, 400, backend="hf")
+    assert "tiktoken" in kind and tok.get_vocab_size() == 400
+    text = docs[0][:300] + " héllo 🙂"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < len(text.encode())
+
+
+def test_checks_catch_an_off_by_one_window(tmp_path, monkeypatch):
+    """The correctness rows are not vacuous: a window one token too wide in the masked path fails the attention
+    check, and one too wide in the decode path fails the KV check."""
+    import nanochat.gpt as gpt
+    gpu = load_gpu()
+    args = argparse.Namespace(budget_s=60, smoke=True, device="cpu")
+    bench = gpu.Bench(args, gpu.Report(args, tmp_path / "out"))
+    real_mask, real_attention = gpt.attention_mask, gpt.attention
+    monkeypatch.setattr(gpt, "attention_mask", lambda Tq, Tk, window, device: real_mask(Tq, Tk, window + (window >= 0), device))
+    assert gpu.check_sliding_window(bench)["status"] == "FAIL"
+    monkeypatch.setattr(gpt, "attention_mask", real_mask)
+
+    def wide_decode(q, k, v, window):
+        return real_attention(q, k, v, window + 1 if q.size(2) == 1 and window >= 0 else window)
+    monkeypatch.setattr(gpt, "attention", wide_decode)
+    assert gpu.check_kv_decode(bench)["status"] == "FAIL"
