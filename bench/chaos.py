@@ -84,6 +84,9 @@ def main():
     torch.set_num_threads(1)
     from tests.faults import harness as h
 
+    names = [name for name, _ in scenarios(h, args.seed)]
+    if args.only and not any(w in name for name in names for w in args.only):
+        sys.exit(f"chaos: --only {args.only} matches no scenario; scenarios: {', '.join(names)}")
     workdir = Path(tempfile.mkdtemp(prefix="nanochat-chaos-"))
     os.environ["TMPDIR"] = str(workdir)
     tempfile.tempdir = None
