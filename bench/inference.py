@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 # (depth, batch) -> tok/s with the KV-cache engine, and depth -> naive (no cache) batch-1 tok/s, 128 new tokens
 ANCHOR_ENGINE = {(2, 1): 1692, (2, 4): 3136, (4, 1): 553, (4, 4): 1190, (6, 1): 202, (6, 4): 548}
 ANCHOR_NAIVE = {2: 179, 4: 100, 6: 54}
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # SXM parts; PCIe H100 is 2.0e12
+# first match wins: the PCIe H100 before the SXM part the bare "H100" means
+HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def cpu_rows(args):

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state
 from nanochat.stage import StageContext, StageInterrupted
 
-# bf16 dense peak FLOP/s per GPU, for MFU (CPU: no MFU)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# bf16 dense peak FLOP/s per GPU, for MFU (CPU: no MFU); first match wins, so PCIe/NVL parts precede "H100"
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
