@@ -23,7 +23,7 @@ from torchx.specs.api import AppDef, AppDryRunInfo, AppState, CfgVal, ReplicaSta
 from torchx.util.strings import normalize_str
 
 from operators import validate
-from operators.pytorchjob import JOB_NAME_MAX, MASTER_PORT
+from operators.pytorchjob import JOB_NAME_MAX, MASTER_PORT, SCRATCH_ENV, hardened_pod_spec, tmp_volume
 from operators.torchx_components import META_NPROC, META_S3_SECRET, META_STAGE
 
 JOB_GROUP, JOB_VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -62,6 +62,9 @@ class Opts(StructuredOpts):
 
     validate: bool = True
     """Check the job against the PyTorchJob CRD schema and the training operator's webhook rules."""
+
+    hardened: bool = True
+    """Run pods like the operator's: non-root (uid 10001, the nanochat images' user), read-only root filesystem with /tmp as an emptyDir, all capabilities dropped. False for images that need root or a writable root."""
 
 
 @dataclass
@@ -115,16 +118,19 @@ def app_to_pytorchjob(app: AppDef, cfg: Opts, job_name: str | None = None) -> di
     labels = {LABEL_APP: normalize_str(app.name)[:63].strip("-"), LABEL_MANAGED: "torchx.pytorch.org"}
     if role.metadata.get(META_STAGE):
         labels["nanochat.dev/stage"] = str(role.metadata[META_STAGE])
-    pod_spec: dict[str, Any] = {
-        "containers": [{
-            "name": "pytorch", "image": role.image, "command": [role.entrypoint], "args": list(role.args), "env": env,
-            "ports": ports, "resources": {"limits": limits, "requests": dict(limits)},
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        }],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-    }
-    if cfg.service_account:
-        pod_spec["serviceAccountName"] = cfg.service_account
+    container = {"name": "pytorch", "image": role.image, "command": [role.entrypoint], "args": list(role.args), "env": env,
+                 "ports": ports, "resources": {"limits": limits, "requests": dict(limits)},
+                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if cfg.hardened:
+        set_by_role = {e["name"] for e in env}
+        container["env"] = env + [e for e in SCRATCH_ENV if e["name"] not in set_by_role]
+        container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+        pod_spec = hardened_pod_spec({"serviceAccountName": cfg.service_account}, [container], [*volumes, tmp_volume()])
+    else:
+        pod_spec = {"containers": [container], "volumes": volumes}
+        if cfg.service_account:
+            pod_spec["serviceAccountName"] = cfg.service_account
     if cfg.priority_class:
         pod_spec["priorityClassName"] = cfg.priority_class
     template = {"metadata": {"labels": dict(labels), "annotations": {"sidecar.istio.io/inject": "false"}}, "spec": pod_spec}

@@ -16,6 +16,7 @@ import yaml
 from nanochat import pipeline
 from nanochat.store import open_store
 from operators import torchx_components as tc, validate
+from operators.pytorchjob import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
 from operators.torchx_scheduler import PyTorchJobScheduler, app_to_pytorchjob, create_scheduler, Opts
 from tests.test_k8s_operator import MockAPI
 
@@ -129,6 +130,26 @@ def test_pytorchjob_scheduler_renders_valid_jobs():
         app2 = tc.stage(module="x", store="s3://b/r")
         app2.roles.append(app2.roles[0])
         app_to_pytorchjob(app2, Opts())
+
+
+def test_pytorchjob_scheduler_hardens_pods_like_the_operator():
+    """Default: the operator's pod (non-root, read-only root, /tmp emptyDir, caches in /tmp); opt out for root images."""
+    app = tc.base_train(store="s3://b/r", image="img:1", j="2x8", env={"HOME": "/work"})
+    job = app_to_pytorchjob(app, Opts(service_account="trainer"), job_name="nanochat-base-train-x2")
+    assert validate.pytorchjob_errors(job) == []
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["securityContext"] == POD_SECURITY_CONTEXT and pod["serviceAccountName"] == "trainer"
+        (c,) = pod["containers"]
+        assert c["securityContext"] == CONTAINER_SECURITY_CONTEXT
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"] and {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor" and env["HOME"] == "/work"  # the role's own value wins
+        assert [e["name"] for e in c["env"]].count("HOME") == 1
+    plain = app_to_pytorchjob(app, Opts(hardened=False), job_name="nanochat-base-train-x3")
+    pod = plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "securityContext" not in pod and "securityContext" not in pod["containers"][0]
+    assert [v["name"] for v in pod["volumes"]] == ["dshm"] and validate.pytorchjob_errors(plain) == []
 
 
 def test_pytorchjob_scheduler_is_found_through_its_entry_point(tmp_path):
