@@ -146,7 +146,8 @@ class TaskSequence(Task):
 
 def render_mc(question: str, letters, choices) -> str:
     """nanochat's multiple-choice prompt. The letter comes *after* each choice with no space
-    before it ("- Paris=A"), so the prompt's letter is the same token as the answer "A"."""
+    before it ("- Paris=A"), meant to make the prompt's letter the answer's token "A"; a tokenizer
+    that learned "=A" as one token (the tiny profile's) breaks that, and the letter still binds late."""
     lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
 
