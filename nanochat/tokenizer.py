@@ -196,6 +196,16 @@ def _merge_system(messages):
 # ----------------------------------------------------------------------------- rustbpe + tiktoken
 
 
+def import_rustbpe():
+    """The built extension; without it, `import rustbpe` from the repo root finds the Rust source folder rustbpe/
+    as an empty namespace package, which would fail later as a puzzling AttributeError."""
+    import rustbpe
+    if not hasattr(rustbpe, "Tokenizer"):
+        raise ModuleNotFoundError("rustbpe (the Rust BPE trainer) is not built: run `make setup`, or "
+                                  "`pip install ./rustbpe` (needs cargo); or train with backend='huggingface'", name="rustbpe")
+    return rustbpe
+
+
 class Tokenizer(_TokenizerBase):
     """tiktoken encoding of our BPE ranks plus the special tokens (ids after the BPE tokens)."""
 
@@ -216,8 +226,7 @@ class Tokenizer(_TokenizerBase):
     @classmethod
     def train(cls, text_iterator, vocab_size: int, buffer_size: int = 8192, pattern: str = SPLIT_PATTERN):
         """Train with rustbpe; `vocab_size` includes the special tokens."""
-        import rustbpe
-
+        rustbpe = import_rustbpe()
         bpe_vocab = vocab_size - len(SPECIAL_TOKENS)
         if bpe_vocab < 256:
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
