@@ -2,6 +2,7 @@
 rendering with loss masks, save/load through file:// and S3 stores."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -266,3 +267,11 @@ def test_from_tiktoken_wraps_an_encoding(tok):
     wrapped = Tokenizer.from_tiktoken(enc)
     assert wrapped.get_bos_token_id() == VOCAB - 9
     assert wrapped.encode("hello", prepend="<|endoftext|>") == [VOCAB - 9] + tok.encode("hello")
+
+
+def test_unbuilt_rustbpe_is_a_clear_error(monkeypatch):
+    """From the repo root without the extension, `import rustbpe` finds the Rust source folder (an empty namespace package)."""
+    import types
+    monkeypatch.setitem(sys.modules, "rustbpe", types.ModuleType("rustbpe"))
+    with pytest.raises(ModuleNotFoundError, match="rustbpe .* is not built"):
+        train_tokenizer(iter(["hello world"] * 10), 300)
