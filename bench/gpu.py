@@ -15,6 +15,8 @@ Sections, in this order (rows that no longer fit in --budget-s are recorded as "
   optimizer    MuonAdamW.step() alone, as a share of the d20 step
   inference    TTFT and decode tok/s at batch 1/8/32 via bench/inference.py's worker; HBM utilisation at batch 1
   dataloader   tokens/s of the tokenizing best-fit packer on this host (bench/dataloader.py's measure)
+  pipeline     every stage of `nanochat speedrun --profile ci` on this device (bf16, compile auto, cuda): FAIL if a
+               stage fails; the GPU profiles run the same stage code at scale
 
 Outputs: $OUT/gpu.json (rewritten after every row, so a killed run keeps what it measured), $OUT/gpu_table.md,
 $OUT/gpu_log.txt. $OUT defaults to ./gpu_out.
@@ -770,6 +772,7 @@ def plan(b):
             ("inference", "d20 batch 8", 30, lambda: inference_row(b, 8)),
             ("inference", "d20 batch 32", 30, lambda: inference_row(b, 32)),
             ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
+            ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
             ("train", "d20 bf16 eager", 30, lambda: train_row(b, 20, compile_=False)),
             ("train", "d20 fp8 compile", 90, lambda: train_row(b, 20, fp8=True, target=fp8_target(b, 20))),
             ("train", "d20 bf16 compile SDPA (vs FA3)", 90, lambda: train_row(b, 20, attn="sdpa")),
@@ -784,9 +787,69 @@ def plan(b):
             ("optimizer", "d2 MuonAdamW step (smoke)", 1, lambda: optimizer_row(b, 2)),
             ("inference", "d2 batch 1 (smoke)", 3, lambda: inference_row(b, 1, bandwidth=True)),
             ("dataloader", "embedded corpus, file:// (smoke)", 3, lambda: dataloader_row(b)),
+            ("pipeline", "speedrun --profile ci: data, tok_train, base_train (smoke)", 5, lambda: pipeline_row(b)),
         ]
     only = set(b.args.only.split(",")) if b.args.only else None
     return [r for r in rows if only is None or r[0] in only]
+
+
+def rustbpe_usable():
+    try:
+        from nanochat.tokenizer import import_rustbpe
+        import_rustbpe()
+        return True
+    except ImportError:
+        return False
+
+
+def pipeline_row(b):
+    """The real stages end to end on this device through the runner (subprocesses, torchrun where a stage asks)."""
+    work = Path(tempfile.mkdtemp(prefix="nanochat-gpu-pipeline-"))
+    cmd = [sys.executable, "-m", "nanochat.cli", "speedrun", "--profile", "ci", "--store", f"file://{work}/store"]
+    if not rustbpe_usable():  # the GPU image has no rustbpe: the same split pattern trained by HF tokenizers
+        cmd += ["--set", "tok_train.backend=huggingface"]
+    if b.args.smoke:
+        cmd += ["--only", "data", "--only", "tok_train", "--only", "base_train", "--set", "base_train.num_iterations=3"]
+    if b.device.type == "cpu":
+        cmd += ["--set", "device=cpu"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), TMPDIR=str(work),
+               TORCHINDUCTOR_CACHE_DIR=b.inductor_dir, NANOCHAT_BASE_DIR=str(work / "home"))
+    timeout = max(1.0, b.report.remaining())
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            process_group=0)  # own group: a timeout also ends the stage processes and torchrun ranks
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    finally:
+        stages = pipeline_stages(work / "store")
+        shutil.rmtree(work, ignore_errors=True)
+    wall = time.perf_counter() - t0
+    done = ", ".join(f"{name} {info['duration_s']:.0f}s" for name, info in stages.items())
+    if proc.returncode == -signal.SIGKILL:
+        return dict(status=f"skipped: budget (killed after {timeout:.0f} s)", notes=f"done: {done or 'none'}")
+    if proc.returncode != 0:
+        b.report.log(f"  pipeline output tail:\n{output[-3000:]}")
+        return dict(status="FAIL", result=f"exit {proc.returncode} after {wall:.0f} s", notes=f"done: {done or 'none'}; "
+                    + last_error_line(output))
+    core = [info["metrics"].get("ChatCORE") for name, info in stages.items() if name.startswith("chat_eval")]
+    devices = sorted({info.get("device", "?") for info in stages.values()})
+    return dict(status="ok", result=f"{len(stages)} stages in {wall:.0f} s on {'/'.join(devices)}",
+                metrics=dict(wall_s=round(wall, 1), stages={k: v["duration_s"] for k, v in stages.items()}, chatcore=core),
+                notes=done)
+
+
+def pipeline_stages(store_dir):
+    """name -> done.json of every finished stage in a file:// store."""
+    stages = {}
+    for path in sorted((store_dir / "stages").glob("*/done.json")):
+        try:
+            stages[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return dict(sorted(stages.items(), key=lambda kv: kv[1].get("started", 0)))
 
 
 def collect_meta(b):
@@ -822,7 +885,7 @@ def main():
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="total seconds; rows that no longer fit are recorded as 'skipped: budget' (default 480: one 600 s device call)")
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu_out)")
-    p.add_argument("--only", default="", help="comma-separated sections to run: correctness,device,train,optimizer,inference,dataloader")
+    p.add_argument("--only", default="", help="comma-separated sections to run: correctness,device,train,optimizer,inference,dataloader,pipeline")
     p.add_argument("--steps", type=int, default=None, help="timed train steps per row after the first (default 5; smoke 2)")
     args = p.parse_args()
     out_dir = Path(args.out or os.environ.get("OUT") or "gpu_out").resolve()

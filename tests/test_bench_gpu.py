@@ -53,7 +53,7 @@ def test_smoke_on_cpu(tmp_path):
     # one tiny row of every measuring section ran and measured something
     assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_s"] > 0
     by_section = {r["section"]: r for r in data["rows"] if r["section"] != "correctness"}
-    assert set(by_section) == {"device", "train", "optimizer", "inference", "dataloader"}
+    assert set(by_section) == {"device", "train", "optimizer", "inference", "dataloader", "pipeline"}
     for r in by_section.values():
         assert r["status"] == "ok", r
         assert r["met"] is None  # smoke sizes: no target verdicts
@@ -62,6 +62,7 @@ def test_smoke_on_cpu(tmp_path):
     assert by_section["inference"]["metrics"]["decode_tok_s"] > 0
     assert by_section["inference"]["metrics"]["bw_util"] > 0
     assert by_section["dataloader"]["metrics"]["best_tok_s"] > 0
+    assert list(by_section["pipeline"]["metrics"]["stages"]) == ["data", "tok_train", "base_train"]
 
     # one table, printed last and saved
     table = (out / "gpu_table.md").read_text()
@@ -75,7 +76,7 @@ def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 9
+    assert data["finished"] is True and len(data["rows"]) == 10
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -152,3 +153,13 @@ def test_checks_catch_an_off_by_one_window(tmp_path, monkeypatch):
         return real_attention(q, k, v, window + 1 if q.size(2) == 1 and window >= 0 else window)
     monkeypatch.setattr(gpt, "attention", wide_decode)
     assert gpu.check_kv_decode(bench)["status"] == "FAIL"
+
+
+def test_a_failing_stage_fails_the_pipeline_row(tmp_path):
+    """A stage that exits non-zero on the device is a FAIL (exit code 1), not a row that reads as measured."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--only", "pipeline"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "OUT": str(out), "NANOCHAT_DEPTH": "deep"}, timeout=300)
+    (row,) = json.loads((out / "gpu.json").read_text())["rows"]
+    assert row["status"] == "FAIL" and proc.returncode == 1, row
+    assert "--depth: expected an integer, got 'deep'" in row["notes"]  # the runner's one-line error, before any stage
