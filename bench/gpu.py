@@ -15,8 +15,8 @@ Sections, in this order (rows that no longer fit in --budget-s are recorded as "
   optimizer    MuonAdamW.step() alone, as a share of the d20 step
   inference    TTFT and decode tok/s at batch 1/8/32 via bench/inference.py's worker; HBM utilisation at batch 1
   dataloader   tokens/s of the tokenizing best-fit packer on this host (bench/dataloader.py's measure)
-  pipeline     every stage of `nanochat speedrun --profile ci` on this device (bf16, compile auto, cuda): FAIL if a
-               stage fails; the GPU profiles run the same stage code at scale
+  pipeline     (runs right after the d20 bf16 row) every stage of `nanochat speedrun --profile ci` on this device
+               (bf16, compile auto): FAIL if a stage fails; the GPU profiles run the same stage code at scale
 
 Outputs: $OUT/gpu.json (rewritten after every row, so a killed run keeps what it measured), $OUT/gpu_table.md,
 $OUT/gpu_log.txt. $OUT defaults to ./gpu_out.
@@ -765,6 +765,7 @@ def plan(b):
     if full:
         rows += [
             ("train", "d20 bf16 compile", 90, lambda: train_row(b, 20, target=mfu_target)),
+            ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
             ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
@@ -772,7 +773,6 @@ def plan(b):
             ("inference", "d20 batch 8", 30, lambda: inference_row(b, 8)),
             ("inference", "d20 batch 32", 30, lambda: inference_row(b, 32)),
             ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
-            ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
             ("train", "d20 bf16 eager", 30, lambda: train_row(b, 20, compile_=False)),
             ("train", "d20 fp8 compile", 90, lambda: train_row(b, 20, fp8=True, target=fp8_target(b, 20))),
             ("train", "d20 bf16 compile SDPA (vs FA3)", 90, lambda: train_row(b, 20, attn="sdpa")),
