@@ -128,9 +128,25 @@ def cmd_speedrun(args) -> int:
     if not ok:
         print(f"speedrun stopped after {time.time() - t0:.0f}s; re-run the same command to resume", file=sys.stderr)
         return 130 if runner.interrupted else 1
+    cmd = command_name()
     print(f"speedrun finished in {time.time() - t0:.0f}s. Talk to your model:\n"
-          f"  nanochat chat --store {store.root}\n  nanochat serve --store {store.root}", file=sys.stderr)
+          f"  {cmd} chat --store {store.root}\n  {cmd} serve --store {store.root}", file=sys.stderr)
     return 0
+
+
+def command_name() -> str:
+    """How the user can type this command: `nanochat` when it is on PATH, else the venv's script (after `make speedrun`)."""
+    import shutil
+    from pathlib import Path
+    if shutil.which("nanochat"):
+        return "nanochat"
+    script = Path(sys.executable).parent / "nanochat"
+    if script.exists():
+        try:
+            return os.path.relpath(script)
+        except ValueError:
+            return str(script)
+    return f"{sys.executable} -m nanochat.cli"
 
 
 def print_budget(profile: str, overrides: dict, gpus: int, store):

@@ -123,3 +123,15 @@ def test_unreachable_s3_store_is_one_clear_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[-1]]
     assert "store unusable" in out.stderr and "s3://bucket/run" in out.stderr
+
+
+def test_the_printed_command_is_one_the_user_can_type(monkeypatch, tmp_path):
+    """After `make speedrun` the venv is not on PATH: the hint names .venv/bin/nanochat, relative to where they are."""
+    from pathlib import Path
+    from nanochat.cli import command_name
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nanochat on PATH
+    name = command_name()
+    assert name != "nanochat" and Path(name).name == "nanochat" and Path(name).exists()
+    (tmp_path / "nanochat").write_text("#!/bin/sh\n")
+    (tmp_path / "nanochat").chmod(0o755)
+    assert command_name() == "nanochat"
