@@ -372,6 +372,7 @@ def test_fallback_serving_deployment_matches_the_charts_chat_deployment():
 def test_fallback_serving_probes_answer_on_nanochat_serve():
     """The probe paths and the command are what `nanochat serve` provides (its real parser and app)."""
     import threading
+    import time
 
     from fastapi.testclient import TestClient
 
@@ -389,5 +390,12 @@ def test_fallback_serving_probes_answer_on_nanochat_serve():
             assert client.get(c["startupProbe"]["httpGet"]["path"]).status_code == 200
             assert client.get(c["livenessProbe"]["httpGet"]["path"]).status_code == 200
             assert client.get(c["readinessProbe"]["httpGet"]["path"]).status_code == 503  # not ready before the model is in
+            gate.set()
+            for _ in range(300):  # let the load fail (and log) while the test still owns the log streams
+                if client.get(c["readinessProbe"]["httpGet"]["path"]).json()["status"] == "failed":
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the failed load never showed on the readiness probe")
     finally:
         gate.set()
