@@ -17,10 +17,9 @@ import torch
 
 from nanochat import common
 from nanochat.checkpoint import CheckpointManager, load_model_state
-from nanochat.dataset import ShardWriter
 from nanochat.report import load_history
 from nanochat.store import open_store
-from tests.fixtures import make_tokenizer, small_texts
+from tests.faults.harness import prepare_store
 from tests.test_core_eval import put_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +34,7 @@ CKPT = "checkpoints/base_train"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A store folder with a trained tokenizer and text shards (8 train + 1 val), copied by each test."""
-    root = tmp_path_factory.mktemp("prepared") / "store"
-    store = open_store(f"file://{root}")
-    texts = small_texts(400)
-    make_tokenizer(store, vocab_size=512, texts=texts)
-    writer = ShardWriter(store, "test", shard_chars=60_000, row_group_rows=32)
-    for text in texts:
-        writer.add(text)
-    writer.finish()
-    return root
+    return prepare_store(tmp_path_factory.mktemp("prepared") / "store")
 
 
 def fresh(prepared: Path, dest: Path) -> Path:
