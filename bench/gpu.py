@@ -475,11 +475,10 @@ def measure_peaks(b):
     dst = torch.empty_like(src)
     t = b.time_it(lambda: dst.copy_(src), reps=50 if b.cuda else 10, warmup=20 if b.cuda else 2)
     copy_bw = 2 * src.numel() * src.element_size() / t
-    datasheet_flops = next((v for k, v in load_bench("train").PEAK_FLOPS.items() if k in b.gpu), None) if b.cuda else None
+    from nanochat.training import peak_flops
+    datasheet_flops = peak_flops(b.device)
     hbm_table = load_bench("inference").HBM_BYTES_PER_S
     datasheet_bw = next((v for k, v in hbm_table.items() if k in b.gpu), None) if b.cuda else None
-    if datasheet_bw and "PCIe" in b.gpu and "H100" in b.gpu:
-        datasheet_bw = 2.0e12  # the table's H100 is the SXM part
     b.hbm = datasheet_bw or copy_bw
     b.report.peaks.update(matmul_flops=b.peak_flops, matmul_n=n, matmul_dtype=b.dtype_name, datasheet_flops=datasheet_flops,
                           copy_bytes_s=copy_bw, datasheet_bytes_s=datasheet_bw, hbm_bytes_s=b.hbm,

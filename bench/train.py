@@ -27,13 +27,13 @@ CPU_ANCHORS = {2: (207, 9893, 0.80), 4: (608, 3370, 1.04), 6: (1660, 1233, 1.44)
 CPU_CONFIG = dict(seq=512, batch=4, vocab=8192, head_dim=64, window="L")
 GPU_ROWS = [(12, 32), (20, 16)]  # (depth, device batch) at seq 2048
 GPU_CONFIG = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL")
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16
 
 
 def worker(args):
     """One config: build, time the first step and then `--steps` more, print a JSON line."""
     import torch
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat.training import peak_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +73,7 @@ def worker(args):
     peak_mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    peak = peak_flops(device)
     print(json.dumps(dict(cpu_share=cpu_share, ms=ms, tok_s=tokens / (ms / 1000), first_s=first, peak_gb=peak_mem / 1e9,
                           tflops=flops / 1e12, mfu=flops / peak if peak else None, gpu=gpu,
                           dtype=str(model.compute_dtype).replace("torch.", ""), width=cfg.n_embd,
