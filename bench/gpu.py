@@ -4,19 +4,24 @@ GPU performance benchmark (issue #13): correctness on the device first, then spe
     python bench/gpu.py --budget-s 480         on a lent H100/H200 (one 600 s device call)
     python bench/gpu.py --device cpu --smoke   every code path at toy sizes on CPU, well under a minute
 
-Sections, in this order (rows that no longer fit in --budget-s are recorded as "skipped: budget"):
+Sections, in priority order (rows that no longer fit in --budget-s are recorded as "skipped: budget"; see plan()):
   correctness  bf16 training steps vs an fp32 reference (loss and gradient relative error); sliding-window
                attention vs a dense float64 reference (kernel, FA3 when loaded, and the model's layer wiring);
-               KV-cache decode vs a full forward (logits, greedy tokens, the Engine); fp8 vs bf16 (Hopper/Ada only)
+               KV-cache decode vs a full forward (logits, greedy tokens, the Engine); the static decode step in a
+               CUDA graph vs the eager KV-cache path (logits, greedy Engine streams, cache overflow); fp8 vs bf16
   device       measured bf16 matmul peak (the MFU denominator) and device-to-device copy bandwidth
-  train        base_train step (forward + backward + MuonAdamW) via bench/train.py's worker: tokens/s, MFU vs
-               the measured peak, peak memory; d20 bf16, d24 bf16 vs fp8, then d20/d12/d24 variants
-               (eager, fp8, SDPA vs FlashAttention-3); device batch = largest that fits (eager probe, OOM-safe)
+  train        d20 bf16 base_train step (forward + backward + MuonAdamW) via bench/train.py's worker: tokens/s, MFU
+               vs the measured peak, peak memory; device batch = largest that fits (eager probe, OOM-safe)
+  inference    bench/inference.py's worker: d20 decode at batch 1/8/32 on the CUDA-graph path, batch 1 on the eager
+               path (the old one) and compiled; HBM utilisation at batch 1, kernels and GPU-busy time per step.
+               Then the chat_eval decode diagnostic: the ci model's greedy decode over varying prompt lengths, cold
+               vs warm, with and without cuDNN SDPA, and on the graph path, with torch.profiler tables
   optimizer    MuonAdamW.step() alone, as a share of the d20 step
-  inference    TTFT and decode tok/s at batch 1/8/32 via bench/inference.py's worker; HBM utilisation at batch 1
+  train        d24 bf16 vs fp8
   dataloader   tokens/s of the tokenizing best-fit packer on this host (bench/dataloader.py's measure)
-  pipeline     (runs right after the d20 bf16 row) every stage of `nanochat speedrun --profile ci` on this device
-               (bf16, compile auto): FAIL if a stage fails; the GPU profiles run the same stage code at scale
+  pipeline     every stage of `nanochat speedrun --profile ci` on this device (bf16, compile auto, 4 problems per
+               chat_eval task), capped at PIPELINE_CAP_S: FAIL if a stage fails; the stages that finished are listed
+  train        the rest: d20/d12/d24 variants (eager, fp8, SDPA vs FlashAttention-3)
 
 Outputs: $OUT/gpu.json (rewritten after every row, so a killed run keeps what it measured), $OUT/gpu_table.md,
 $OUT/gpu_log.txt. $OUT defaults to ./gpu_out.
@@ -49,6 +54,9 @@ OPTIM_SHARE_TARGET = 0.05  # optimizer step / whole step
 DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
+PIPELINE_CAP_S = 150       # the pipeline row's own time limit: on 2026-11-26 it ate 343 s and every row after it
+# batch-1 d20 decode tok/s predicted before the first measurement (bench/GPU.md explains the arithmetic); eager measured
+DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 400, "compile": 1000}
 
 # full-size configs (the issue) and the toy ones of --smoke
 FULL = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL", steps=5, batches=[64, 32, 16, 8, 4, 2, 1],
@@ -167,6 +175,7 @@ class Bench:
         self.dtype_name = str(self.dtype).replace("torch.", "")
         self.gpu = torch.cuda.get_device_name(self.device) if self.cuda else ""
         self.train = {}      # (depth, compile, fp8, attn) -> worker result
+        self.infer = {}      # (batch, decode path) -> inference worker result
         self.fit = {}        # depth -> probed device batch
         self.peak_flops = None
         self.hbm = None
@@ -239,9 +248,11 @@ class Bench:
         return dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]),
                     TORCHINDUCTOR_CACHE_DIR=self.inductor_dir)
 
-    def run_child(self, cmd, env):
-        """Run a worker with the rest of the budget as its timeout; returns (result dict | None, stderr, why)."""
-        timeout = max(1.0, self.report.remaining())
+    def run_child(self, cmd, env, cap_s=None):
+        """Run a worker with the rest of the budget (or cap_s, if less) as its timeout; returns (result dict | None,
+        stderr, why)."""
+        remaining = self.report.remaining()
+        timeout = max(1.0, min(remaining, cap_s or remaining))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                                 process_group=0)  # own group, same session: a timeout also ends its compile workers
         try:
@@ -249,6 +260,8 @@ class Bench:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
+            if timeout < remaining:
+                return None, err, f"stopped: row cap (killed after {timeout:.0f} s)"
             return None, err, f"skipped: budget (killed after {timeout:.0f} s)"
         if proc.returncode != 0:
             oom = "OutOfMemoryError" in err or "out of memory" in err
@@ -418,6 +431,75 @@ def check_kv_decode(b):
                       f"engine = manual loop on {agree}/{N}",
                 metrics=dict(prefill_rel=prefill_err, decode_rel=decode_err, greedy_margin=margin, engine_margin=eng_margin,
                              margin_tol=margin_tol, engine_rows_equal=same_rows, engine_agree=agree))
+
+
+def check_graph_decode(b):
+    """The static decode step (a CUDA graph on a GPU, the same step eagerly on a CPU) vs the eager KV-cache path:
+    teacher-forced logits of 2 rows after the batch-1 prefill, greedy Engine streams at batch 1 and 2, and a stream
+    that outruns the static cache (the eager path takes over)."""
+    import itertools
+    import torch
+    import nanochat.engine as engine_mod
+    from nanochat.engine import Engine, StaticDecoder
+    from nanochat.gpt import DecodeWeights
+    s = b.cfg["small"]
+    P, N = s["prompt"], s["new"]
+    fast = "graph" if b.cuda else "static"
+    config = b.small_config()
+    model = b.small_model(config, b.dtype).eval()
+    prompt, forced = b.tokens((1, P), config.vocab_size, 11), b.tokens((2, N), config.vocab_size, 12)
+    tok = load_bench("inference").SpecialsOnlyTokenizer(config.vocab_size)
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1, P + N)
+        model(prompt, kv_cache=cache)
+        cache = cache.replicate(2)
+        eager = torch.stack([model(forced[:, t:t + 1], kv_cache=cache)[:, -1] for t in range(N)], 1)
+        decoder = StaticDecoder(model, DecodeWeights(model), 2, P + N + 3, fast)
+        model(prompt, kv_cache=decoder.cache.prefill_cache())
+        decoder.cache.start(P)
+        static = []
+        for t in range(N):
+            decoder.ids.copy_(forced[:, t:t + 1])
+            static.append(decoder.run().clone())
+        static = torch.stack(static, 1)
+        full = model(torch.cat([prompt.expand(2, -1), forced], 1))[:, P:]  # the step at column t is position P + t
+        logits_err, full_err = rel_err(static, eager), rel_err(static, full)
+        max_abs = max((static - eager).abs().max().item(), (static - full).abs().max().item())
+        margin_tol = max(4 * max_abs, 1e-5)  # a different greedy token is fine only at a tie within the kernels' noise
+
+        def streams(engine, num_samples, max_tokens=N):
+            return [col for col, _ in itertools.islice(engine.generate(prompt[0].tolist(), num_samples=num_samples,
+                                                                        max_tokens=max_tokens, temperature=0.0), N)]
+
+        def margin(columns):
+            row = [c[0] for c in columns]
+            full = model(torch.cat([prompt, torch.tensor([row], device=b.device)], 1))[0]
+            return greedy_margin(full[P - 1:P - 1 + len(row)], row)
+        agree, margins, equal = {}, {}, {}
+
+        def compare(key, num_samples, max_tokens=N):
+            want = streams(Engine(model, tok, decode="eager"), num_samples, max_tokens)
+            got = streams(Engine(model, tok, decode=fast), num_samples, max_tokens)
+            equal[key], agree[key], margins[key] = got == want, sum(a == c for a, c in zip(want, got)), margin(got)
+        compare(1, 1)
+        compare(2, 2)
+        reserve, bucket = engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET
+        engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET = 4, 8  # the static cache ends a few tokens in
+        try:
+            compare("overflow", 2, None)
+        finally:
+            engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET = reserve, bucket
+    tol = TOL[b.dtype_name]
+    worst_margin = max(margins.values())
+    ok = max(logits_err, full_err) <= tol["logits"] and worst_margin <= margin_tol  # unequal streams: only at ties
+    return dict(status="ok" if ok else "FAIL", met=ok, target=f"logits ≤ {tol['logits']:g}, greedy",
+                result=f"logits {logits_err:.1e} (vs full {full_err:.1e}) · greedy margin {worst_margin:.1e} · "
+                       f"streams equal {sum(equal.values())}/{len(equal)}",
+                notes=f"{fast} vs eager, d{config.n_layer} window {s['short_window']}, prompt {P}, {N} tokens; agreeing tokens "
+                      + ", ".join(f"{k}: {v}/{N}" for k, v in agree.items()),
+                metrics=dict(mode=fast, logits_rel=logits_err, full_rel=full_err, max_abs=max_abs, margin_tol=margin_tol,
+                             greedy_margin={str(k): v for k, v in margins.items()}, streams_equal={str(k): v for k, v in equal.items()},
+                             agree={str(k): v for k, v in agree.items()}))
 
 
 def check_fp8(b):
@@ -659,36 +741,117 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
     return weights + kv
 
 
-def inference_row(b, batch, bandwidth=False):
-    """TTFT / decode tok/s through bench/inference.py's worker (KV-cache Engine, random weights, no early stop)."""
+def inference_row(b, batch, decode, bandwidth=False, cap_s=None):
+    """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
+    early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
-    row = dict(mode="engine", batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"], vocab=c["vocab"],
-               head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name)
+    row = dict(mode="engine", decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
+               vocab=c["vocab"], head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name, profile=b.cuda)
     cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--one", json.dumps(row), "--device", b.device.type,
            "--repeats", str(i["repeats"]), "--threads", "0"]
-    res, err, why = b.run_child(cmd, b.child_env())
+    res, err, why = b.run_child(cmd, b.child_env(), cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s · {res['peak_gb']:.2f} GB",
-               notes=f"prompt {i['prompt']}, {i['new_tokens']} new, d{i['depth']}")
+    b.infer[(batch, decode)] = res
+    out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s "
+               f"({res['decode_ms_per_step']:.2f} ms/step) · {res['peak_gb']:.2f} GB",
+               notes=f"{decode}, prompt {i['prompt']}, {i['new_tokens']} new, d{i['depth']}, first call {res['warmup_s']:.1f} s")
+    prof = res.get("profile")
+    if prof:
+        out["notes"] += (f"; {prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} of "
+                         f"{prof['wall_ms_per_step']:.2f} ms/step (profiled)")
+    eager = b.infer.get((batch, "eager"))
+    if decode != "eager" and eager:
+        out["notes"] += f"; {res['decode_tok_s'] / eager['decode_tok_s']:.1f}× eager"
+    if batch == 1 and decode in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
+        out["notes"] += f"; predicted {DECODE_PREDICTED_TOK_S[decode]:,} tok/s"
     if bandwidth:
         config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
         elem = 2 if b.cuda else 4  # inference.py casts the model to bf16 on CUDA
         per_token = decode_bytes_per_step(config, 1, i["prompt"] + i["new_tokens"] / 2, elem)
-        util = res["decode_tok_s"] * per_token / b.hbm if b.hbm else None
+        hbm = b.hbm or datasheet_hbm(b)  # the device row sets b.hbm; alone (--only inference) the datasheet value
+        util = res["decode_tok_s"] * per_token / hbm if hbm else None
         copy_bw = b.report.peaks.get("copy_bytes_s")
-        res.update(bytes_per_token=per_token, hbm_bytes_s=b.hbm, bw_util=util,
+        res.update(bytes_per_token=per_token, hbm_bytes_s=hbm, bw_util=util,
                    bw_util_vs_copy=res["decode_tok_s"] * per_token / copy_bw if copy_bw else None)
         if util is not None:
             out.update(target=f"≥ {DECODE_BW_TARGET:.0%} of HBM", met=util >= DECODE_BW_TARGET,
-                       result=out["result"] + f" · {util:.1%} of {b.hbm / 1e9:,.0f} GB/s")
+                       result=out["result"] + f" · {util:.1%} of {hbm / 1e9:,.0f} GB/s")
             if res["bw_util_vs_copy"] is not None:
                 out["notes"] += f"; {res['bw_util_vs_copy']:.1%} of the measured copy bandwidth"
             if res.get("bw_limit_tok_s"):
                 out["notes"] += f"; inference.py bw limit {res['bw_limit_tok_s']:,.0f} tok/s"
     return out
+
+
+def datasheet_hbm(b):
+    """HBM bytes/s of this GPU by name (bench/inference.py's table), None when unknown or on a CPU."""
+    table = load_bench("inference").HBM_BYTES_PER_S
+    return next((v for k, v in table.items() if k in b.gpu), None) if b.cuda else None
+
+
+def chat_diag_row(b):
+    """Why chat_eval decodes ~25× slower on the H100 than on a 2-core CPU (2026-11-26: ci chat_eval_base 120 s vs
+    4.7 s): the ci model's greedy decode over prompts of varying length, each variant in a fresh process (cold
+    caches): eager with torch's SDPA order, eager without cuDNN SDPA, and the static graph path. A per-shape cost shows
+    as cold >> warm; the profile tables (top self-CPU / self-device ops) go to the log and the JSON."""
+    inference = load_bench("inference")
+    spec = {} if not b.args.smoke else dict(prompt_lengths=[20, 40, 60], new_tokens=8, profile_lengths=[50], deadline_s=20.0)
+    deadline = spec.get("deadline_s", inference.CHAT_DIAG["deadline_s"])
+    runs = {}
+    for variant in inference.CHAT_DIAG_VARIANTS:
+        cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--chat-diag", json.dumps(dict(spec, variant=variant)),
+               "--device", b.device.type]
+        res, err, why = b.run_child(cmd, b.child_env(), cap_s=deadline + 40)  # + process start, model, profile
+        if res is None:
+            b.report.log(f"  chat diag {variant}: {why}; stderr tail:\n{err[-2000:]}")
+            runs[variant] = dict(status=why, stderr_tail=err[-1500:])
+            continue
+        runs[variant] = res
+        prof = res.get("profile")
+        if prof:
+            b.report.log(f"  chat diag {variant}: profile of prompts {prof['prompt_lengths']} ({prof['wall_s']:.1f} s), "
+                         f"by self CPU time:\n{prof['table_cpu']}\nby self device time:\n{prof['table_device']}")
+    summary = {v: step_summary(r) for v, r in runs.items()}
+    result = " · ".join(f"{v}: {s}" for v, s in summary.items())
+    return dict(status="ok" if all("cold" in r for r in runs.values()) else "error: a variant did not run (see the log)",
+                result=result, notes=chat_diag_verdict(runs), metrics=dict(runs=runs))
+
+
+def step_summary(run):
+    """'cold 12.3 / warm 1.1 ms/step (mean)' for one diagnostic variant."""
+    if "cold" not in run:
+        return run.get("status", "?")
+    cold, warm = run["cold"], run.get("warm", {})
+    text = f"cold {cold.get('step_ms_mean', float('nan')):.2f} / warm {warm.get('step_ms_mean', float('nan')):.2f} ms/step"
+    return text + f", prefill {cold.get('prefill_ms_median', float('nan')):.1f}/{warm.get('prefill_ms_median', float('nan')):.1f} ms"
+
+
+def chat_diag_verdict(runs):
+    """One line reading the three variants: is the slowness per new shape, and is it cuDNN's SDPA?"""
+    def mean(variant, which, key="step_ms_mean"):
+        return runs.get(variant, {}).get(which, {}).get(key)
+    e_cold, e_warm, n_cold = mean("eager", "cold"), mean("eager", "warm"), mean("eager, no cuDNN SDPA", "cold")
+    ep_cold, np_cold = mean("eager", "cold", "prefill_ms_median"), mean("eager, no cuDNN SDPA", "cold", "prefill_ms_median")
+    if None in (e_cold, e_warm, n_cold):
+        return "verdict: incomplete (a variant did not finish a pass)"
+    cudnn_ran = any("cudnn" in op.lower() for op in runs["eager"].get("profile", {}).get("attention_ops", {}))
+    parts = [f"eager cold/warm {e_cold / e_warm:.1f}×", f"cuDNN excluded: cold {e_cold / n_cold:.1f}× faster",
+             f"cuDNN SDPA ops in the eager profile: {'yes' if cudnn_ran else 'no'}"]
+    if e_cold > 3 * n_cold:
+        verdict = "cuDNN SDPA per-shape cost: CONFIRMED"
+    elif e_cold > 3 * e_warm:
+        verdict = "a per-shape cost that is not cuDNN SDPA (see the profile)"
+    else:
+        verdict = "no per-shape cost: the per-step time itself (see the profile)"
+    if ep_cold and np_cold:
+        parts.append(f"cold prefill {ep_cold:.1f} vs {np_cold:.1f} ms without cuDNN")
+    g_cold = mean("graph", "cold")
+    if g_cold:
+        parts.append(f"graph path cold {g_cold:.2f} ms/step")
+    return f"verdict: {verdict}; " + ", ".join(parts)
 
 
 def bench_tokenizer(docs, vocab_size, backend="auto"):
@@ -750,28 +913,34 @@ def dataloader_row(b):
 # the plan: rows in priority order
 
 def plan(b):
-    """(section, name, min seconds, fn) in the issue's order: correctness, d20 bf16, d24 fp8 vs bf16, optimizer,
-    inference, the rest. min seconds: below that much budget left, the row is skipped."""
+    """(section, name, min seconds, fn) in priority order: correctness, device, d20 bf16 train, inference (the fast
+    decode path, the eager baseline, the chat_eval diagnostic), optimizer, d24 bf16/fp8, dataloader, the pipeline
+    (capped at PIPELINE_CAP_S), the rest. min seconds: below that much budget left, the row is skipped."""
     full = not b.args.smoke
     k = 1 if full else 0.05  # toy rows are quick
+    fast = "graph" if b.cuda else "static"  # no CUDA graph on a CPU: the same static step, eager
     rows = [
         ("correctness", "bf16 train steps vs fp32", 20 * k, lambda: check_bf16_training(b)),
         ("correctness", "sliding window vs dense", 15 * k, lambda: check_sliding_window(b)),
         ("correctness", "KV decode vs full forward", 15 * k, lambda: check_kv_decode(b)),
+        ("correctness", "graph decode vs eager", 15 * k, lambda: check_graph_decode(b)),
         ("correctness", "fp8 vs bf16", 15 * k, lambda: check_fp8(b)),
         ("device", "matmul peak · copy bandwidth", 10 * k, lambda: measure_peaks(b)),
     ]
     if full:
         rows += [
             ("train", "d20 bf16 compile", 90, lambda: train_row(b, 20, target=mfu_target)),
-            ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
+            ("inference", f"d20 batch 1 {fast}", 30, lambda: inference_row(b, 1, fast, bandwidth=True, cap_s=90)),
+            ("inference", "d20 batch 1 eager (the old path)", 30, lambda: inference_row(b, 1, "eager", bandwidth=True, cap_s=90)),
+            ("inference", f"d20 batch 8 {fast}", 25, lambda: inference_row(b, 8, fast, cap_s=90)),
+            ("inference", f"d20 batch 32 {fast}", 25, lambda: inference_row(b, 32, fast, cap_s=90)),
+            ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),
+            ("inference", "d20 batch 1 compile", 90, lambda: inference_row(b, 1, "compile", bandwidth=True, cap_s=150)),
+            ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
             ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
-            ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
-            ("inference", "d20 batch 1", 30, lambda: inference_row(b, 1, bandwidth=True)),
-            ("inference", "d20 batch 8", 30, lambda: inference_row(b, 8)),
-            ("inference", "d20 batch 32", 30, lambda: inference_row(b, 32)),
             ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
+            ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
             ("train", "d20 bf16 eager", 30, lambda: train_row(b, 20, compile_=False)),
             ("train", "d20 fp8 compile", 90, lambda: train_row(b, 20, fp8=True, target=fp8_target(b, 20))),
             ("train", "d20 bf16 compile SDPA (vs FA3)", 90, lambda: train_row(b, 20, attn="sdpa")),
@@ -780,11 +949,13 @@ def plan(b):
             ("train", "d12 bf16 eager", 25, lambda: train_row(b, 12, compile_=False)),
             ("train", "d24 bf16 eager", 30, lambda: train_row(b, 24, compile_=False)),
         ]
-    else:  # one tiny row of each measuring section: proves the code paths, measures nothing
+    else:  # one tiny row of each measuring section (the decode paths: two): proves the code paths, measures nothing
         rows += [
             ("train", "d2 eager (smoke)", 3, lambda: train_row(b, 2, compile_=False, target=mfu_target)),
+            ("inference", f"d2 batch 1 {fast} (smoke)", 3, lambda: inference_row(b, 1, fast, bandwidth=True)),
+            ("inference", "d2 batch 1 eager (smoke)", 3, lambda: inference_row(b, 1, "eager", bandwidth=True)),
+            ("inference", "chat_eval decode diagnostic (smoke)", 5, lambda: chat_diag_row(b)),
             ("optimizer", "d2 MuonAdamW step (smoke)", 1, lambda: optimizer_row(b, 2)),
-            ("inference", "d2 batch 1 (smoke)", 3, lambda: inference_row(b, 1, bandwidth=True)),
             ("dataloader", "embedded corpus, file:// (smoke)", 3, lambda: dataloader_row(b)),
             ("pipeline", "speedrun --profile ci: data, tok_train, base_train (smoke)", 5, lambda: pipeline_row(b)),
         ]
@@ -804,7 +975,8 @@ def rustbpe_usable():
 def pipeline_row(b):
     """The real stages end to end on this device through the runner (subprocesses, torchrun where a stage asks)."""
     work = Path(tempfile.mkdtemp(prefix="nanochat-gpu-pipeline-"))
-    cmd = [sys.executable, "-m", "nanochat.cli", "speedrun", "--profile", "ci", "--store", f"file://{work}/store"]
+    cmd = [sys.executable, "-m", "nanochat.cli", "speedrun", "--profile", "ci", "--store", f"file://{work}/store",
+           "--set", "chat_eval.max_problems=4"]  # ci's 20 per task took 120 s per chat_eval on the H100 (see chat_diag_row)
     if not rustbpe_usable():  # the GPU image has no rustbpe: the same split pattern trained by HF tokenizers
         cmd += ["--set", "tok_train.backend=huggingface"]
     if b.args.smoke:
@@ -813,7 +985,8 @@ def pipeline_row(b):
         cmd += ["--set", "device=cpu"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), TMPDIR=str(work),
                TORCHINDUCTOR_CACHE_DIR=b.inductor_dir, NANOCHAT_BASE_DIR=str(work / "home"))
-    timeout = max(1.0, b.report.remaining())
+    remaining = b.report.remaining()
+    timeout = max(1.0, min(remaining, PIPELINE_CAP_S))  # one row must not eat the whole budget again
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             process_group=0)  # own group: a timeout also ends the stage processes and torchrun ranks
@@ -828,7 +1001,11 @@ def pipeline_row(b):
     wall = time.perf_counter() - t0
     done = ", ".join(f"{name} {info['duration_s']:.0f}s" for name, info in stages.items())
     if proc.returncode == -signal.SIGKILL:
-        return dict(status=f"skipped: budget (killed after {timeout:.0f} s)", notes=f"done: {done or 'none'}")
+        b.report.log(f"  pipeline output tail:\n{output[-3000:]}")
+        why = "stopped: row cap" if timeout < remaining else "skipped: budget"
+        why += f" (killed after {timeout:.0f} s)"
+        return dict(status=why, notes=f"done: {done or 'none'}",
+                    metrics=dict(wall_s=round(wall, 1), stages={k: v["duration_s"] for k, v in stages.items()}))
     if proc.returncode != 0:
         b.report.log(f"  pipeline output tail:\n{output[-3000:]}")
         return dict(status="FAIL", result=f"exit {proc.returncode} after {wall:.0f} s", notes=f"done: {done or 'none'}; "

@@ -7,11 +7,20 @@ per row. Each row runs a small state machine for tool use: when the model writes
 <|python_start|> expr <|python_end|>, the calculator evaluates expr and
 <|output_start|> result <|output_end|> is forced into that row, one token per step, with mask 0
 (forced, not sampled).
+
+Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
+  eager    GPT.forward with a growing KVCache per step: the reference, and the default on CPU
+  static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly
+  graph    that step captured in a CUDA graph per (batch, cache length), replayed per token (opt-in until measured)
+  compile  the same, torch.compile'd (fewer, fused kernels) before capture; costs compile time per shape
+The static paths need a nanochat GPT (a wrapper such as serve's NucleusFilter decodes eagerly); the prompt is
+prefilled by GPT.forward in every path.
 """
 
 import codecs
 import contextlib
 import os
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,12 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import evaluate as use_calculator
+from nanochat.gpt import GPT, DecodeWeights
+from nanochat.kv_cache import StaticKVCache
 
 DECODE_RESERVE = 256  # cache rows reserved for decoding when max_tokens is None (the cache grows beyond)
 # Decoding a small model on CPU is latency-bound: a second intra-op thread only adds synchronisation,
 # and on a busy 2-core machine it made decode 6x slower (measured). Training keeps all threads.
 DECODE_CPU_THREADS = int(os.environ.get("NANOCHAT_DECODE_THREADS", "1"))
 SMALL_MODEL_PARAMS = 100_000_000
+DECODE_MODES = ("eager", "static", "graph", "compile")
+STATIC_STEP_MODES = ("static", "graph", "compile")
+CACHE_BUCKET = 256  # static cache lengths round up to a multiple: one captured graph serves many prompt lengths
+# auto on CUDA stays eager until bench/gpu.py's "graph decode vs eager" row has passed on a GPU (not yet run there)
+AUTO_DECODE_CUDA = "eager"  # NANOCHAT_DECODE=graph opts in meanwhile
+IDLE_DECODERS = 2  # static decoders (cache + graph) kept for reuse between requests, the oldest dropped first: each holds a cache
 
 
 @contextlib.contextmanager
@@ -74,8 +91,15 @@ class RowState:
 
 class Engine:
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, decode=None):
+        """decode: eager | static | graph | compile | auto (None: $NANOCHAT_DECODE, else auto = AUTO_DECODE_CUDA for a GPT on
+        CUDA, eager otherwise). See the module docstring."""
         self.model = model
+        self.decode = decode or os.environ.get("NANOCHAT_DECODE") or "auto"
+        if self.decode not in ("auto",) + DECODE_MODES:
+            raise ValueError(f"decode={self.decode!r}: use one of auto, {', '.join(DECODE_MODES)}")
+        self._weights = None  # DecodeWeights of the static paths, built on first use
+        self._idle = []       # StaticDecoders free for the next request, oldest first
         self.tokenizer = tokenizer  # for the special tokens and the calculator's text
         special = tokenizer.encode_special
         self.python_start = special("<|python_start|>")
@@ -133,37 +157,75 @@ class Engine:
         with decode_threads(self.model):
             yield from self._decode(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache)
 
+    def decode_mode(self):
+        """The path the next request takes (see the module docstring)."""
+        gpt = getattr(self.model, "_orig_mod", self.model)
+        if not isinstance(gpt, GPT):
+            return "eager"
+        if self.decode == "auto":
+            return AUTO_DECODE_CUDA if gpt.get_device().type == "cuda" else "eager"
+        return self.decode
+
     @torch.inference_mode()
     def _decode(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache):
         device = self.model.get_device()
         rng = torch.Generator(device=device)  # per request: reproducible and independent of other requests
         rng.manual_seed(seed)
-
-        # 1) prefill the prompt once, at batch 1; every row samples its own first token from it
         prompt = torch.tensor([tokens], dtype=torch.long, device=device)
-        # the model allocates its cache in its compute dtype; sized for the whole answer when known
-        cache = self.model.new_kv_cache(1, len(tokens) + (max_tokens or DECODE_RESERVE)) if use_cache else None
-        logits = self.model(prompt, kv_cache=cache)[:, -1, :]
-        logits = logits.expand(num_samples, -1)
-        if use_cache and num_samples > 1:
-            cache = cache.replicate(num_samples)
-        sequences = prompt.expand(num_samples, -1) if not use_cache else None
+        steps = self._steps(prompt, num_samples, max_tokens, use_cache)
+        try:
+            # 1) prefill the prompt once, at batch 1; every row samples its own first token from it
+            logits = steps.prefill(prompt).expand(num_samples, -1)
+            rows = [RowState() for _ in range(num_samples)]
+            generated = 0
+            while max_tokens is None or generated < max_tokens:
+                sampled = sample_next_token(logits, rng, temperature, top_k)
+                sampled_list = sampled[:, 0].tolist()
+                column, mask = self._advance_rows(rows, sampled_list)
+                yield column, mask
+                generated += 1
+                if all(row.completed for row in rows) or (max_tokens is not None and generated >= max_tokens):
+                    break
+                # the sampled ids are already on the device unless a row was forced or finished
+                ids = sampled if column == sampled_list else torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+                logits = steps.step(ids)
+        finally:
+            steps.close()
 
-        rows = [RowState() for _ in range(num_samples)]
-        steps = 0
-        while max_tokens is None or steps < max_tokens:
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, mask = self._advance_rows(rows, sampled)
-            yield column, mask
-            steps += 1
-            if all(row.completed for row in rows) or (max_tokens is not None and steps >= max_tokens):
-                break
-            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            if use_cache:
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]
-            else:
-                sequences = torch.cat([sequences, ids], dim=1)
-                logits = self.model(sequences)[:, -1, :]
+    def _steps(self, prompt, num_samples, max_tokens, use_cache):
+        if not use_cache:
+            return NaiveSteps(self.model, num_samples)
+        mode = self.decode_mode()
+        if mode == "eager":
+            # the model allocates its cache in its compute dtype; sized for the whole answer when known
+            cache = self.model.new_kv_cache(1, prompt.size(1) + (max_tokens or DECODE_RESERVE))
+            return CacheSteps(self.model, cache, num_samples)
+        needed = prompt.size(1) + (max_tokens or DECODE_RESERVE)
+        max_len = -(-needed // CACHE_BUCKET) * CACHE_BUCKET
+        try:
+            return StaticSteps(self, self._acquire(num_samples, max_len, mode))
+        except Exception as e:  # noqa: BLE001 - chosen by default (auto): a capture that fails must not stop decoding
+            if self.decode != "auto":
+                raise
+            warnings.warn(f"static decode ({mode}) failed, decoding eagerly from now on: {type(e).__name__}: {e}")
+            self.decode = "eager"
+            return self._steps(prompt, num_samples, max_tokens, use_cache)
+
+    # -- static decoders: built once per (batch, cache length, mode), reused by later requests ---------------------
+
+    def _acquire(self, batch, max_len, mode):
+        gpt = getattr(self.model, "_orig_mod", self.model)
+        if self._weights is None or not self._weights.matches(gpt):
+            self._weights, self._idle = DecodeWeights(gpt), []
+        self._weights.refresh()  # the parameters may have changed since the last request (chat_rl trains between)
+        for i, d in enumerate(self._idle):
+            if d.key == (batch, max_len, mode):
+                return self._idle.pop(i)
+        return StaticDecoder(gpt, self._weights, batch, max_len, mode)
+
+    def _release(self, decoder):
+        if decoder.weights is self._weights:  # not from weights that were replaced meanwhile
+            self._idle = (self._idle + [decoder])[-IDLE_DECODERS:]
 
     def _advance_rows(self, rows, sampled):
         """Pick each row's next token (forced or sampled) and step its tool-use state machine."""
@@ -196,6 +258,113 @@ class Engine:
             row.forced.append(self.output_end)
         elif row.expr_tokens is not None:
             row.expr_tokens.append(token)
+
+
+class NaiveSteps:
+    """No cache: every step re-runs the whole sequence (generate_naive, the reference)."""
+
+    def __init__(self, model, num_samples):
+        self.model, self.num_samples, self.sequences = model, num_samples, None
+
+    def prefill(self, prompt):
+        self.sequences = prompt.expand(self.num_samples, -1)
+        return self.model(prompt)[:, -1, :]
+
+    def step(self, ids):
+        self.sequences = torch.cat([self.sequences, ids], dim=1)
+        return self.model(self.sequences)[:, -1, :]
+
+    def close(self):
+        pass
+
+
+class CacheSteps:
+    """GPT.forward with a KVCache: batch-1 prefill, the cache replicated into the rows, one token per row per step."""
+
+    def __init__(self, model, cache, num_samples):
+        self.model, self.cache, self.num_samples = model, cache, num_samples
+
+    def prefill(self, prompt):
+        logits = self.model(prompt, kv_cache=self.cache)[:, -1, :]
+        if self.num_samples > 1:
+            self.cache = self.cache.replicate(self.num_samples)
+        return logits
+
+    def step(self, ids):
+        return self.model(ids, kv_cache=self.cache)[:, -1, :]
+
+    def close(self):
+        pass
+
+
+class StaticSteps:
+    """The static step: GPT.forward prefills row 0 of a StaticKVCache, the rows get copies, then every step is
+    decoder.run() (a CUDA graph replay on CUDA). Past the cache's end (max_tokens None and a long answer) the
+    eager path takes the cache over."""
+
+    def __init__(self, engine, decoder):
+        self.engine, self.decoder, self.pos, self.eager = engine, decoder, 0, None
+
+    def prefill(self, prompt):
+        logits = self.engine.model(prompt, kv_cache=self.decoder.cache.prefill_cache())[:, -1, :]
+        self.pos = prompt.size(1)
+        self.decoder.cache.start(self.pos)
+        return logits
+
+    def step(self, ids):
+        if self.eager is None and self.pos == self.decoder.cache.max_len:
+            self.eager = CacheSteps(self.engine.model, self.decoder.cache.to_kv_cache(), ids.size(0))
+        if self.eager is not None:
+            return self.eager.step(ids)
+        self.decoder.ids.copy_(ids)
+        self.pos += 1
+        return self.decoder.run()
+
+    def close(self):
+        self.engine._release(self.decoder)
+
+
+class StaticDecoder:
+    """What one static step reads and writes, at fixed addresses: the weights, a StaticKVCache of (batch, max_len),
+    the input ids and the rotary tables. run() = one step: the step itself (static), or a CUDA graph replay."""
+
+    def __init__(self, model, weights, batch, max_len, mode):
+        assert mode in STATIC_STEP_MODES, mode
+        c, device = model.config, model.get_device()
+        self.key, self.weights = (batch, max_len, mode), weights
+        self.cache = StaticKVCache(batch, c.n_kv_head, c.head_dim, c.n_layer, max_len, device=device, dtype=model.compute_dtype)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cos, self.sin = model.rotary_tables(max_len)
+        step = weights.step
+        if mode == "compile":
+            step = torch.compile(step, fullgraph=True, dynamic=False)
+        ids, cache, cos, sin = self.ids, self.cache, self.cos, self.sin  # not self: no reference cycle keeps a dropped cache alive
+
+        def run():
+            return step(ids, cache, cos, sin)
+        self.run = run if mode == "static" else CudaGraphStep(run)
+
+
+class CudaGraphStep:
+    """fn (no arguments, fixed addresses) captured in a CUDA graph; calling it replays the graph and returns the
+    captured output tensor, overwritten by the next replay. Per torch's docs the warm-up runs on a side stream
+    (it also triggers torch.compile). The warm-up steps write K/V and advance the position: harmless, every
+    request's prefill rewrites the cache and sets the position (StaticKVCache.start)."""
+
+    def __init__(self, fn, warmup=2):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # serve's other threads may use other GPUs
+            self.out = fn()
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
 
 
 class Utf8StreamDecoder:

@@ -152,6 +152,18 @@ def attention(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def decode_attention(q, k, v, visible):
+    """One query per row over a fixed-size cache: q (B, H, 1, D); k, v (B, H_kv, max_len, D); visible (max_len,) bool.
+
+    Two matmuls and a masked softmax rather than SDPA: no kernel choice that depends on the shape, nothing a CUDA
+    graph cannot capture, and elementwise work torch.compile can fuse."""
+    B, H, _, D = q.shape
+    q = q.reshape(B, k.size(1), H // k.size(1), D)  # GQA: the query heads sharing a kv head become its query rows
+    scores = (q @ k.transpose(-2, -1)).float() * D**-0.5
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs.to(v.dtype) @ v).reshape(B, H, 1, D)
+
+
 # -----------------------------------------------------------------------------
 # modules
 
@@ -375,6 +387,11 @@ class GPT(nn.Module):
             group["initial_lr"] = group["lr"]
         return optimizer
 
+    def rotary_tables(self, length):
+        """cos, sin for positions [0, length) in the compute dtype, (1, length, 1, head_dim/2): the static step's own copy."""
+        cos, sin = self._rotary(length, self.get_device())
+        return cos.to(self.compute_dtype), sin.to(self.compute_dtype)
+
     def new_kv_cache(self, batch_size, max_len=None):
         """An empty KVCache shaped for this model (max_len defaults to sequence_len; it grows)."""
         c = self.config
@@ -420,3 +437,97 @@ class GPT(nn.Module):
             return torch.cat(losses).view(B, T)
         loss = sum(losses)
         return loss / (targets != -1).sum() if reduction == "mean" else loss
+
+
+# -----------------------------------------------------------------------------
+# static decode step: one token per row at a position held on the device (CUDA-graph capturable)
+
+@dataclass
+class DecodeLayer:
+    qkv: torch.Tensor       # c_q, c_k, c_v stacked: one matmul instead of three
+    proj: torch.Tensor
+    fc: torch.Tensor
+    mlp_proj: torch.Tensor
+    ve: torch.Tensor | None = None
+    ve_gate: torch.Tensor | None = None
+
+
+class DecodeWeights:
+    """The weights of a GPT in its compute dtype, laid out for `step`, the static-shape decode step.
+
+    `step` computes what GPT.forward does for one token per row with a KVCache, but with nothing that changes shape
+    and no host sync: the position is a device tensor (StaticKVCache.pos), the rotary angles are gathered by it, K/V
+    are written at it with index_copy_, and attention covers the whole fixed-size cache through a position/window
+    mask. So one CUDA graph per (batch, max_len) replays every step.
+    """
+
+    def __init__(self, model):
+        self.config, self.windows, self.dtype = model.config, list(model.windows), model.compute_dtype
+        # Tensors already in the compute dtype are used as they are; the rest (fp32 master weights, the stacked qkv)
+        # are copies that refresh() renews from the parameters at every request: the model's parameters are never
+        # cast, and a model being trained (chat_rl samples from it) is decoded with its current weights.
+        self._copies = []
+        self.params = list(model.parameters())
+        self._storage = [p.data_ptr() for p in self.params]  # .to() / .cuda() swap a parameter's data, not the object
+        h = model.transformer.h
+        self.wte = self._use(model.transformer.wte.weight)
+        self.lm_head = self._use(model.lm_head.weight)
+        self.resid = self._use(model.resid_lambdas)
+        self.x0 = self._use(model.x0_lambdas)
+        self.layers = []
+        for i, block in enumerate(h):
+            a, m = block.attn, block.mlp
+            ve = model.value_embeds[str(i)].weight if str(i) in model.value_embeds else None
+            self.layers.append(DecodeLayer(
+                qkv=self._use(a.c_q.weight, a.c_k.weight, a.c_v.weight), proj=self._use(a.c_proj.weight),
+                fc=self._use(m.c_fc.weight), mlp_proj=self._use(m.c_proj.weight),
+                ve=None if ve is None else self._use(ve), ve_gate=None if a.ve_gate is None else self._use(a.ve_gate.weight)))
+        self.gate_channels = h[0].attn.ve_gate_channels
+
+    def _use(self, *params):
+        if len(params) == 1 and params[0].dtype == self.dtype:
+            return params[0].detach()
+        with torch.no_grad():
+            copy = torch.cat([p.detach() for p in params]).to(self.dtype)
+        self._copies.append((copy, params))
+        return copy
+
+    def matches(self, model):
+        """Whether these weights still point at the model's parameters (not replaced by .to() or a load with assign)."""
+        params = list(model.parameters())
+        return model.compute_dtype == self.dtype and len(params) == len(self.params) and all(
+            p is q and p.data_ptr() == ptr for p, q, ptr in zip(params, self.params, self._storage))
+
+    @torch.no_grad()
+    def refresh(self):
+        """Copy the current parameter values into the cast/stacked copies (in place: captured graphs stay valid)."""
+        for copy, params in self._copies:
+            copy.copy_(params[0] if len(params) == 1 else torch.cat(params))
+
+    def step(self, idx, cache, cos, sin):
+        """fp32 logits (B, vocab) for idx (B, 1) at position cache.pos; writes this step's K/V and advances the position.
+        cos, sin: rotary tables covering the cache (GPT.rotary_tables(cache.max_len))."""
+        cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
+        visible = {w: cache.visible(w) for w in sorted(set(self.windows))}  # one mask per distinct window
+        x = norm(F.embedding(idx, self.wte).to(self.dtype))
+        x0 = x
+        for i, layer in enumerate(self.layers):
+            x = self.resid[i] * x + self.x0[i] * x0
+            x = x + self._attention(i, layer, norm(x), idx, cos, sin, cache, visible[self.windows[i]])
+            x = x + F.linear(F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj)
+        cache.pos.add_(1)
+        logits = F.linear(norm(x[:, -1]), self.lm_head)[:, :self.config.vocab_size].float()
+        return self.config.softcap * torch.tanh(logits / self.config.softcap)
+
+    def _attention(self, i, layer, x, idx, cos, sin, cache, visible):
+        c = self.config
+        B, H, Hkv, D = x.size(0), c.n_head, c.n_kv_head, c.head_dim
+        q, k, v = F.linear(x, layer.qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, 1, H, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D)
+        if layer.ve is not None:
+            gate = 2 * torch.sigmoid(F.linear(x[..., :self.gate_channels], layer.ve_gate))
+            v = v + gate.unsqueeze(-1) * F.embedding(idx, layer.ve).to(self.dtype).view(B, 1, Hkv, D)
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        k_all, v_all = cache.write(i, k.transpose(1, 2), v.transpose(1, 2))
+        y = decode_attention(q.transpose(1, 2), k_all, v_all, visible)
+        return F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj)

@@ -9,6 +9,9 @@ layers of any window and `replicate()` / growth stay simple copies.
 Protocol with the model: each layer calls `k_all, v_all = cache.insert_kv(layer_idx, k, v)` with
 its new (B, H_kv, T, D) keys/values and attends over the returned views; after the last layer the
 model calls `cache.advance(T)`. `cache.pos` is the number of positions already stored.
+
+StaticKVCache is the fixed-size variant the static decode step (and its CUDA graph) uses: one tensor per layer,
+the position on the device. Its prompt is prefilled through a KVCache over its row-0 views (`KVCache.over`).
 """
 
 import torch
@@ -28,15 +31,15 @@ class KVCache:
 
     @property
     def max_len(self):
-        return self.k.size(3)
+        return self.k[0].size(2)
 
     @property
     def device(self):
-        return self.k.device
+        return self.k[0].device
 
     @property
     def dtype(self):
-        return self.k.dtype
+        return self.k[0].dtype
 
     def reset(self):
         # stale entries past pos are never read, so rewinding the position is enough
@@ -52,9 +55,10 @@ class KVCache:
         end = self.pos + T
         if end > self.max_len:
             self._grow(end)
-        self.k[layer_idx, :, :, self.pos:end] = k
-        self.v[layer_idx, :, :, self.pos:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        k_all, v_all = self.k[layer_idx], self.v[layer_idx]  # (B, H, max_len, D): a tensor's slice or a list's entry
+        k_all[:, :, self.pos:end] = k
+        v_all[:, :, self.pos:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
 
     def advance(self, num_tokens):
         self.pos += num_tokens
@@ -64,8 +68,10 @@ class KVCache:
         new_len = max(needed, 2 * self.max_len)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[:3] + (new_len,) + old.shape[4:])
-            new[:, :, :, :old.size(3)] = old
+            B, H, L, D = old[0].shape
+            new = old[0].new_zeros((self.num_layers, B, H, new_len, D))
+            for i in range(self.num_layers):  # layer by layer: `old` may be a list of per-layer tensors (StaticKVCache)
+                new[i, :, :, :L] = old[i]
             setattr(self, name, new)
 
     def replicate(self, num_samples):
@@ -75,3 +81,69 @@ class KVCache:
         self.v = self.v.expand(-1, num_samples, -1, -1, -1).contiguous()
         self.batch_size = num_samples
         return self
+
+    @classmethod
+    def over(cls, k, v, pos=0):
+        """A cache at `pos` over existing per-layer (batch, heads, max_len, head_dim) tensors: lists, or views of a
+        StaticKVCache's. Writes go straight into them until the cache grows (into new tensors)."""
+        cache = cls.__new__(cls)
+        cache.num_layers = len(k)
+        cache.batch_size, cache.num_kv_heads, _, cache.head_dim = k[0].shape
+        cache.k, cache.v, cache.pos = k, v, pos
+        return cache
+
+
+class StaticKVCache:
+    """A fixed-size cache for the static decode step (nanochat.gpt.DecodeWeights.step), which a CUDA graph can capture.
+
+    Nothing changes shape: the position is a device tensor, each step writes its K/V at that position with
+    index_copy_ and attends over all max_len slots through a mask (slots past the position hold stale values and
+    are masked out). One tensor per layer, not one for all: torch.compile writes into a whole input in place, but
+    copies a tensor whose view is written. The prompt is prefilled by the ordinary forward into row 0
+    (`prefill_cache()`), then copied to every row (`start()`).
+    """
+
+    def __init__(self, batch_size, num_kv_heads, head_dim, num_layers, max_len, device=None, dtype=torch.float32):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next token is written to
+        self.slots = torch.arange(max_len, device=device)
+
+    @property
+    def batch_size(self):
+        return self.k[0].size(0)
+
+    @property
+    def max_len(self):
+        return self.k[0].size(2)
+
+    def prefill_cache(self):
+        """A KVCache over row 0 at position 0: the batch-1 prefill writes the prompt straight into this cache."""
+        return KVCache.over([t[:1] for t in self.k], [t[:1] for t in self.v])
+
+    def start(self, num_tokens):
+        """After a prefill of num_tokens into row 0: copy them to every row and set the position."""
+        if self.batch_size > 1:
+            for t in self.k + self.v:
+                t[1:, :, :num_tokens] = t[:1, :, :num_tokens]
+        self.pos.fill_(num_tokens)
+
+    def write(self, layer_idx, k, v):
+        """Store one step's (B, H_kv, 1, D) keys/values at the position; returns the layer's whole (B, H_kv, max_len, D)."""
+        k_all, v_all = self.k[layer_idx], self.v[layer_idx]
+        k_all.index_copy_(2, self.pos, k)
+        v_all.index_copy_(2, self.pos, v)
+        return k_all, v_all
+
+    def visible(self, window):
+        """Boolean (max_len,) mask of the slots a query at the position attends to (window -1 = unlimited)."""
+        seen = self.slots <= self.pos
+        if window >= 0:
+            seen = seen & (self.pos - self.slots <= window)
+        return seen
+
+    def to_kv_cache(self):
+        """The full cache as an ordinary KVCache at position max_len, for the eager path to go on: its next insert
+        grows it into new tensors (a copy), so these buffers are never written through it."""
+        return KVCache.over(self.k, self.v, pos=self.max_len)

@@ -43,24 +43,34 @@ def test_smoke_on_cpu(tmp_path):
         assert {"section", "name", "status", "result", "target", "met", "metrics", "notes"} <= set(r)
 
     correctness = [r for r in data["rows"] if r["section"] == "correctness"]
-    assert len(correctness) == 4
-    for name in ("bf16 train steps vs fp32", "sliding window vs dense", "KV decode vs full forward"):
+    assert len(correctness) == 5
+    for name in ("bf16 train steps vs fp32", "sliding window vs dense", "KV decode vs full forward", "graph decode vs eager"):
         assert rows[name]["status"] == "ok" and rows[name]["met"] is True, rows[name]
     assert rows["sliding window vs dense"]["metrics"]["window_effect"] > 0  # the windows really change the model
     assert rows["KV decode vs full forward"]["metrics"]["engine_rows_equal"] is True
+    graph = rows["graph decode vs eager"]["metrics"]
+    assert graph["mode"] == "static" and graph["streams_equal"] == {"1": True, "2": True, "overflow": True}  # fp32: exact
     assert rows["fp8 vs bf16"]["status"].startswith("skipped: fp8 needs")  # no fp8 on a CPU
 
     # one tiny row of every measuring section ran and measured something
     assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_s"] > 0
-    by_section = {r["section"]: r for r in data["rows"] if r["section"] != "correctness"}
+    measuring = [r for r in data["rows"] if r["section"] != "correctness"]
+    by_section = {r["section"]: r for r in measuring}
     assert set(by_section) == {"device", "train", "optimizer", "inference", "dataloader", "pipeline"}
-    for r in by_section.values():
+    for r in measuring:
         assert r["status"] == "ok", r
         assert r["met"] is None  # smoke sizes: no target verdicts
     assert by_section["train"]["metrics"]["tok_s"] > 0
     assert by_section["optimizer"]["metrics"]["opt_ms"] > 0
-    assert by_section["inference"]["metrics"]["decode_tok_s"] > 0
-    assert by_section["inference"]["metrics"]["bw_util"] > 0
+    for name, decode in (("d2 batch 1 static (smoke)", "static"), ("d2 batch 1 eager (smoke)", "eager")):
+        assert rows[name]["metrics"]["decode"] == decode
+        assert rows[name]["metrics"]["decode_tok_s"] > 0 and rows[name]["metrics"]["bw_util"] > 0
+    diag = rows["chat_eval decode diagnostic (smoke)"]
+    assert set(diag["metrics"]["runs"]) == {"eager", "eager, no cuDNN SDPA", "graph"} and diag["notes"].startswith("verdict: ")
+    for run in diag["metrics"]["runs"].values():
+        assert run["cold"]["prompts_done"] == 3 and run["warm"]["step_ms_mean"] > 0
+        assert run["profile"]["top_self_cpu"] and "aten::" in run["profile"]["table_cpu"]
+    assert "by self CPU time" in (out / "gpu_log.txt").read_text()
     assert by_section["dataloader"]["metrics"]["best_tok_s"] > 0
     assert list(by_section["pipeline"]["metrics"]["stages"]) == ["data", "tok_train", "base_train"]
 
@@ -76,7 +86,7 @@ def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 10
+    assert data["finished"] is True and len(data["rows"]) == 13
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -153,6 +163,49 @@ def test_checks_catch_an_off_by_one_window(tmp_path, monkeypatch):
         return real_attention(q, k, v, window + 1 if q.size(2) == 1 and window >= 0 else window)
     monkeypatch.setattr(gpt, "attention", wide_decode)
     assert gpu.check_kv_decode(bench)["status"] == "FAIL"
+    monkeypatch.setattr(gpt, "attention", real_attention)
+
+    from nanochat.kv_cache import StaticKVCache  # the static step's mask one slot too wide fails the graph-decode check
+    assert gpu.check_graph_decode(bench)["status"] == "ok"
+    real_visible = StaticKVCache.visible
+    monkeypatch.setattr(StaticKVCache, "visible", lambda self, w: real_visible(self, w + 1 if w >= 0 else w))
+    assert gpu.check_graph_decode(bench)["status"] == "FAIL"
+
+
+def test_chat_diag_verdict():
+    gpu = load_gpu()
+
+    def run(cold, warm, cudnn=False):
+        return dict(cold=dict(step_ms_mean=cold, prefill_ms_median=cold * 10), warm=dict(step_ms_mean=warm),
+                    profile=dict(attention_ops={"aten::_scaled_dot_product_cudnn_attention" if cudnn else "aten::sdpa": {}}))
+    cudnn = {"eager": run(15.0, 1.0, cudnn=True), "eager, no cuDNN SDPA": run(1.1, 1.0), "graph": run(0.3, 0.3)}
+    assert "cuDNN SDPA per-shape cost: CONFIRMED" in gpu.chat_diag_verdict(cudnn)
+    assert "cuDNN SDPA ops in the eager profile: yes" in gpu.chat_diag_verdict(cudnn)
+    other = {"eager": run(15.0, 1.0), "eager, no cuDNN SDPA": run(14.0, 1.0), "graph": run(0.3, 0.3)}
+    assert "a per-shape cost that is not cuDNN SDPA" in gpu.chat_diag_verdict(other)
+    steady = {"eager": run(12.0, 11.5), "eager, no cuDNN SDPA": run(12.1, 11.9), "graph": run(0.3, 0.3)}
+    assert "no per-shape cost" in gpu.chat_diag_verdict(steady)
+    assert "incomplete" in gpu.chat_diag_verdict({"eager": dict(status="error")})
+
+
+def test_hbm_from_the_datasheet_when_the_device_row_did_not_run():
+    gpu = load_gpu()
+    assert gpu.datasheet_hbm(argparse.Namespace(cuda=True, gpu="NVIDIA H100 80GB HBM3")) == 3.35e12
+    assert gpu.datasheet_hbm(argparse.Namespace(cuda=True, gpu="NVIDIA H100 PCIe")) == 2.0e12
+    assert gpu.datasheet_hbm(argparse.Namespace(cuda=False, gpu="")) is None
+
+
+def test_the_pipeline_row_stops_at_its_cap(tmp_path, monkeypatch):
+    """One row can no longer eat the whole budget: past PIPELINE_CAP_S the runner is killed, the row says so and
+    lists the stages that finished."""
+    gpu = load_gpu()
+    args = argparse.Namespace(budget_s=300, smoke=True, device="cpu")
+    bench = gpu.Bench(args, gpu.Report(args, tmp_path / "out"))
+    monkeypatch.setattr(gpu, "PIPELINE_CAP_S", 2)
+    t0 = time.perf_counter()
+    row = gpu.pipeline_row(bench)
+    assert row["status"] == "stopped: row cap (killed after 2 s)" and row["notes"].startswith("done: ")
+    assert time.perf_counter() - t0 < 30
 
 
 def test_a_failing_stage_fails_the_pipeline_row(tmp_path):
@@ -163,3 +216,17 @@ def test_a_failing_stage_fails_the_pipeline_row(tmp_path):
     (row,) = json.loads((out / "gpu.json").read_text())["rows"]
     assert row["status"] == "FAIL" and proc.returncode == 1, row
     assert "--depth: expected an integer, got 'deep'" in row["notes"]  # the runner's one-line error, before any stage
+
+
+def test_profile_decode_reads_a_running_stream():
+    """The inference rows' profile (CUDA kernels per step on a GPU; here: no kernels, the wall time only)."""
+    import torch
+    from nanochat.engine import Engine
+    from nanochat.gpt import GPT, GPTConfig
+    inference = load_gpu().load_bench("inference")
+    model = GPT.create(GPTConfig.from_depth(1, 256, 64, head_dim=32)).eval()
+    engine = Engine(model, inference.SpecialsOnlyTokenizer(256), decode="static")
+    with torch.no_grad():
+        prof = inference.profile_decode(lambda: engine.generate(list(range(10)), max_tokens=30), cuda=False, steps=8)
+    assert prof["steps"] == 8 and prof["kernels_per_step"] == 0 and prof["wall_ms_per_step"] > 0
+    assert engine._idle  # the profiled stream was closed: its decoder went back for reuse

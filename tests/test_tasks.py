@@ -14,8 +14,8 @@ from nanochat.store import open_store
 from nanochat.tasks import (Task, TaskDataMissing, TaskMixture, TaskSequence, check_conversation, conversation_to_text,
                             extract_answer, get_task, list_tasks, render_mc, synthetic_documents)
 from nanochat.tasks.gsm8k import answer_to_parts
-from nanochat.tasks.synthetic import (SyntheticArithmetic, SyntheticChat, SyntheticMultipleChoice, SyntheticSpelling,
-                                      split_of)
+from nanochat.tasks.synthetic import (SYNTHETIC_TASKS, SyntheticArithmetic, SyntheticChat, SyntheticChoiceDrill,
+                                      SyntheticMultipleChoice, SyntheticSpelling, split_of)
 
 # --- fixtures in the real formats (HF parquet exports, the original JSONL/csv files) ---------
 
@@ -316,7 +316,7 @@ def test_registry():
 
 # --- synthetic tasks --------------------------------------------------------------------------
 
-SYNTHETIC = [SyntheticArithmetic, SyntheticSpelling, SyntheticMultipleChoice, SyntheticChat]
+SYNTHETIC = [SyntheticArithmetic, SyntheticSpelling, SyntheticMultipleChoice, SyntheticChat, SyntheticChoiceDrill]
 
 
 @pytest.mark.parametrize("cls", SYNTHETIC)
@@ -369,6 +369,24 @@ def test_synthetic_multiple_choice():
         assert task.evaluate(conv, answer) == 1 and task.evaluate(conv, wrong) == 0
         letters[answer] += 1
     assert all(20 < letters[x] < 80 for x in "ABCD")  # answer positions are balanced
+
+
+def test_choice_drill_names_the_answer_every_turn_and_stays_out_of_pretraining():
+    task = SyntheticChoiceDrill(split="val", size=100)
+    assert task.eval_type == "categorical" and get_task("synthetic_mc_drill", split="val")[0] == task[0]
+    letters = Counter()
+    for conv in all_examples(task):
+        users, answers = conv["messages"][0::2], conv["messages"][1::2]
+        assert len(users) == len(answers) == SyntheticChoiceDrill.turns
+        options = [line for line in users[0]["content"].splitlines() if line.startswith("- ")]
+        assert all([line for line in u["content"].splitlines() if line.startswith("- ")] == options for u in users)
+        for user, answer in zip(users, answers):
+            target = user["content"].split("Which option is ", 1)[1].split("?", 1)[0]
+            assert f"- {target}={answer['content']}" in options  # the named word carries the answer's letter
+            letters[answer["content"]] += 1
+    assert all(letters[x] > 100 for x in "ABCD")
+    assert "synthetic_mc_drill" not in SYNTHETIC_TASKS  # a training drill: pretraining documents never hold it
+    assert "Which option is" not in "\n".join(synthetic_documents(200, seed=0))
 
 
 def test_synthetic_chat_grading():

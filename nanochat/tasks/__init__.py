@@ -13,8 +13,8 @@ from __future__ import annotations
 from nanochat.tasks.base import (LETTERS, Task, TaskMixture, TaskSequence, TaskSlice, check_conversation,
                                  conversation_to_text, extract_answer, render_mc)
 from nanochat.tasks.files import TaskDataMissing
-from nanochat.tasks.synthetic import (SyntheticArithmetic, SyntheticChat, SyntheticMultipleChoice, SyntheticSpelling,
-                                      synthetic_documents)
+from nanochat.tasks.synthetic import (SyntheticArithmetic, SyntheticChat, SyntheticChoiceDrill, SyntheticMultipleChoice,
+                                      SyntheticSpelling, synthetic_documents)
 
 
 def _arc(subset):
@@ -58,6 +58,7 @@ TASKS = {
     "synthetic_spelling": _synthetic(SyntheticSpelling),
     "synthetic_mc": _synthetic(SyntheticMultipleChoice),
     "synthetic_chat": _synthetic(SyntheticChat),
+    "synthetic_mc_drill": _synthetic(SyntheticChoiceDrill),
 }
 ALIASES = {
     "mmlu_auxiliary_train": "mmlu_aux",

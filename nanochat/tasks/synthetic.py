@@ -311,6 +311,33 @@ class SyntheticMultipleChoice(SyntheticTask):
         return evaluate_letter(conversation, completion)
 
 
+class SyntheticChoiceDrill(SyntheticTask):
+    """Training-only drill for the letter lookup that multiple choice needs: one set of 4 random
+    words, then `turns` questions "Which option is <word>?" in the multiple-choice format.
+
+    The question names the answer, so the only skill is binding an option to its letter. A small
+    model learns that only after a phase change (~450 dense steps from the tiny MID model,
+    measured); many lookups per conversation make each step count. Not part of pretraining.
+    """
+    eval_type = "categorical"
+    baseline = 0.25
+    letters = LETTERS
+    turns = 8
+
+    def generate(self, rng):
+        choices = rng.sample(WORDS, len(self.letters))
+        targets = [rng.choice(choices) for _ in range(self.turns)]
+        messages = []
+        for target in targets:
+            question = f"Which option is {target}?"
+            messages.append({"role": "user", "content": render_mc(question, self.letters, choices)})
+            messages.append({"role": "assistant", "content": self.letters[choices.index(target)]})
+        return f"{choices}:{targets}", {"messages": messages, "letters": list(self.letters)}
+
+    def evaluate(self, conversation, completion):
+        return evaluate_letter(conversation, completion)
+
+
 # -----------------------------------------------------------------------------
 # short conversations: greetings and identity
 

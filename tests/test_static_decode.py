@@ -1,0 +1,308 @@
+"""The static-shape decode step (nanochat.gpt.DecodeWeights.step over a kv_cache.StaticKVCache) and the Engine's
+static / graph / compile paths, on CPU: the step equals GPT.forward with a KVCache and a full forward (sliding
+windows, GQA, value embeddings, replicated rows, positions past the rotary precompute); the Engine's streams equal
+the eager path's (greedy, sampled, a calculator call, a cache overflow). The CUDA graph is replaced by a stand-in
+that runs the step at every replay, so the Engine's capture / reuse logic runs here too."""
+import pytest
+import torch
+
+import nanochat.engine as engine_mod
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, DecodeWeights, GPTConfig, decode_attention
+from nanochat.kv_cache import StaticKVCache
+from tests.test_engine import A_END, OUT_END, OUT_START, PROMPT, PY_END, PY_START, TOK, random_gpt, run, text
+from tests.test_gpt import make_model, tokens
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def static_cache(model, batch, max_len):
+    c = model.config
+    return StaticKVCache(batch, c.n_kv_head, c.head_dim, c.n_layer, max_len, dtype=model.compute_dtype)
+
+
+@torch.inference_mode()
+def static_decode(model, prompt, continuation, max_len):
+    """Prefill prompt (1, P) into row 0, start every row, then step continuation (B, N) one column at a time:
+    logits (B, N, vocab) of the static step."""
+    weights, cache = DecodeWeights(model), static_cache(model, continuation.size(0), max_len)
+    cos, sin = model.rotary_tables(max_len)
+    model(prompt, kv_cache=cache.prefill_cache())
+    cache.start(prompt.size(1))
+    out = [weights.step(continuation[:, t:t + 1], cache, cos, sin) for t in range(continuation.size(1))]
+    assert cache.pos.item() == prompt.size(1) + continuation.size(1)
+    return torch.stack(out, 1)
+
+
+# -----------------------------------------------------------------------------
+# the step against GPT.forward
+
+@pytest.mark.parametrize("pattern,n_kv,seq", [("L", 8, 32), ("SSSL", 2, 32), ("SL", 1, 4)])
+def test_static_step_matches_kv_cache_and_full_forward(pattern, n_kv, seq):
+    """Windows of 3 tokens on S layers (the context reaches 25), GQA, value embeddings (every other layer), 3 rows
+    after the batch-1 prefill; seq 4: the rotary precompute holds 40 positions and decoding reaches 55."""
+    model = make_model(depth=4, seq=seq, window_pattern=pattern, short_window=3, n_kv_head=n_kv)
+    assert model.config.n_head == 8 and len(model.value_embeds) == 2
+    P, N = 7, 18 if seq > 4 else 48
+    prompt, continuation = tokens(1, P), tokens(3, N, seed=3)
+    assert P + N > model.cos.size(1) or seq > 4
+    static = static_decode(model, prompt, continuation, max_len=P + N + 5)  # 5 stale slots at the end, masked
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1, P + N)
+        model(prompt, kv_cache=cache)
+        cache = cache.replicate(3)
+        eager = torch.cat([model(continuation[:, t:t + 1], kv_cache=cache) for t in range(N)], 1)
+        full = model(torch.cat([prompt.expand(3, -1), continuation], 1))[:, P:]  # the step at column t is position P + t
+    torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(static, full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(static.argmax(-1), full.argmax(-1))
+    assert (static[0] - static[1]).abs().max() > 0.1  # the rows decode different tokens: not one row copied
+
+
+def test_a_window_one_token_too_wide_is_caught(monkeypatch):
+    """The comparison above is not vacuous: the S-layer mask one slot too wide changes the logits."""
+    model = make_model(depth=4, window_pattern="SSSL", short_window=3, n_kv_head=2)
+    prompt, continuation = tokens(1, 7), tokens(2, 10, seed=3)
+    right = static_decode(model, prompt, continuation, max_len=24)
+    real = StaticKVCache.visible
+    monkeypatch.setattr(StaticKVCache, "visible", lambda self, window: real(self, window + 1 if window >= 0 else window))
+    wrong = static_decode(model, prompt, continuation, max_len=24)
+    assert (right - wrong).abs().max() > 1e-2
+
+
+def test_static_cache_mask_and_writes():
+    cache = StaticKVCache(batch_size=2, num_kv_heads=1, head_dim=2, num_layers=1, max_len=8)
+    cache.pos.fill_(5)
+    assert cache.visible(-1).tolist() == [True] * 6 + [False] * 2
+    assert cache.visible(2).tolist() == [False] * 3 + [True] * 3 + [False] * 2  # the query and 2 to its left
+    assert cache.visible(0).tolist() == [False] * 5 + [True] + [False] * 2
+    k = torch.arange(4.0).view(2, 1, 1, 2)
+    k_all, _ = cache.write(0, k, -k)
+    assert torch.equal(k_all[:, :, 5:6], k) and k_all[:, :, :5].abs().sum() == 0 and k_all[:, :, 6:].abs().sum() == 0
+    assert cache.pos.item() == 5  # the step advances the position, not the write
+
+
+def test_start_copies_the_prefill_into_every_row():
+    cache = StaticKVCache(batch_size=3, num_kv_heads=2, head_dim=4, num_layers=2, max_len=10)
+    prefill = cache.prefill_cache()
+    for layer in range(2):
+        prefill.insert_kv(layer, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    prefill.advance(6)
+    cache.start(6)
+    assert cache.pos.item() == 6
+    for t in cache.k + cache.v:
+        assert t[0, :, :6].abs().sum() > 0 and torch.equal(t[1:, :, :6], t[:1, :, :6].expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_decode_attention_matches_sdpa(n_kv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, n_kv, 12, 16, generator=g), torch.randn(2, n_kv, 12, 16, generator=g)
+    visible = torch.tensor([False] * 3 + [True] * 6 + [False] * 3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, 3:9], v[:, :, 3:9], enable_gqa=n_kv != 4)
+    torch.testing.assert_close(decode_attention(q, k, v, visible), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_are_copies_in_the_compute_dtype_and_follow_the_parameters(monkeypatch):
+    """bf16 compute with fp32 parameters: the step reads bf16 copies, the parameters stay fp32 (a model being
+    trained keeps its master weights), and refresh() picks up an in-place update (an optimizer step)."""
+    model = GPT.create(make_model(depth=2).config, "cpu", dtype=torch.bfloat16)
+    weights = DecodeWeights(model)
+    assert weights.layers[0].fc.dtype == torch.bfloat16 and weights.wte.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight.add_(1.0)
+        model.transformer.h[0].attn.c_k.weight.fill_(0.5)
+    assert not torch.equal(weights.layers[1].fc, model.transformer.h[1].mlp.c_fc.weight.to(torch.bfloat16))
+    weights.refresh()
+    assert torch.equal(weights.layers[1].fc, model.transformer.h[1].mlp.c_fc.weight.to(torch.bfloat16))
+    D = model.config.n_embd
+    assert torch.equal(weights.layers[0].qkv[D:2 * D], torch.full((D, D), 0.5, dtype=torch.bfloat16))
+    assert weights.matches(model)
+    model.to(torch.float64)  # replaces every parameter tensor
+    assert not weights.matches(model)
+
+
+def test_fp32_parameters_are_used_in_place():
+    model = make_model(depth=2)
+    weights = DecodeWeights(model)
+    assert weights.layers[1].fc.data_ptr() == model.transformer.h[1].mlp.c_fc.weight.data_ptr()
+    assert weights.layers[1].qkv.data_ptr() != model.transformer.h[1].attn.c_q.weight.data_ptr()  # stacked: a copy
+
+
+# -----------------------------------------------------------------------------
+# the Engine
+
+class FakeGraph:
+    """Stands in for CudaGraphStep on CPU: runs fn for warm-up and "capture" (unlike a real capture, which runs
+    nothing: both leave the cache written and the position advanced), and re-runs it at every replay into the
+    same output tensor, as a graph replay overwrites its captured output."""
+    captures = 0
+
+    def __init__(self, fn, warmup=2):
+        for _ in range(warmup):
+            fn()
+        self.fn, self.out = fn, fn()
+        FakeGraph.captures += 1
+
+    def __call__(self):
+        self.out.copy_(self.fn())
+        return self.out
+
+
+@pytest.fixture
+def fake_graph(monkeypatch):
+    monkeypatch.setattr(engine_mod, "CudaGraphStep", FakeGraph)
+    FakeGraph.captures = 0
+    return FakeGraph
+
+
+@pytest.mark.parametrize("mode", ["static", "graph"])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_engine_streams_equal_the_eager_path(mode, num_samples, fake_graph):
+    model = random_gpt(depth=4, window_pattern="SSSL")  # windows of 8 tokens, the context grows to 40
+    eager = Engine(model, TOK, decode="eager")
+    fast = Engine(model, TOK, decode=mode)
+    assert fast.decode_mode() == mode and eager.decode_mode() == "eager"
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=5), dict(temperature=0.8, seed=9)):
+        want = run(eager.generate(PROMPT, num_samples=num_samples, max_tokens=30, **kwargs))
+        got = run(fast.generate(PROMPT, num_samples=num_samples, max_tokens=30, **kwargs))
+        assert got == want
+        assert len(want[0]) == 30 and len({tuple(c) for c in want[0]}) > 3
+    # one decoder per (batch, cache length, mode), built once and reused by the later requests
+    assert len(fast._idle) == 1 and fast._idle[0].key == (num_samples, engine_mod.CACHE_BUCKET, mode)
+    assert fake_graph.captures == (1 if mode == "graph" else 0)
+
+
+def test_prompt_lengths_share_a_bucket_and_stale_slots_are_masked(fake_graph):
+    """Requests of different lengths reuse one captured decoder; each starts from the previous one's leftovers."""
+    model = random_gpt(depth=2, window_pattern="SL")
+    eager, fast = Engine(model, TOK, decode="eager"), Engine(model, TOK, decode="graph")
+    for prompt in (PROMPT, PROMPT[:5], PROMPT + text(" and more words here"), PROMPT[:3]):
+        assert run(fast.generate(prompt, num_samples=2, max_tokens=20, temperature=0.0)) == \
+            run(eager.generate(prompt, num_samples=2, max_tokens=20, temperature=0.0))
+    assert fake_graph.captures == 1
+
+
+def bigram_gpt(chain, width=384):
+    """A GPT that (at temperature 0) writes `chain`: token chain[i] is followed by chain[i+1]. One-hot embeddings
+    and an lm_head mapping each token to its successor give the bigram; the blocks add random (small) attention
+    and MLP outputs, so both decode paths still compute everything."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_depth(2, TOK.get_vocab_size(), 64, head_dim=32, model_dim=width, n_kv_head=4, window_pattern="SL",
+                                  short_window=4)
+    model = GPT.create(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.02 * p.size(1) ** -0.5 if "proj" in name else p.size(1) ** -0.5)
+        model.transformer.wte.weight.copy_(torch.eye(model.padded_vocab_size, width))
+        model.lm_head.weight.zero_()
+        for a, b in zip(chain, chain[1:]):
+            model.lm_head.weight[b, a] = 10 * width**-0.5  # norm() scales the one-hot row to sqrt(width)
+    return model.eval()
+
+
+def test_calculator_call_streams_equal_the_eager_path(fake_graph):
+    chain = [PROMPT[-1], *text("x"), PY_START, *text("2+3"), PY_END, OUT_END, *text("!"), A_END]
+    model = bigram_gpt(chain)
+    for num_samples in (1, 3):
+        want = run(Engine(model, TOK, decode="eager").generate(PROMPT, num_samples=num_samples, max_tokens=40, temperature=0.0))
+        got = run(Engine(model, TOK, decode="graph").generate(PROMPT, num_samples=num_samples, max_tokens=40, temperature=0.0))
+        assert got == want
+        columns, masks = got
+        row = [c[0] for c in columns]
+        forced = [OUT_START, *text("5"), OUT_END]
+        assert row == [*text("x"), PY_START, *text("2+3"), PY_END, *forced, *text("!"), A_END]
+        assert [m[0] for m in masks] == [1] * 6 + [0] * 3 + [1] * 2
+    # sampled: the same seed draws the same tokens on both paths, tool outputs included
+    kwargs = dict(num_samples=4, max_tokens=40, temperature=1.0, seed=1)
+    sampled = run(Engine(model, TOK, decode="graph").generate(PROMPT, **kwargs))
+    assert sampled == run(Engine(model, TOK, decode="eager").generate(PROMPT, **kwargs))
+
+
+def test_past_the_cache_end_the_eager_path_takes_over(monkeypatch, fake_graph):
+    """max_tokens None: the static cache holds prompt + DECODE_RESERVE rounded up; the answer runs longer."""
+    monkeypatch.setattr(engine_mod, "DECODE_RESERVE", 4)
+    monkeypatch.setattr(engine_mod, "CACHE_BUCKET", 16)
+    model = random_gpt(depth=4, window_pattern="SSSL", logit_scale=0.5)  # flat logits: <|assistant_end|> comes in ~100s of steps
+    fast = Engine(model, TOK, decode="graph")
+    for seed in (0, 1):
+        want = run(Engine(model, TOK, decode="eager").generate(PROMPT, num_samples=2, temperature=1.0, seed=seed))
+        got = run(fast.generate(PROMPT, num_samples=2, temperature=1.0, seed=seed))
+        assert got == want
+        assert len(got[0]) > 16 + 10  # well past the 16-slot cache
+    assert [d.cache.max_len for d in fast._idle] == [16]  # one decoder, reused by the second request
+
+
+def test_interleaved_requests_get_their_own_decoders(fake_graph):
+    model = random_gpt()
+    engine = Engine(model, TOK, decode="graph")
+    alone = [run(engine.generate(PROMPT, num_samples=2, max_tokens=12, seed=s))[0] for s in (1, 2)]
+    s1, s2 = (engine.generate(PROMPT, num_samples=2, max_tokens=12, seed=s) for s in (1, 2))
+    both = [(x[0], y[0]) for x, y in zip(s1, s2)]
+    s1.close(), s2.close()  # a stream hands its decoder back when it ends
+    assert [b[0] for b in both] == alone[0] and [b[1] for b in both] == alone[1]
+    assert fake_graph.captures == 2 and len(engine._idle) == 2
+
+
+def test_parameters_changed_between_requests_are_used(fake_graph):
+    """chat_rl samples, steps the optimizer (in place), samples again: the static path sees the new weights."""
+    model = random_gpt()
+    fast, eager = Engine(model, TOK, decode="graph"), Engine(model, TOK, decode="eager")
+    before = run(fast.generate(PROMPT, max_tokens=16, temperature=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    after = run(fast.generate(PROMPT, max_tokens=16, temperature=0.0))
+    assert after == run(eager.generate(PROMPT, max_tokens=16, temperature=0.0)) and after != before
+    assert fake_graph.captures == 1  # same parameter tensors: the captured decoder is reused
+
+
+def test_decode_mode_choice(monkeypatch):
+    model = random_gpt()
+    assert Engine(model, TOK).decode_mode() == "eager"  # auto on CPU
+    monkeypatch.setenv("NANOCHAT_DECODE", "static")
+    assert Engine(model, TOK).decode_mode() == "static"
+    assert Engine(model, TOK, decode="eager").decode_mode() == "eager"
+    assert Engine(torch.compile(model), TOK).decode_mode() == "static"  # the compiled wrapper's GPT
+    from tests.test_engine import ScriptedModel
+    assert Engine(ScriptedModel([[1]], len(PROMPT)), TOK).decode_mode() == "eager"  # not a GPT: eager
+    with pytest.raises(ValueError):
+        Engine(model, TOK, decode="fast")
+
+
+def test_compiled_step_streams_equal_the_eager_path(fake_graph):
+    """torch.compile(fullgraph=True, dynamic=False) of the step: no graph break, same stream."""
+    model = random_gpt(depth=2, window_pattern="SL")
+    kwargs = dict(num_samples=2, max_tokens=12, temperature=0.0)
+    want = run(Engine(model, TOK, decode="eager").generate(PROMPT, **kwargs))
+    fast = Engine(model, TOK, decode="compile")
+    assert run(fast.generate(PROMPT, **kwargs)) == want
+    assert run(fast.generate(PROMPT[:6], **kwargs)) == run(Engine(model, TOK, decode="eager").generate(PROMPT[:6], **kwargs))
+    assert fake_graph.captures == 1
+
+
+def test_a_failing_capture_falls_back_to_eager_under_auto(monkeypatch):
+    """auto picks the graph path on CUDA; if building it fails, the request (and later ones) decode eagerly.
+    An explicitly requested path raises instead."""
+    def broken(fn, warmup=2):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(engine_mod, "CudaGraphStep", broken)
+    real_mode = Engine.decode_mode
+    monkeypatch.setattr(Engine, "decode_mode", lambda self: "graph" if self.decode == "auto" else real_mode(self))  # as on CUDA
+    model = random_gpt()
+    want = run(Engine(model, TOK, decode="eager").generate(PROMPT, num_samples=2, max_tokens=10, temperature=0.0))
+    engine = Engine(model, TOK)
+    with pytest.warns(UserWarning, match="capture failed"):
+        assert run(engine.generate(PROMPT, num_samples=2, max_tokens=10, temperature=0.0)) == want
+    assert engine.decode == "eager"
+    with pytest.raises(RuntimeError, match="capture failed"):
+        run(Engine(model, TOK, decode="graph").generate(PROMPT, max_tokens=3))
