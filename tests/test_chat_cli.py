@@ -11,24 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanochat import chat_cli, cli
 from nanochat.store import open_store
 from tests.fixtures import make_base_checkpoint, make_tokenizer
+from tests.test_engine import one_thread  # noqa: F401 (autouse: tiny models, one thread)
 
 NANOCHAT = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "nanochat"
 GREEDY = ["-t", "0", "--max-tokens", "16"]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only add contention on a 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

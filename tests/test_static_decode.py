@@ -10,16 +10,9 @@ import nanochat.engine as engine_mod
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, DecodeWeights, GPTConfig, decode_attention
 from nanochat.kv_cache import StaticKVCache
-from tests.test_engine import A_END, OUT_END, OUT_START, PROMPT, PY_END, PY_START, TOK, random_gpt, run, text
+from tests.test_engine import A_END, OUT_END, OUT_START, PROMPT, PY_END, PY_START, TOK, one_thread, random_gpt, run, text  # noqa: F401 (one_thread: autouse)
 from tests.test_gpt import make_model, tokens
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def static_cache(model, batch, max_len):
