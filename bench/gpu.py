@@ -559,8 +559,7 @@ def measure_peaks(b):
     copy_bw = 2 * src.numel() * src.element_size() / t
     from nanochat.training import peak_flops
     datasheet_flops = peak_flops(b.device)
-    hbm_table = load_bench("inference").HBM_BYTES_PER_S
-    datasheet_bw = next((v for k, v in hbm_table.items() if k in b.gpu), None) if b.cuda else None
+    datasheet_bw = datasheet_hbm(b)
     b.hbm = datasheet_bw or copy_bw
     b.report.peaks.update(matmul_flops=b.peak_flops, matmul_n=n, matmul_dtype=b.dtype_name, datasheet_flops=datasheet_flops,
                           copy_bytes_s=copy_bw, datasheet_bytes_s=datasheet_bw, hbm_bytes_s=b.hbm,
@@ -788,8 +787,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None):
 
 def datasheet_hbm(b):
     """HBM bytes/s of this GPU by name (bench/inference.py's table), None when unknown or on a CPU."""
-    table = load_bench("inference").HBM_BYTES_PER_S
-    return next((v for k, v in table.items() if k in b.gpu), None) if b.cuda else None
+    return load_bench("inference").hbm_bytes_per_s(b.gpu) if b.cuda else None
 
 
 def chat_diag_row(b):

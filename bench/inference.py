@@ -16,7 +16,7 @@ On CUDA the batch-1 "bw limit" column is the memory-bandwidth bound: (weight byt
 read per step) / HBM bandwidth.
 
 decode = the Engine's path (nanochat/engine.py): eager (GPT.forward + KVCache per step, the reference; the CPU rows),
-graph (the static step in a CUDA graph: the CUDA default), compile (torch.compile'd, then graphed). CUDA rows also
+graph (the static step in a CUDA graph; opt-in outside this bench until measured), compile (torch.compile'd, then graphed). CUDA rows also
 profile 16 decode steps: kernels per step and GPU-busy ms per step against the wall ms per step (launch-bound or not).
 
     python bench/inference.py --chat-diag '{"variant": "eager"}' --device cuda
@@ -44,6 +44,11 @@ ANCHOR_ENGINE = {(2, 1): 1692, (2, 4): 3136, (4, 1): 553, (4, 4): 1190, (6, 1): 
 ANCHOR_NAIVE = {2: 179, 4: 100, 6: 54}
 # first match wins: the PCIe H100 before the SXM part the bare "H100" means
 HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def hbm_bytes_per_s(gpu_name):
+    """Datasheet HBM bandwidth of a GPU by its device name (first match: PCIe/NVL before plain H100), else None."""
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k in gpu_name), None)
 
 
 def cpu_rows(args):
@@ -144,7 +149,7 @@ def measure(row, device, repeats, threads):
         c = model.config
         mean_ctx = row["prompt"] + N / 2
         kv_bytes = 2 * c.n_layer * c.n_kv_head * c.head_dim * mean_ctx * 2 * B  # K and V, bf16
-        bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in result["gpu"]), None)
+        bw = hbm_bytes_per_s(result["gpu"])
         result["bw_limit_tok_s"] = B / ((weight_bytes + kv_bytes) / bw) if bw else None
     else:
         result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
