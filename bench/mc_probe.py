@@ -32,6 +32,7 @@ def letter_answers(model, tokenizer, task, n: int) -> tuple[float, float]:
     hits, letters = 0, collections.Counter()
     for i in range(n):
         conversation = task[i]
+        # the drill's 8 turns outrun the trained context; the last turn repeats all options, so keep the end
         prompt = tokenizer.render_for_completion(conversation)[-model.config.sequence_len:]
         ids = letter_token_ids(tokenizer, conversation["letters"])
         letter = conversation["letters"][model(torch.tensor([prompt]))[0, -1, ids].argmax().item()]
