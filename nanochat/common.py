@@ -12,11 +12,21 @@ import torch.distributed as dist
 log = logging.getLogger("nanochat")
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was at setup: a stage run in-process under a
+    swapped stderr (pytest's capture, a notebook) leaves no handler bound to a stream that later closes."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+
 def setup_logging(level: str | None = None):
     level = level or os.environ.get("NANOCHAT_LOG_LEVEL", "INFO")
     rank = int(os.environ.get("RANK", 0))
     fmt = f"%(asctime)s [rank{rank}] %(message)s" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "%(asctime)s %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", handlers=[CurrentStderrHandler()], force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -110,3 +110,20 @@ def test_every_profile_key_is_a_real_flag():
             assert not unknown, f"profile {name}, stage {stage}: unknown keys {unknown}"
         for stage in prof.get("nproc", {}):
             assert stage in MODULES
+
+
+def test_logging_follows_sys_stderr_after_the_stream_it_started_on_closes(monkeypatch):
+    """A stage run in-process under one captured stderr must not leave logging bound to that stream once it closes."""
+    import io
+    import logging
+
+    from nanochat import common
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    common.setup_logging()
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    logging.getLogger("nanochat.test").info("after the swap")
+    assert "after the swap" in second.getvalue()
+    assert "Logging error" not in second.getvalue()
