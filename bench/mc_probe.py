@@ -2,7 +2,7 @@
 
     python bench/mc_probe.py [--store URI] [--sources base,mid,sft,rl] [--problems 200]
 
-Per checkpoint, three teacher-forced numbers (no sampling):
+Per checkpoint, four teacher-forced numbers (no sampling):
 - mc: held-out synthetic_mc accuracy, argmax over the four letters (what chat_eval reports);
 - lookup: held-out synthetic_mc_drill, whose question names the right option ("Which option is coffee?").
   The only skill left is binding an option to its letter, an in-context lookup;

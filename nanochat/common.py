@@ -18,9 +18,6 @@ class CurrentStderrHandler(logging.StreamHandler):
 
     stream = property(lambda self: sys.stderr, lambda self, value: None)
 
-    def __init__(self):
-        super().__init__(sys.stderr)
-
 
 def setup_logging(level: str | None = None):
     level = level or os.environ.get("NANOCHAT_LOG_LEVEL", "INFO")
