@@ -1,10 +1,10 @@
 """
-Inference engine: batched sampling with a KV cache, the calculator tool, streaming decode.
+Inference engine: batched sampling with a KV cache, the tools, streaming decode.
 
 Everything here works on token ids. The prompt is prefilled once at batch 1, its KV cache is then
 replicated into `num_samples` rows ("one prefix, many samples"), and every step forwards one token
 per row. Each row runs a small state machine for tool use: when the model writes
-<|python_start|> expr <|python_end|>, the calculator evaluates expr and
+<|python_start|> expr <|python_end|>, the tool (nanochat.tools: calculator or choice) evaluates expr and
 <|output_start|> result <|output_end|> is forced into that row, one token per step, with mask 0
 (forced, not sampled).
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanochat.calculator import evaluate as use_calculator
 from nanochat.gpt import GPT, DecodeWeights
 from nanochat.kv_cache import StaticKVCache
+from nanochat.tools import run_tool
 
 DECODE_RESERVE = 256  # cache rows reserved for decoding when max_tokens is None (the cache grows beyond)
 # Decoding a small model on CPU is latency-bound: a second intra-op thread only adds synchronisation,
@@ -87,6 +87,7 @@ class RowState:
     expr_tokens: list | None = None               # collecting a python block when not None
     completed: bool = False
     terminal: int | None = None                   # the token that finished the row
+    prompt: list = field(default_factory=list)    # the request's tokens, the context `choice` reads its options from
 
 
 class Engine:
@@ -100,7 +101,7 @@ class Engine:
             raise ValueError(f"decode={self.decode!r}: use one of auto, {', '.join(DECODE_MODES)}")
         self._weights = None  # DecodeWeights of the static paths, built on first use
         self._idle = []       # StaticDecoders free for the next request, oldest first
-        self.tokenizer = tokenizer  # for the special tokens and the calculator's text
+        self.tokenizer = tokenizer  # for the special tokens and the tools' text
         special = tokenizer.encode_special
         self.python_start = special("<|python_start|>")
         self.python_end = special("<|python_end|>")
@@ -176,7 +177,7 @@ class Engine:
         try:
             # 1) prefill the prompt once, at batch 1; every row samples its own first token from it
             logits = steps.prefill(prompt).expand(num_samples, -1)
-            rows = [RowState() for _ in range(num_samples)]
+            rows = [RowState(prompt=tokens) for _ in range(num_samples)]
             generated = 0
             while max_tokens is None or generated < max_tokens:
                 sampled = sample_next_token(logits, rng, temperature, top_k)
@@ -252,7 +253,7 @@ class Engine:
         elif token == self.python_end and row.expr_tokens is not None:
             expr = self.tokenizer.decode(row.expr_tokens)
             row.expr_tokens = None
-            result = use_calculator(expr)
+            result = run_tool(expr, context=lambda: self.tokenizer.decode(row.prompt))
             row.forced.append(self.output_start)
             row.forced.extend(self.tokenizer.encode(result))
             row.forced.append(self.output_end)

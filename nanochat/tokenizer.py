@@ -24,7 +24,7 @@ SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it; it delimits documents
     "<|user_start|>", "<|user_end|>",
     "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # the assistant calls the python (calculator) tool
+    "<|python_start|>", "<|python_end|>",  # the assistant calls a tool (nanochat.tools: calculator, choice)
     "<|output_start|>", "<|output_end|>",  # the tool's output, forced back into the stream
 ]
 BOS = "<|bos|>"

@@ -11,7 +11,8 @@ get_device), looks the prompt up in its script and emits the scripted next token
 - multiple choice: the right (or a wrong) letter, with an even larger logit on a non-letter token,
   so only an evaluator that restricts the logits to the letters gets the expected accuracy;
 - tool tasks (arithmetic, spelling): the reference calculator call, then "#### " followed by a copy
-  of whatever the tool printed: correct only if the Engine really executes the call;
+  of whatever the tool printed: correct only if the Engine really executes the call; multiple choice
+  with the choice tool: the reference `choice(...)` call, then a copy of the letter the tool printed;
 - other generative tasks: the reference text (or a wrong one).
 """
 from __future__ import annotations
@@ -98,8 +99,8 @@ def mc_script(tokenizer, conversation, correct):
 
 
 def tool_script(tokenizer, conversation, correct):
-    """Write the reference's last calculator call (its result is the final answer), then '#### ' + the
-    tool's printed output."""
+    """Write the reference's last tool call (its result is the final answer), then '#### ' + the tool's
+    printed output (just the output after a `choice` call: the answer is the letter)."""
     special = tokenizer.encode_special
     call = [p["text"] for p in conversation["messages"][-1]["content"] if p["type"] == "python"][-1]
     if not correct:
@@ -113,7 +114,8 @@ def tool_script(tokenizer, conversation, correct):
         if out_end not in generated:
             return {}  # the Engine forces the tool output here: the logits do not matter
         output = generated[generated.index(out_start) + 1:generated.index(out_end)]
-        tail = tokenizer.encode("\n#### ") + output + [special("<|assistant_end|>")]
+        prefix = [] if call.startswith(("choice(", "(choice(")) else tokenizer.encode("\n#### ")
+        tail = prefix + output + [special("<|assistant_end|>")]
         written = len(generated) - generated.index(out_end) - 1
         return {tail[min(written, len(tail) - 1)]: HIGH}
     return script

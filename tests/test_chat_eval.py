@@ -61,7 +61,7 @@ def test_pass_at_k_counts_problems_with_a_hit_among_the_first_k():
 
 
 def test_letter_tokens_are_what_the_assistant_writes(tokenizer):
-    conv = get_task("synthetic_mc", split="test")[0]
+    conv = get_task("synthetic_mc_letter", split="test")[0]
     ids, mask = tokenizer.render_conversation(conv)
     answer_pos = ids.index(tokenizer.encode_special("<|assistant_start|>")) + 1
     letters = conv["letters"]
@@ -76,35 +76,35 @@ def test_letter_tokens_are_what_the_assistant_writes(tokenizer):
 
 
 def test_categorical_is_exact_and_restricted_to_the_letters(tokenizer):
-    tasks = tasks_by_name(["synthetic_mc"])
+    tasks = tasks_by_name(["synthetic_mc_letter"])
     model = oracle.build_model(tokenizer, tasks, max_problems=14)
-    expected = oracle.expected_results(tasks, 14)["synthetic_mc"]["accuracy"]
+    expected = oracle.expected_results(tasks, 14)["synthetic_mc_letter"]["accuracy"]
     # batches of 4 over 14 problems: right padding and a ragged last batch
-    result = evaluate_task(tasks["synthetic_mc"], tokenizer, model, max_problems=14, batch_size=4)
+    result = evaluate_task(tasks["synthetic_mc_letter"], tokenizer, model, max_problems=14, batch_size=4)
     assert result["total"] == 14 and result["accuracy"] == expected == 9 / 14
     assert result["centered"] == pytest.approx((9 / 14 - 0.25) / 0.75)
     # the model's unrestricted favourite is not a letter: an evaluator that ignored `letters` would score 0
-    prompt = tokenizer.render_for_completion(tasks["synthetic_mc"][1])
+    prompt = tokenizer.render_for_completion(tasks["synthetic_mc_letter"][1])
     assert model(torch.tensor([prompt]))[0, -1].argmax().item() == tokenizer.encode("Z")[0]
 
 
 def test_generative_is_exact_and_executes_tool_calls(tokenizer):
-    names = ["synthetic_arithmetic", "synthetic_spelling", "synthetic_chat"]
+    names = ["synthetic_arithmetic", "synthetic_spelling", "synthetic_mc", "synthetic_chat"]
     tasks = tasks_by_name(names)
     model = oracle.build_model(tokenizer, tasks, max_problems=7)
     expected = oracle.expected_results(tasks, 7)
     engine = Engine(model, tokenizer)
     for name in names:
         result = evaluate_task(tasks[name], tokenizer, model, engine, max_problems=7, max_new_tokens=64)
-        # arithmetic and spelling answers are copied from the calculator's printed output: they are
-        # right only because the engine ran the call the model wrote
+        # arithmetic, spelling and multiple-choice answers are copied from the tool's printed output:
+        # they are right only because the engine ran the call the model wrote
         assert (result["accuracy"], result["total"]) == (expected[name]["accuracy"], 7) == (4 / 7, 7), name
 
 
 def test_categorical_batching_matches_one_prompt_at_a_time(base_store, tokenizer):
     """A real (random) GPT: padded batches give the same predictions as unpadded single prompts."""
     model = base_store[1]
-    task = get_task("synthetic_mc", split="test")
+    task = get_task("synthetic_mc_letter", split="test")
     batched = categorical_outcomes(task, tokenizer, model, list(range(10)), batch_size=4)
     single = categorical_outcomes(task, tokenizer, model, list(range(10)), batch_size=1)
     assert batched == single and len(batched) == 10

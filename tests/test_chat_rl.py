@@ -112,9 +112,9 @@ def test_policy_gradient_is_advantage_weighted_logprob_of_sampled_tokens_only(te
     prompt = tokenizer.render_for_completion(get_task("synthetic_arithmetic", split="train")[1])
     seqs, masks = chat_rl.sample_group(engine, prompt, 8, 48, 1.0, 50, seed=1)
     out_end = tokenizer.encode_special("<|output_end|>")
-    rows = sorted(range(8), key=lambda i: out_end not in seqs[i])[:2]  # rows with forced tool output first
-    seqs, masks = [seqs[i] for i in rows], [masks[i] for i in rows]
-    assert out_end in seqs[0] and len(seqs[0]) != len(seqs[1])  # a forced block, and padding in the batch
+    first = next(i for i in range(8) if out_end in seqs[i])  # a row with a forced tool block
+    other = next(i for i in range(8) if len(seqs[i]) != len(seqs[first]))  # and one of another length: padding
+    seqs, masks = [seqs[first], seqs[other]], [masks[first], masks[other]]
     advantages, norm = [0.75, -0.25], 7.0
     chat_rl.policy_gradient_backward(model, seqs, masks, advantages, engine.assistant_end, norm)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -312,6 +312,21 @@ def test_two_tool_calls_in_one_answer_and_count():
     assert mask.count(0) - len(PROMPT) == 2 + 1 + 2 + 1  # two forced blocks: start, result, end
 
 
+def test_choice_reads_the_options_of_the_request_prompt():
+    question = "Multiple Choice question: Which is a fruit?\n- chair=A\n- pear=B\n- 20=C\n- 7=D\n"
+    prompt = [BOS, SP["<|user_start|>"], *TOK.encode(question), SP["<|user_end|>"], SP["<|assistant_start|>"]]
+    script = [PY_START, *text("choice('pear')"), PY_END, PY_START, *text("choice(13 + 7)"), PY_END,
+              PY_START, *text("choice('plum')"), PY_END]
+    seqs, _ = Engine(ScriptedModel([script], len(prompt)), TOK).generate_batch(prompt, num_samples=2, max_tokens=200)
+    for seq in seqs:  # every row reads the same prompt
+        assert TOK.decode(seq[len(prompt):]) == (
+            "<|python_start|>choice('pear')<|python_end|><|output_start|>B<|output_end|>"
+            "<|python_start|>choice(13 + 7)<|python_end|><|output_start|>C<|output_end|>"
+            "<|python_start|>choice('plum')<|python_end|><|output_start|>error: no option 'plum'<|output_end|>")
+    (seq,), _ = scripted_engine(script).generate_batch(PROMPT, max_tokens=200)  # a prompt without options
+    assert "<|output_start|>error: no options to choose from<|output_end|>" in TOK.decode(seq)
+
+
 def test_nested_and_stray_markers():
     # a second <|python_start|> restarts the expression; a stray <|python_end|> is ignored
     script = [PY_END, PY_START, *text("9"), PY_START, *text("2+3"), PY_END]

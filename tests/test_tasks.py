@@ -15,7 +15,7 @@ from nanochat.tasks import (Task, TaskDataMissing, TaskMixture, TaskSequence, ch
                             extract_answer, get_task, list_tasks, render_mc, synthetic_documents)
 from nanochat.tasks.gsm8k import answer_to_parts
 from nanochat.tasks.synthetic import (SYNTHETIC_TASKS, SyntheticArithmetic, SyntheticChat, SyntheticChoiceDrill,
-                                      SyntheticMultipleChoice, SyntheticSpelling, split_of)
+                                      SyntheticMultipleChoice, SyntheticMultipleChoiceLetter, SyntheticSpelling, split_of)
 
 # --- fixtures in the real formats (HF parquet exports, the original JSONL/csv files) ---------
 
@@ -316,7 +316,17 @@ def test_registry():
 
 # --- synthetic tasks --------------------------------------------------------------------------
 
-SYNTHETIC = [SyntheticArithmetic, SyntheticSpelling, SyntheticMultipleChoice, SyntheticChat, SyntheticChoiceDrill]
+SYNTHETIC = [SyntheticArithmetic, SyntheticSpelling, SyntheticMultipleChoice, SyntheticMultipleChoiceLetter, SyntheticChat,
+             SyntheticChoiceDrill]
+TOOL_MARKERS = {"python": ("<|python_start|>", "<|python_end|>"), "python_output": ("<|output_start|>", "<|output_end|>"),
+                "text": ("", "")}
+
+
+def engine_text(content) -> str:
+    """An assistant message as the engine's decoded completion writes it (tool blocks in special tokens)."""
+    if isinstance(content, str):
+        return content
+    return "".join(TOOL_MARKERS[p["type"]][0] + p["text"] + TOOL_MARKERS[p["type"]][1] for p in content)
 
 
 @pytest.mark.parametrize("cls", SYNTHETIC)
@@ -327,16 +337,19 @@ def test_synthetic_deterministic_and_well_formed(cls):
     for conv in all_examples(a):
         check_conversation(conv)
         assert conv["messages"][-1]["role"] == "assistant"
-        # the reference answer grades as correct (the engine feeds the assistant text as completion)
-        completion = conversation_to_text({"messages": [conv["messages"][-1]]}).removeprefix("Assistant: ")
-        assert a.evaluate(conv, completion) == 1
+        # the reference answer grades as correct, as the engine's completion and as plain text
+        assert a.evaluate(conv, engine_text(conv["messages"][-1]["content"])) == 1
+        if cls not in (SyntheticMultipleChoice, SyntheticChoiceDrill):  # those read the letter after the tool
+            completion = conversation_to_text({"messages": [conv["messages"][-1]]}).removeprefix("Assistant: ")
+            assert a.evaluate(conv, completion) == 1
 
 
 @pytest.mark.parametrize("cls", SYNTHETIC)
 def test_synthetic_splits_are_disjoint(cls):
     keys = {split: {cls(split=split, size=300).key_of(i) for i in range(300)} for split in ("train", "val", "test")}
     assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
-    assert all(split_of(f"{cls.__name__}:{k}") == split for split, ks in keys.items() for k in ks)
+    problem_set = cls(split="train").problem_set
+    assert all(split_of(f"{problem_set}:{k}") == split for split, ks in keys.items() for k in ks)
     assert min(len(k) for k in keys.values()) >= 25  # enough distinct problems per split
 
 
@@ -358,8 +371,9 @@ def test_synthetic_tool_calls_agree_with_the_calculator(cls):
 
 
 def test_synthetic_multiple_choice():
-    task = SyntheticMultipleChoice(split="test", size=200)
+    task = SyntheticMultipleChoiceLetter(split="test", size=200)
     assert task.eval_type == "categorical" and task.baseline == 0.25
+    assert SyntheticMultipleChoice.eval_type == "generative" and SyntheticMultipleChoice.baseline == 0.25
     letters = Counter()
     for conv in all_examples(task):
         assert conv["letters"] == ["A", "B", "C", "D"]

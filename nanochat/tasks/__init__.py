@@ -14,7 +14,7 @@ from nanochat.tasks.base import (LETTERS, Task, TaskMixture, TaskSequence, TaskS
                                  conversation_to_text, extract_answer, render_mc)
 from nanochat.tasks.files import TaskDataMissing
 from nanochat.tasks.synthetic import (SyntheticArithmetic, SyntheticChat, SyntheticChoiceDrill, SyntheticMultipleChoice,
-                                      SyntheticSpelling, synthetic_documents)
+                                      SyntheticMultipleChoiceLetter, SyntheticSpelling, synthetic_documents)
 
 
 def _arc(subset):
@@ -57,6 +57,7 @@ TASKS = {
     "synthetic_arithmetic": _synthetic(SyntheticArithmetic),
     "synthetic_spelling": _synthetic(SyntheticSpelling),
     "synthetic_mc": _synthetic(SyntheticMultipleChoice),
+    "synthetic_mc_letter": _synthetic(SyntheticMultipleChoiceLetter),
     "synthetic_chat": _synthetic(SyntheticChat),
     "synthetic_mc_drill": _synthetic(SyntheticChoiceDrill),
 }

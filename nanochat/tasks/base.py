@@ -153,9 +153,11 @@ def render_mc(question: str, letters, choices) -> str:
 
 
 def evaluate_letter(conversation: dict, completion: str) -> int:
-    """Categorical grading: the completion is (or starts with) the right letter."""
-    answer = conversation["messages"][-1]["content"]
-    pred = completion.strip().rstrip(".").strip()
+    """The completion's answer is the right letter: the letter itself (categorical grading), or the text
+    after the last tool output of a sampled answer (a reply that looked the letter up with `choice`)."""
+    content = conversation["messages"][-1]["content"]
+    answer = content if isinstance(content, str) else content[-1]["text"]
+    pred = completion.rsplit("<|output_end|>", 1)[-1].strip().rstrip(".").strip()
     return int(pred == answer)
 
 

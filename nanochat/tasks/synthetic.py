@@ -4,7 +4,8 @@ every chat stage in the same formats as the real data:
 
 - SyntheticArithmetic: word problems solved with calculator calls, ending "#### N" (like GSM8K)
 - SyntheticSpelling: "How many r are in berry?" solved with 'berry'.count('r') (like SpellingBee)
-- SyntheticMultipleChoice: 4 lettered options, the answer is the letter (like MMLU/ARC)
+- SyntheticMultipleChoice: 4 lettered options, the answer is the letter, found with the choice tool
+  (SyntheticMultipleChoiceLetter: the bare letter, like MMLU/ARC)
 - SyntheticChat: short greetings and identity dialogues (like SmolTalk/identity)
 
 Small numbers and templated phrasing make them learnable by a ~1-4M-parameter model in a few
@@ -49,20 +50,25 @@ class SyntheticTask(Task):
     def generate(self, rng: random.Random) -> tuple[str, dict]:
         raise NotImplementedError
 
+    @property
+    def problem_set(self) -> str:
+        """Names the RNG stream and split hashing: tasks that share it share their problems."""
+        return self.name
+
     def get_example(self, index):
-        rng = random.Random(f"{self.name}/{self.seed}/{self.split}/{index}")  # str seeds are stable across runs
+        rng = random.Random(f"{self.problem_set}/{self.seed}/{self.split}/{index}")  # str seeds are stable across runs
         for _ in range(10_000):  # rejection: keep only problems whose key hashes to this split
             key, conversation = self.generate(rng)
-            if split_of(f"{self.name}:{key}") == self.split:
+            if split_of(f"{self.problem_set}:{key}") == self.split:
                 return conversation
         raise RuntimeError(f"{self.name}: could not draw a {self.split} example")
 
     def key_of(self, index: int) -> str:
         """The problem key of example `index` (tests use it to check split disjointness)."""
-        rng = random.Random(f"{self.name}/{self.seed}/{self.split}/{index}")
+        rng = random.Random(f"{self.problem_set}/{self.seed}/{self.split}/{index}")
         while True:
             key, _ = self.generate(rng)
-            if split_of(f"{self.name}:{key}") == self.split:
+            if split_of(f"{self.problem_set}:{key}") == self.split:
                 return key
 
 
@@ -270,9 +276,12 @@ def opposite_of(word: str) -> str:
 
 
 class SyntheticMultipleChoice(SyntheticTask):
-    eval_type = "categorical"
-    baseline = 0.25
+    """Answered with the choice tool: the assistant names the option (`choice('apple')`, `choice(7 + 6)`),
+    the tool returns its letter, and the answer is that letter. Graded by sampling (the letter after the
+    tool's output, or a bare letter)."""
     letters = LETTERS
+    baseline = 0.25
+    with_tool = True
 
     def generate(self, rng):
         kind = rng.choice(["largest", "smallest", "sum", "category", "opposite"])
@@ -281,10 +290,10 @@ class SyntheticMultipleChoice(SyntheticTask):
             correct = max(numbers) if kind == "largest" else min(numbers)
             question = f"Which number is the {kind}?"
             choices, key = [str(x) for x in numbers], f"{kind}:{sorted(numbers)}"
-            answer = str(correct)
+            answer, call = str(correct), f"choice({correct})"
         elif kind == "sum":
             a, b = rng.randint(1, 20), rng.randint(1, 20)
-            answer = str(a + b)
+            answer, call = str(a + b), f"choice({a} + {b})"
             wrong = rng.sample([x for x in range(max(1, a + b - 5), a + b + 6) if x != a + b], 3)
             question, choices, key = f"What is {a} + {b}?", [answer] + [str(x) for x in wrong], f"sum:{a}:{b}"
         elif kind == "category":
@@ -292,18 +301,21 @@ class SyntheticMultipleChoice(SyntheticTask):
             answer = rng.choice(CATEGORIES[category])
             others = sorted({w for c, ws in CATEGORIES.items() if c != category for w in ws} - set(CATEGORIES[category]))
             wrong = rng.sample(others, 3)
-            question, choices = f"Which of these is a {category}?", [answer] + wrong
+            article = "an" if category[0] in "aeiou" else "a"
+            question, choices = f"Which of these is {article} {category}?", [answer] + wrong
+            call = f"choice('{answer}')"
             key = f"category:{category}:{answer}:{sorted(wrong)}"
         else:
             word = rng.choice([w for pair in OPPOSITES for w in pair])
             answer = opposite_of(word)
             others = sorted({w for pair in OPPOSITES for w in pair} - {word, answer})
             wrong = rng.sample(others, 3)
-            question, choices = f"What is the opposite of {word}?", [answer] + wrong
+            question, choices, call = f"What is the opposite of {word}?", [answer] + wrong, f"choice('{answer}')"
             key = f"opposite:{word}:{sorted(wrong)}"
         rng.shuffle(choices)
         letter = self.letters[choices.index(answer)]
-        conversation = chat(render_mc(question, self.letters, choices), letter)
+        reply = [*tool_call(call, letter), text(letter)] if self.with_tool else letter
+        conversation = chat(render_mc(question, self.letters, choices), reply)
         conversation["letters"] = list(self.letters)
         return key, conversation
 
@@ -311,8 +323,16 @@ class SyntheticMultipleChoice(SyntheticTask):
         return evaluate_letter(conversation, completion)
 
 
+class SyntheticMultipleChoiceLetter(SyntheticMultipleChoice):
+    """The same problems answered with the bare letter and graded by the letters' logits (nanochat's MMLU/ARC
+    way): the in-context letter lookup alone, which the tiny model does not learn (bench/mc_probe.py)."""
+    eval_type = "categorical"
+    with_tool = False
+    problem_set = "SyntheticMultipleChoice"
+
+
 class SyntheticChoiceDrill(SyntheticTask):
-    """Training-only drill for the letter lookup that multiple choice needs: one set of 4 random
+    """Training-only drill for the letter lookup that bare-letter multiple choice needs: one set of 4 random
     words, then `turns` questions "Which option is <word>?" in the multiple-choice format.
 
     The question names the answer, so the only skill is binding an option to its letter. A small
