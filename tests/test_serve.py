@@ -21,6 +21,7 @@ from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
 from nanochat.serve import (BackgroundServer, Limits, Replica, StopMatcher, create_app, split_tool_calls)
 from nanochat.store import open_store
+from nanochat.tasks import LETTERS, render_mc
 from tests.fixtures import make_base_checkpoint, make_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core box
@@ -44,17 +45,17 @@ class ScriptCache:
 
 
 class ScriptedChat:
-    """After any prompt it writes "Let me compute. <python>12*7</python>" (the engine runs the call and
+    """After any prompt it writes "Let me compute. <python>12*7</python>" (or another call; the engine runs it and
     forces its output), then " The answer is 84." and <|assistant_end|>. With ticking=True it writes
     " tick" until max_tokens instead. `delay` seconds per forward keep a slot busy for the queue tests."""
 
-    def __init__(self, tok, delay=0.0, ticking=False, context=100_000):
+    def __init__(self, tok, delay=0.0, ticking=False, context=100_000, call="12*7"):
         self.tok, self.delay, self.ticking = tok, delay, ticking
         self.config = SimpleNamespace(sequence_len=context)
         self.vocab = tok.get_vocab_size()
         s = tok.encode_special
         self.a_start, self.out_end = s("<|assistant_start|>"), s("<|output_end|>")
-        self.head = tok.encode("Let me compute. ") + [s("<|python_start|>")] + tok.encode("12*7") + [s("<|python_end|>")]
+        self.head = tok.encode("Let me compute. ") + [s("<|python_start|>")] + tok.encode(call) + [s("<|python_end|>")]
         self.tail = tok.encode(" The answer is 84.") + [s("<|assistant_end|>")]
         self.tick = tok.encode(" tick")
         self.calls, self.prompts = 0, []
@@ -352,6 +353,18 @@ def test_history_with_tool_calls_round_trips(tool_server, tool_model, tokenizer)
              {"type": "python_output", "text": "84"}, {"type": "text", "text": " The answer is 84."}]
     r = chat(tool_server.url, {"messages": messages[:1] + [{"role": "assistant", "content": parts}] + messages[2:]})
     assert r.status_code == 200 and tool_model.prompts[-1] == expected
+
+
+def test_choice_tool_reads_the_options_of_the_last_question(tokenizer):
+    question = render_mc("Which of these is a fruit?", LETTERS, ["chair", "pear", "dog", "red"])
+    with BackgroundServer(create_app(model=ScriptedChat(tokenizer, call="choice('pear')"), tokenizer=tokenizer,
+                                     limits=LIMITS)) as server:
+        r = chat(server.url, {"messages": user(question)})
+        assert r.status_code == 200
+        assert "<|python_start|>choice('pear')<|python_end|><|output_start|>B<|output_end|>" in r.json()["choices"][0]["message"]["content"]
+        # a later question without options: the earlier one's options are not used
+        r = chat(server.url, {"messages": user(question) + [{"role": "assistant", "content": "B"}] + user("And now?")})
+        assert "<|output_start|>error: no options to choose from<|output_end|>" in r.json()["choices"][0]["message"]["content"]
 
 
 def test_stop_sequences(tool_server):
