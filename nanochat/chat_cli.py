@@ -1,7 +1,7 @@
 """`nanochat chat`: talk to a trained model in the terminal, or answer one prompt with -p.
 
-The answer streams token by token through the UTF-8-safe decoder; calculator calls show as
-[calc EXPR → RESULT]. The conversation is kept as messages (tool calls included, as parts) and
+The answer streams token by token through the UTF-8-safe decoder; tool calls (calculator, choice) show as
+[tool EXPR → RESULT]. The conversation is kept as messages (tool calls included, as parts) and
 re-rendered with the chat format for every turn, so the model sees exactly what it would have
 seen in training.
 """
@@ -17,7 +17,7 @@ from nanochat.cli import add_store_flags, error, store_uri
 
 QUIT_WORDS = ("quit", "exit")
 # tool-use special tokens: (the kind of part that follows, how the token looks on screen)
-TOOL_TOKENS = {"<|python_start|>": ("python", "[calc "), "<|python_end|>": ("text", ""),
+TOOL_TOKENS = {"<|python_start|>": ("python", "[tool "), "<|python_end|>": ("text", ""),
                "<|output_start|>": ("python_output", " → "), "<|output_end|>": ("text", "]")}
 DIM, RESET = "\033[2m", "\033[0m"
 

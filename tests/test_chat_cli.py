@@ -98,7 +98,7 @@ def test_stream_answer_shows_tool_calls_and_returns_parts_that_rerender_exactly(
     out = io.StringIO()
     prompt = chat_cli.prompt_tokens(tokenizer, [{"role": "user", "content": "hi"}], "sft")
     parts = chat_cli.stream_answer(ScriptedEngine(tokenizer, stream), prompt, out, max_tokens=100)
-    assert out.getvalue() == "Let me compute [calc 12*7 → 84] so 84 🙂 好\n"
+    assert out.getvalue() == "Let me compute [tool 12*7 → 84] so 84 🙂 好\n"
     assert parts == [{"type": "text", "text": "Let me compute "}, {"type": "python", "text": "12*7"},
                      {"type": "python_output", "text": "84"}, {"type": "text", "text": " so 84 🙂 好"}]
     conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": parts}]}
@@ -106,7 +106,7 @@ def test_stream_answer_shows_tool_calls_and_returns_parts_that_rerender_exactly(
 
     colored = io.StringIO()
     chat_cli.stream_answer(ScriptedEngine(tokenizer, stream), prompt, colored, color=True, max_tokens=100)
-    assert f"{chat_cli.DIM}[calc 12*7 → 84]{chat_cli.RESET}" in colored.getvalue()
+    assert f"{chat_cli.DIM}[tool 12*7 → 84]{chat_cli.RESET}" in colored.getvalue()
 
 
 def test_loop_keeps_history_clears_it_and_quits(tokenizer):
