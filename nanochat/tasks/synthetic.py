@@ -279,6 +279,7 @@ class SyntheticMultipleChoice(SyntheticTask):
     """Answered with the choice tool: the assistant names the option (`choice('apple')`, `choice(7 + 6)`),
     the tool returns its letter, and the answer is that letter. Graded by sampling (the letter after the
     tool's output, or a bare letter)."""
+    eval_type = "generative"
     letters = LETTERS
     baseline = 0.25
     with_tool = True
