@@ -19,10 +19,12 @@ prefilled by GPT.forward in every path.
 
 import codecs
 import contextlib
+import functools
 import os
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +89,7 @@ class RowState:
     expr_tokens: list | None = None               # collecting a python block when not None
     completed: bool = False
     terminal: int | None = None                   # the token that finished the row
-    prompt: list = field(default_factory=list)    # the request's tokens, the context `choice` reads its options from
+    context: Callable[[], str] = str              # the request's prompt as text, where `choice` reads its options (str: none)
 
 
 class Engine:
@@ -177,7 +179,8 @@ class Engine:
         try:
             # 1) prefill the prompt once, at batch 1; every row samples its own first token from it
             logits = steps.prefill(prompt).expand(num_samples, -1)
-            rows = [RowState(prompt=tokens) for _ in range(num_samples)]
+            context = functools.cache(lambda: self.tokenizer.decode(tokens))  # decoded once per request, on first use
+            rows = [RowState(context=context) for _ in range(num_samples)]
             generated = 0
             while max_tokens is None or generated < max_tokens:
                 sampled = sample_next_token(logits, rng, temperature, top_k)
@@ -253,7 +256,7 @@ class Engine:
         elif token == self.python_end and row.expr_tokens is not None:
             expr = self.tokenizer.decode(row.expr_tokens)
             row.expr_tokens = None
-            result = run_tool(expr, context=lambda: self.tokenizer.decode(row.prompt))
+            result = run_tool(expr, context=row.context)
             row.forced.append(self.output_start)
             row.forced.extend(self.tokenizer.encode(result))
             row.forced.append(self.output_end)

@@ -15,12 +15,12 @@ import ast
 import re
 from typing import Callable
 
+from nanochat.calculator import MAX_EXPR_CHARS
 from nanochat.calculator import evaluate as calculate
 
 CHOICE_CALL = re.compile(r"\s*choice\((?P<argument>.*)\)\s*", re.S)
 OPTION_LINE = re.compile(r"^- (?P<text>.+)=(?P<letter>[A-Z])$", re.M)  # nanochat's render_mc: "- apple=B"
 USER_START = "<|user_start|>"
-MAX_ARGUMENT_CHARS = 1000
 
 
 def run_tool(expr: str, context: Callable[[], str] | str = "") -> str:
@@ -53,7 +53,7 @@ def choose(argument: str, context: str) -> str:
 def option_value(argument: str) -> str:
     """A quoted string's text, else the calculator's result for the expression."""
     argument = argument.strip()
-    if len(argument) > MAX_ARGUMENT_CHARS:
+    if len(argument) > MAX_EXPR_CHARS:
         return "error: option too long"
     if argument[:1] in ("'", '"'):
         try:
