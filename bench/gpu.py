@@ -13,11 +13,12 @@ Sections, in priority order (rows that no longer fit in --budget-s are recorded 
   train        d20 bf16 base_train step (forward + backward + MuonAdamW) via bench/train.py's worker: tokens/s, MFU
                vs the measured peak, peak memory; device batch = largest that fits (eager probe, OOM-safe)
   inference    bench/inference.py's worker: d20 decode at batch 1/8/32 on the CUDA-graph path, batch 1 on the eager
-               path (the old one) and compiled; HBM utilisation at batch 1, kernels and GPU-busy time per step.
-               Then the chat_eval decode diagnostic: the ci model's greedy decode over varying prompt lengths, cold
-               vs warm, with and without cuDNN SDPA, and on the graph path, with torch.profiler tables
-  optimizer    MuonAdamW.step() alone, as a share of the d20 step
+               path (the old one); HBM utilisation at batch 1, kernels and GPU-busy time per step
   train        d24 bf16 vs fp8
+  inference    the chat_eval decode diagnostic: the ci model's greedy decode over varying prompt lengths, cold
+               vs warm, with and without cuDNN SDPA, and on the graph path, with torch.profiler tables
+  inference    d20 batch 1 on the compiled static decode step
+  optimizer    MuonAdamW.step() alone, as a share of the d20 step
   dataloader   tokens/s of the tokenizing best-fit packer on this host (bench/dataloader.py's measure)
   pipeline     every stage of `nanochat speedrun --profile ci` on this device (bf16, compile auto, 4 problems per
                chat_eval task), capped at PIPELINE_CAP_S: FAIL if a stage fails; the stages that finished are listed
@@ -932,11 +933,11 @@ def plan(b):
             ("inference", "d20 batch 1 eager (the old path)", 30, lambda: inference_row(b, 1, "eager", bandwidth=True, cap_s=90)),
             ("inference", f"d20 batch 8 {fast}", 25, lambda: inference_row(b, 8, fast, cap_s=90)),
             ("inference", f"d20 batch 32 {fast}", 25, lambda: inference_row(b, 32, fast, cap_s=90)),
+            ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
+            ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),
             ("inference", "d20 batch 1 compile", 90, lambda: inference_row(b, 1, "compile", bandwidth=True, cap_s=150)),
             ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
-            ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
-            ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
             ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
             ("train", "d20 bf16 eager", 30, lambda: train_row(b, 20, compile_=False)),
@@ -958,7 +959,14 @@ def plan(b):
             ("pipeline", "speedrun --profile ci: data, tok_train, base_train (smoke)", 5, lambda: pipeline_row(b)),
         ]
     only = set(b.args.only.split(",")) if b.args.only else None
-    return [r for r in rows if only is None or r[0] in only]
+    return [r for r in rows if (only is None or r[0] in only) and wanted(r[1], b.args.rows, b.args.skip)]
+
+
+def wanted(name, rows, skip):
+    """--rows keeps the rows whose name holds one of its comma-separated substrings; --skip drops them (case-insensitive)."""
+    def hits(patterns):
+        return any(p.strip().lower() in name.lower() for p in patterns.split(",") if p.strip())
+    return (not rows or hits(rows)) and not (skip and hits(skip))
 
 
 def rustbpe_usable():
@@ -1060,6 +1068,8 @@ def main():
                    help="total seconds; rows that no longer fit are recorded as 'skipped: budget' (default 480: one 600 s device call)")
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu_out)")
     p.add_argument("--only", default="", help="comma-separated sections to run: correctness,device,train,optimizer,inference,dataloader,pipeline")
+    p.add_argument("--rows", default="", help="comma-separated substrings: run only the rows whose name holds one (e.g. 'd24,graph')")
+    p.add_argument("--skip", default="", help="comma-separated substrings: leave out the rows whose name holds one (e.g. 'd20 bf16 compile')")
     p.add_argument("--steps", type=int, default=None, help="timed train steps per row after the first (default 5; smoke 2)")
     args = p.parse_args()
     out_dir = Path(args.out or os.environ.get("OUT") or "gpu_out").resolve()

@@ -16,12 +16,14 @@ Build it as: `with torch.device("meta"): model = GPT(config)`, then `model.to_em
 then `model.init_weights()` (or just `GPT.create(config, device)`).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.kv_cache import KVCache
 
@@ -29,6 +31,9 @@ PAD_VOCAB_TO = 64  # pad embedding/lm_head rows for efficient matmuls and shardi
 ROTARY_OVERCOMPUTE = 10  # rotary cache covers 10x sequence_len; inference beyond that extends it
 VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of x
 LOSS_CHUNK_ELEMENTS = 2**22  # CPU loss: logits per chunk (16 MB in fp32, about L3-sized)
+# SDPA backends for forwards without grad (generation, evaluation), whose sequence lengths vary call to call: cuDNN
+# attention builds a graph per new shape (bench/gpu.py 2026-11-26, H100: 40.7 vs 1.8 ms per cold decode step)
+VARYING_SHAPE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -401,6 +406,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """fp32 logits (B, T, vocab) without targets; else the cross-entropy loss (targets -1 ignored),
         a scalar for "mean"/"sum" and (B, T) for "none"."""
+        varying = idx.is_cuda and not torch.is_grad_enabled()  # training shapes are fixed: cuDNN's graph pays off there
+        with sdpa_kernel(VARYING_SHAPE_SDPA) if varying else contextlib.nullcontext():
+            return self._forward(idx, targets, kv_cache, loss_reduction)
+
+    def _forward(self, idx, targets, kv_cache, loss_reduction):
         T = idx.size(1)
         dtype = self.compute_dtype
         T0 = 0 if kv_cache is None else kv_cache.pos

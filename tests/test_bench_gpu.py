@@ -91,6 +91,15 @@ def test_tiny_budget_skips_rows(tmp_path):
     assert "skipped: budget" in proc.stdout
 
 
+def test_rows_and_skip_pick_rows_by_name(tmp_path):
+    """--rows keeps rows whose name holds one of its substrings (any case), --skip drops them; the plan's order stays."""
+    proc, out = run_gpu(tmp_path, "--budget-s", "0", "--rows", "static,kv DECODE,graph,speedrun", "--skip", "eager")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [r["name"] for r in json.loads((out / "gpu.json").read_text())["rows"]]
+    assert names == ["KV decode vs full forward", "d2 batch 1 static (smoke)",  # "graph decode vs eager": skipped
+                     "speedrun --profile ci: data, tok_train, base_train (smoke)"]
+
+
 def test_budget_runs_out_mid_plan(tmp_path):
     """A row that overruns the budget is kept, every later row is skipped, and the JSON is rewritten after each row."""
     import torch  # noqa: F401 - imported now, not inside the first row's cleanup (the budget is 2 s)
