@@ -157,16 +157,24 @@ def attention(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def decode_attention(q, k, v, visible):
-    """One query per row over a fixed-size cache: q (B, H, 1, D); k, v (B, H_kv, max_len, D); visible (max_len,) bool.
+def decode_attention(q, k, v, bias):
+    """One query per row over a fixed-size cache: q (B, H, 1, D); k, v (B, H_kv, max_len, D); bias (max_len,) in q's
+    dtype, 0 where a slot is visible and -inf where not (visible_bias).
 
-    Two matmuls and a masked softmax rather than SDPA: no kernel choice that depends on the shape, nothing a CUDA
-    graph cannot capture, and elementwise work torch.compile can fuse."""
+    Two batched matmuls and a softmax rather than SDPA: no kernel choice that depends on the shape, nothing a CUDA
+    graph cannot capture. The scale and the mask ride in the first matmul (baddbmm), and the softmax of a bf16 input
+    accumulates in fp32: three kernels, where scale, cast and mask as separate ops were eight."""
     B, H, _, D = q.shape
-    q = q.reshape(B, k.size(1), H // k.size(1), D)  # GQA: the query heads sharing a kv head become its query rows
-    scores = (q @ k.transpose(-2, -1)).float() * D**-0.5
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return (probs.to(v.dtype) @ v).reshape(B, H, 1, D)
+    Hkv, L = k.size(1), k.size(2)
+    q = q.reshape(B * Hkv, H // Hkv, D)  # GQA: the query heads sharing a kv head become its query rows
+    scores = torch.baddbmm(bias, q, k.reshape(B * Hkv, L, D).transpose(1, 2), alpha=D**-0.5)
+    probs = scores.softmax(-1)
+    return (probs @ v.reshape(B * Hkv, L, D)).reshape(B, H, 1, D)
+
+
+def visible_bias(visible, dtype):
+    """decode_attention's additive mask from a boolean (max_len,) visible mask."""
+    return torch.full_like(visible, float("-inf"), dtype=dtype).masked_fill_(visible, 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -516,28 +524,36 @@ class DecodeWeights:
 
     def step(self, idx, cache, cos, sin):
         """fp32 logits (B, vocab) for idx (B, 1) at position cache.pos; writes this step's K/V and advances the position.
-        cos, sin: rotary tables covering the cache (GPT.rotary_tables(cache.max_len))."""
+        cos, sin: rotary tables covering the cache (GPT.rotary_tables(cache.max_len)).
+
+        Same arithmetic as GPT.forward, in fewer kernels (each costs ~2 us even inside a CUDA graph, and a d20 step was
+        929 of them on the H100): q and k get their rotary and norm together, the x0 mix and the value-embedding gate
+        are one addcmul each, and the attention is three kernels (decode_attention)."""
         cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
-        visible = {w: cache.visible(w) for w in sorted(set(self.windows))}  # one mask per distinct window
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)  # rotary as x * cos + halves_swapped(x) * sin
+        bias = {w: visible_bias(cache.visible(w), self.dtype) for w in sorted(set(self.windows))}  # once per window
         x = norm(F.embedding(idx, self.wte).to(self.dtype))
-        x0 = x
+        x0_mix = self.x0.view(-1, 1, 1, 1) * x  # x is x0 here: every layer's x0_lambda * x0 in one kernel
         for i, layer in enumerate(self.layers):
-            x = self.resid[i] * x + self.x0[i] * x0
-            x = x + self._attention(i, layer, norm(x), idx, cos, sin, cache, visible[self.windows[i]])
+            x = torch.addcmul(x0_mix[i], self.resid[i], x)
+            x = x + self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]])
             x = x + F.linear(F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj)
         cache.pos.add_(1)
         logits = F.linear(norm(x[:, -1]), self.lm_head)[:, :self.config.vocab_size].float()
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
-    def _attention(self, i, layer, x, idx, cos, sin, cache, visible):
+    def _attention(self, i, layer, x, idx, cos, sin, cache, bias):
         c = self.config
         B, H, Hkv, D = x.size(0), c.n_head, c.n_kv_head, c.head_dim
-        q, k, v = F.linear(x, layer.qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, 1, H, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D)
+        qkv = F.linear(x, layer.qkv)
+        qk = qkv[..., :(H + Hkv) * D].view(B, 1, H + Hkv, D)  # q and k side by side: one rotary and one norm for both
+        v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
         if layer.ve is not None:
-            gate = 2 * torch.sigmoid(F.linear(x[..., :self.gate_channels], layer.ve_gate))
-            v = v + gate.unsqueeze(-1) * F.embedding(idx, layer.ve).to(self.dtype).view(B, 1, Hkv, D)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+            gate = torch.sigmoid(F.linear(x[..., :self.gate_channels], layer.ve_gate)).unsqueeze(-1)
+            v = torch.addcmul(v, gate, F.embedding(idx, layer.ve).to(self.dtype).view(B, 1, Hkv, D), value=2.0)
+        half = D // 2
+        qk = norm(torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], -1), sin))
+        q, k = qk[:, :, :H], qk[:, :, H:]
         k_all, v_all = cache.write(i, k.transpose(1, 2), v.transpose(1, 2))
-        y = decode_attention(q.transpose(1, 2), k_all, v_all, visible)
+        y = decode_attention(q.transpose(1, 2), k_all, v_all, bias)
         return F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj)

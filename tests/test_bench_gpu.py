@@ -239,3 +239,18 @@ def test_profile_decode_reads_a_running_stream():
         prof = inference.profile_decode(lambda: engine.generate(list(range(10)), max_tokens=30), cuda=False, steps=8)
     assert prof["steps"] == 8 and prof["kernels_per_step"] == 0 and prof["wall_ms_per_step"] > 0
     assert engine._idle  # the profiled stream was closed: its decoder went back for reuse
+
+
+def test_decode_ops_counts_the_static_step_below_the_eager_one():
+    """bench/decode_ops.py: the GPU kernel budget counted on the CPU (one op per non-view aten call, rms_norm as one)."""
+    spec = importlib.util.spec_from_file_location("bench_decode_ops", REPO / "bench" / "decode_ops.py")
+    decode_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_ops)
+    import nanochat.gpt
+    plain_norm = nanochat.gpt.norm
+    counts = decode_ops.measure(depth=2, prompt=8, max_len=32, vocab=64, head_dim=32)
+    assert nanochat.gpt.norm is plain_norm  # the counting norm is put back
+    static, eager = counts.values()
+    assert static["rms_norm"] == 2 * 3 + 2  # per layer: x, q and k together, the MLP input; then embedding and final
+    assert static["baddbmm"] == 2 and static["_softmax"] == 2 and "pow" in static and "mean" not in static
+    assert sum(static.values()) < sum(eager.values())

@@ -8,7 +8,7 @@ import torch
 
 import nanochat.engine as engine_mod
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, DecodeWeights, GPTConfig, decode_attention
+from nanochat.gpt import GPT, DecodeWeights, GPTConfig, decode_attention, visible_bias
 from nanochat.kv_cache import StaticKVCache
 from tests.test_engine import A_END, OUT_END, OUT_START, PROMPT, PY_END, PY_START, TOK, one_thread, random_gpt, run, text  # noqa: F401 (one_thread: autouse)
 from tests.test_gpt import make_model, tokens
@@ -100,7 +100,19 @@ def test_decode_attention_matches_sdpa(n_kv):
     k, v = torch.randn(2, n_kv, 12, 16, generator=g), torch.randn(2, n_kv, 12, 16, generator=g)
     visible = torch.tensor([False] * 3 + [True] * 6 + [False] * 3)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, 3:9], v[:, :, 3:9], enable_gqa=n_kv != 4)
-    torch.testing.assert_close(decode_attention(q, k, v, visible), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_attention(q, k, v, visible_bias(visible, q.dtype)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_in_bf16_stays_close_to_fp32():
+    """bf16 operands: the softmax still accumulates in fp32 (scores scaled inside the matmul, not after rounding)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 1, 32, generator=g)
+    k, v = torch.randn(3, 2, 40, 32, generator=g), torch.randn(3, 2, 40, 32, generator=g)  # GQA: 2 query heads per kv head
+    visible = torch.arange(40) < 29
+    ref = decode_attention(q, k, v, visible_bias(visible, torch.float32))
+    out = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), visible_bias(visible, torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 def test_weights_are_copies_in_the_compute_dtype_and_follow_the_parameters(monkeypatch):
