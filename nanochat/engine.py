@@ -13,8 +13,8 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
   static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly
   graph    that step captured in a CUDA graph per (batch, cache length), replayed per token: the default on CUDA
   compile  the same, torch.compile'd (fewer, fused kernels) before capture; costs compile time per shape
-The static paths need a nanochat GPT (a wrapper such as serve's NucleusFilter decodes eagerly); the prompt is
-prefilled by GPT.forward in every path.
+The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
+every path. Sampling (temperature, top-k, top-p) happens outside the model, so every path supports all of it.
 """
 
 import codecs
@@ -62,16 +62,29 @@ def decode_threads(model):
 
 
 @torch.inference_mode()
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """Sample one token per row from logits (B, V); returns (B, 1). temperature 0 = greedy."""
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """Sample one token per row from logits (B, V); returns (B, 1). temperature 0 = greedy. top_p keeps the smallest
+    set of tokens whose probability (at this temperature) reaches top_p; top_k then keeps the k likeliest of those."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_p is not None and top_p < 1:
+        logits = nucleus(logits, top_p, temperature)
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)
         return idx.gather(1, _sample(vals / temperature, rng))
     return _sample(logits / temperature, rng)
+
+
+def nucleus(logits, top_p, temperature):
+    """logits with every token outside the top-p nucleus at -inf (the likeliest token always stays)."""
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    drop_sorted = probs.cumsum(dim=-1) - probs > top_p  # the tokens before it already cover top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def _sample(logits, rng):
@@ -114,17 +127,17 @@ class Engine:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Stream (token_column, mask_column) per step: one entry per row; mask 1 = sampled, 0 = forced.
 
         A finished row (it produced <|assistant_end|> or <|bos|>) repeats its terminal token with
         mask 0 until every row is finished or max_tokens steps have run.
         """
-        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache=True)
+        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache=True, top_p=top_p)
 
-    def generate_naive(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate_naive(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Same stream as generate, but every step re-runs the whole sequence (no KV cache): the reference."""
-        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache=False)
+        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache=False, top_p=top_p)
 
     def generate_batch(self, tokens, num_samples=1, naive=False, **kwargs):
         """Run to completion; returns (sequences, masks) per row: prompt + generated tokens (without
@@ -146,7 +159,7 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache):
+    def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p=None):
         # checked here, at the call, not at the first next() of the stream
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of ints")
@@ -154,11 +167,13 @@ class Engine:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        return self._stream(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        return self._stream(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p)
 
-    def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache):
+    def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p):
         with decode_threads(self.model):
-            yield from self._decode(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache)
+            yield from self._decode(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p)
 
     def decode_mode(self):
         """The path the next request takes (see the module docstring)."""
@@ -170,7 +185,7 @@ class Engine:
         return self.decode
 
     @torch.inference_mode()
-    def _decode(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache):
+    def _decode(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p):
         device = self.model.get_device()
         rng = torch.Generator(device=device)  # per request: reproducible and independent of other requests
         rng.manual_seed(seed)
@@ -183,7 +198,7 @@ class Engine:
             rows = [RowState(context=context) for _ in range(num_samples)]
             generated = 0
             while max_tokens is None or generated < max_tokens:
-                sampled = sample_next_token(logits, rng, temperature, top_k)
+                sampled = sample_next_token(logits, rng, temperature, top_k, top_p)
                 sampled_list = sampled[:, 0].tolist()
                 column, mask = self._advance_rows(rows, sampled_list)
                 yield column, mask

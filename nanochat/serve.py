@@ -309,27 +309,6 @@ class SampleText:
         return (text if hit else text + self.stop.flush()), "stop" if hit else reason
 
 
-class NucleusFilter:
-    """Top-p for the engine, which samples whatever logits the model returns: keep the smallest set of
-    tokens whose probability at the request's temperature reaches top_p, mask out the rest."""
-
-    def __init__(self, model, top_p: float, temperature: float):
-        self.model, self.top_p, self.temperature = model, top_p, temperature
-
-    def __call__(self, idx, kv_cache=None):
-        logits = self.model(idx, kv_cache=kv_cache)[:, -1:, :]  # the engine reads the last position only
-        probs, order = torch.softmax(logits / self.temperature, dim=-1).sort(dim=-1, descending=True)
-        drop_sorted = probs.cumsum(dim=-1) - probs > self.top_p  # the tokens before it already cover top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        return logits.masked_fill(drop, float("-inf"))
-
-    def get_device(self):
-        return self.model.get_device()
-
-    def new_kv_cache(self, *args, **kwargs):
-        return self.model.new_kv_cache(*args, **kwargs)
-
-
 # -----------------------------------------------------------------------------
 # metrics: one registry per app, so several apps can live in one process (tests)
 
@@ -462,13 +441,11 @@ class Job:
 
     def _generate(self, replica: Replica):
         s = self.sampling
-        engine = replica.engine
-        if s.top_p < 1 and s.temperature > 0:
-            engine = Engine(NucleusFilter(replica.model, s.top_p, s.temperature), replica.tokenizer)
+        engine = replica.engine  # one per replica: its static decoders (CUDA graphs) serve every request
         terminals = {engine.assistant_end, engine.bos}
         samples = [SampleText(replica.tokenizer, s.stop, terminals) for _ in range(s.n)]
         stream = engine.generate(self.prompt, num_samples=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
-                                 top_k=s.top_k, seed=s.seed)
+                                 top_k=s.top_k, seed=s.seed, top_p=s.top_p)
         try:
             for column, _ in stream:
                 if self.cancel.is_set():

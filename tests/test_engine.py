@@ -215,6 +215,34 @@ def test_sampling_follows_the_softmax(top_k):
     assert torch.allclose(freq, flat, atol=0.015), freq
 
 
+def test_top_p_keeps_the_nucleus_at_the_temperature():
+    probs = torch.tensor([0.5, 0.05, 0.3, 0.15])
+    logits = probs.log().expand(20_000, -1)
+    rng = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits, rng, temperature=1.0, top_p=0.8)[:, 0]  # 0.5 + 0.3 reach 0.8: tokens 0 and 2
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert freq[1] == 0 and freq[3] == 0
+    assert torch.allclose(freq[[0, 2]], torch.tensor([0.5, 0.3]) / 0.8, atol=0.015), freq
+    # at temperature 4 the distribution flattens, so the nucleus needs three tokens to reach 0.8
+    assert set(sample_next_token(logits, rng, temperature=4.0, top_p=0.8)[:, 0].tolist()) == {0, 2, 3}
+    assert set(sample_next_token(logits, rng, temperature=1.0, top_p=1e-6)[:, 0].tolist()) == {0}  # the argmax stays
+    assert set(sample_next_token(logits, rng, temperature=1.0, top_p=0.8, top_k=1)[:, 0].tolist()) == {0}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            sample_next_token(logits, rng, top_p=bad)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_generate_with_top_p(decode):
+    """top_p reaches the sampler on every decode path: a tiny nucleus is greedy decoding."""
+    engine = Engine(random_gpt(), TOK, decode=decode)
+    greedy, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=12, temperature=0.0)
+    nucleus, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
+    assert nucleus == greedy
+    with pytest.raises(ValueError):
+        engine.generate(PROMPT, top_p=0)
+
+
 # -----------------------------------------------------------------------------
 # tool use, with a scripted model
 
