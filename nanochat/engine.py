@@ -65,10 +65,7 @@ def decode_threads(model):
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """Sample one token per row from logits (B, V); returns (B, 1). temperature 0 = greedy. top_p keeps the smallest
     set of tokens whose probability (at this temperature) reaches top_p; top_k then keeps the k likeliest of those."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_p)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_p is not None and top_p < 1:
@@ -77,6 +74,13 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         vals, idx = torch.topk(logits, top_k, dim=-1)
         return idx.gather(1, _sample(vals / temperature, rng))
     return _sample(logits / temperature, rng)
+
+
+def check_sampling(temperature, top_p):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def nucleus(logits, top_p, temperature):
@@ -133,11 +137,13 @@ class Engine:
         A finished row (it produced <|assistant_end|> or <|bos|>) repeats its terminal token with
         mask 0 until every row is finished or max_tokens steps have run.
         """
-        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache=True, top_p=top_p)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        return self._generate(tokens, num_samples, max_tokens, seed, sampling, use_cache=True)
 
     def generate_naive(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Same stream as generate, but every step re-runs the whole sequence (no KV cache): the reference."""
-        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache=False, top_p=top_p)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        return self._generate(tokens, num_samples, max_tokens, seed, sampling, use_cache=False)
 
     def generate_batch(self, tokens, num_samples=1, naive=False, **kwargs):
         """Run to completion; returns (sequences, masks) per row: prompt + generated tokens (without
@@ -159,21 +165,19 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p=None):
+    def _generate(self, tokens, num_samples, max_tokens, seed, sampling, use_cache):
+        """sampling: sample_next_token's temperature, top_k and top_p."""
         # checked here, at the call, not at the first next() of the stream
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of ints")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        return self._stream(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p)
+        check_sampling(sampling["temperature"], sampling["top_p"])
+        return self._stream(tokens, num_samples, max_tokens, seed, use_cache, sampling)
 
-    def _stream(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p):
+    def _stream(self, tokens, num_samples, max_tokens, seed, use_cache, sampling):
         with decode_threads(self.model):
-            yield from self._decode(tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p)
+            yield from self._decode(tokens, num_samples, max_tokens, seed, use_cache, sampling)
 
     def decode_mode(self):
         """The path the next request takes (see the module docstring)."""
@@ -185,7 +189,7 @@ class Engine:
         return self.decode
 
     @torch.inference_mode()
-    def _decode(self, tokens, num_samples, max_tokens, temperature, top_k, seed, use_cache, top_p):
+    def _decode(self, tokens, num_samples, max_tokens, seed, use_cache, sampling):
         device = self.model.get_device()
         rng = torch.Generator(device=device)  # per request: reproducible and independent of other requests
         rng.manual_seed(seed)
@@ -198,7 +202,7 @@ class Engine:
             rows = [RowState(context=context) for _ in range(num_samples)]
             generated = 0
             while max_tokens is None or generated < max_tokens:
-                sampled = sample_next_token(logits, rng, temperature, top_k, top_p)
+                sampled = sample_next_token(logits, rng, **sampling)
                 sampled_list = sampled[:, 0].tolist()
                 column, mask = self._advance_rows(rows, sampled_list)
                 yield column, mask

@@ -401,8 +401,10 @@ class GPT(nn.Module):
         return optimizer
 
     def rotary_tables(self, length):
-        """cos, sin for positions [0, length) in the compute dtype, (1, length, 1, head_dim/2): the static step's own copy."""
+        """The static step's rotary tables for positions [0, length), (1, length, 1, head_dim) in the compute dtype:
+        [cos, cos] and [sin, -sin], so that rotary is x * cos + halves_swapped(x) * sin (DecodeWeights.step)."""
         cos, sin = self._rotary(length, self.get_device())
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)
         return cos.to(self.compute_dtype), sin.to(self.compute_dtype)
 
     def new_kv_cache(self, batch_size, max_len=None):
@@ -530,7 +532,6 @@ class DecodeWeights:
         929 of them on the H100): q and k get their rotary and norm together, the x0 mix and the value-embedding gate
         are one addcmul each, and the attention is three kernels (decode_attention)."""
         cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
-        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)  # rotary as x * cos + halves_swapped(x) * sin
         bias = {w: visible_bias(cache.visible(w), self.dtype) for w in sorted(set(self.windows))}  # once per window
         x = norm(F.embedding(idx, self.wte).to(self.dtype))
         x0_mix = self.x0.view(-1, 1, 1, 1) * x  # x is x0 here: every layer's x0_lambda * x0 in one kernel
