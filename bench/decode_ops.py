@@ -8,8 +8,9 @@ On the H100 a batch-1 d20 decode step in a CUDA graph is bound by the number of 
 (bench/RESULTS.md run 2: 929 kernels, 2.15 ms of GPU time per step), not by the bytes it reads. Each aten op that is
 not a view is about one CUDA kernel, so this count predicts that term: it runs one step of each path under a
 TorchDispatchMode that counts ops. F.rms_norm counts as one op, as CUDA runs it (aten::_fused_rms_norm); the CPU
-decomposes it. Rows: the static step (DecodeWeights.step: the graph and compile paths, before inductor's fusion)
-and the eager step (GPT.forward with a KVCache, one token).
+decomposes it. Rows: the static step (DecodeWeights.step: the graph and compile paths, before inductor's fusion),
+the fused step (nanochat.fused_decode: its Triton kernels are counted as launched, one each, not run: on the CPU they
+need Triton's interpreter) and the eager step (GPT.forward with a KVCache, one token).
 """
 
 import argparse
@@ -23,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import nanochat.fused_decode as fused_module  # noqa: E402
 import nanochat.gpt as gpt_module  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig, DecodeWeights  # noqa: E402
 from nanochat.kv_cache import StaticKVCache  # noqa: E402
@@ -79,7 +81,19 @@ def measure(depth, prompt=64, max_len=256, vocab=512, head_dim=128, window="SSSL
     def one_kernel_norm(x):
         return plain_norm(x) if box[0] is None else box[0].opaque("rms_norm", plain_norm, x)
 
+    def attend_launches(x, qkv, ids, k, v, pos, cos, sin, window, config, ve=None, gate=None):
+        out = lambda: torch.zeros(x.size(0), config.n_head * config.head_dim, dtype=x.dtype)  # noqa: E731
+        if box[0] is None:
+            return out()
+        box[0].counts["triton combine"] += 1
+        return box[0].opaque("triton attend", out)
+
+    def relu2_launch(h, x):
+        return h if box[0] is None else box[0].opaque("triton relu2", lambda: h)
+
+    plain_attend, plain_relu2 = fused_module.attend, fused_module.relu2_normed
     gpt_module.norm = one_kernel_norm
+    fused_module.attend, fused_module.relu2_normed = attend_launches, relu2_launch
     try:
         with torch.no_grad():
             tokens = torch.randint(0, vocab, (1, prompt))
@@ -90,12 +104,15 @@ def measure(depth, prompt=64, max_len=256, vocab=512, head_dim=128, window="SSSL
             cos, sin = model.rotary_tables(max_len)
             next_token = tokens[:, -1:]
             static = count(lambda: weights.step(next_token, cache, cos, sin), box)
+            fused = count(lambda: fused_module.fused_step(weights, next_token, cache, cos, sin), box)
             kv = model.new_kv_cache(1, max_len)
             model(tokens, kv_cache=kv)
             eager = count(lambda: model(next_token, kv_cache=kv), box)
     finally:
         gpt_module.norm = plain_norm
-    return {"static step (graph, compile)": static, "eager step (GPT.forward + KVCache)": eager}
+        fused_module.attend, fused_module.relu2_normed = plain_attend, plain_relu2
+    return {"static step (graph, compile)": static, "fused step (Triton kernels + cuBLAS)": fused,
+            "eager step (GPT.forward + KVCache)": eager}
 
 
 def main():

@@ -8,12 +8,13 @@ Sections, in priority order (rows that no longer fit in --budget-s are recorded 
   correctness  bf16 training steps vs an fp32 reference (loss and gradient relative error); sliding-window
                attention vs a dense float64 reference (kernel, FA3 when loaded, and the model's layer wiring);
                KV-cache decode vs a full forward (logits, greedy tokens, the Engine); the static decode step in a
-               CUDA graph vs the eager KV-cache path (logits, greedy Engine streams, cache overflow); fp8 vs bf16
+               CUDA graph, and the fused (Triton) step, vs the eager KV-cache path (logits, greedy Engine streams,
+               cache overflow); fp8 vs bf16
   device       measured bf16 matmul peak (the MFU denominator) and device-to-device copy bandwidth
   train        d20 bf16 base_train step (forward + backward + MuonAdamW) via bench/train.py's worker: tokens/s, MFU
                vs the measured peak, peak memory; device batch = largest that fits (eager probe, OOM-safe)
-  inference    bench/inference.py's worker: d20 decode at batch 1/8/32 on the CUDA-graph path, batch 1 on the eager
-               path (the old one); HBM utilisation at batch 1, kernels and GPU-busy time per step
+  inference    bench/inference.py's worker: d20 decode at batch 1/8/32 on the CUDA-graph path and the fused path,
+               batch 1 on the eager path (the old one); HBM utilisation at batch 1, kernels and GPU-busy time per step
   train        d24 bf16 vs fp8
   inference    the chat_eval decode diagnostic: the ci model's greedy decode over varying prompt lengths, cold
                vs warm, with and without cuDNN SDPA, and on the graph path, with torch.profiler tables
@@ -52,12 +53,14 @@ sys.path.insert(0, str(REPO))
 MFU_TARGET = 0.45          # d20 bf16 on one H100, vs the measured bf16 matmul peak
 FP8_SPEEDUP_TARGET = 0.10  # fp8 tokens/s over bf16 at d24
 OPTIM_SHARE_TARGET = 0.05  # optimizer step / whole step
+FUSED_CHECK_SPLIT = 32     # cache slots per attention program in the fused decode check (production: 256)
 DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
 PIPELINE_CAP_S = 150       # the pipeline row's own time limit: on 2026-11-26 it ate 343 s and every row after it
-# batch-1 d20 decode tok/s predicted before the first measurement (bench/GPU.md explains the arithmetic); eager measured
-DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 400, "compile": 1000}
+# batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): graph
+# and compile with the step ahead, fused first predicted 2026-11-27; eager measured
+DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 520, "compile": 1000, "fused": 1500}
 
 # full-size configs (the issue) and the toy ones of --smoke
 FULL = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL", steps=5, batches=[64, 32, 16, 8, 4, 2, 1],
@@ -434,10 +437,28 @@ def check_kv_decode(b):
                              margin_tol=margin_tol, engine_rows_equal=same_rows, engine_agree=agree))
 
 
-def check_graph_decode(b):
-    """The static decode step (a CUDA graph on a GPU, the same step eagerly on a CPU) vs the eager KV-cache path:
-    teacher-forced logits of 2 rows after the batch-1 prefill, greedy Engine streams at batch 1 and 2, and a stream
-    that outruns the static cache (the eager path takes over)."""
+def check_graph_decode(b, fast=None):
+    """A static decode path (default: the static step in a CUDA graph on a GPU, the same step eagerly on a CPU; or
+    "fused": the Triton kernels, graphed on a GPU, with 32-slot cache splits so that the small cache has several and
+    the windows straddle them) vs the eager KV-cache path: teacher-forced logits of 2 rows after the batch-1 prefill,
+    greedy Engine streams at batch 1 and 2, and a stream that outruns the static cache (the eager path takes over)."""
+    fast = fast or ("graph" if b.cuda else "static")
+    if fast != "fused":
+        return _check_static_decode(b, fast)
+    import nanochat.fused_decode as fused_decode
+    why = fused_decode.unavailable_reason(b.device, b.small_config().head_dim)
+    if why:
+        return dict(status=f"skipped: {why}")
+    split, fused_decode.SPLIT_SLOTS = fused_decode.SPLIT_SLOTS, FUSED_CHECK_SPLIT
+    try:
+        out = _check_static_decode(b, fast)
+    finally:
+        fused_decode.SPLIT_SLOTS = split
+    out["notes"] += f"; cache splits of {FUSED_CHECK_SPLIT} slots"
+    return out
+
+
+def _check_static_decode(b, fast):
     import itertools
     import torch
     import nanochat.engine as engine_mod
@@ -445,7 +466,6 @@ def check_graph_decode(b):
     from nanochat.gpt import DecodeWeights
     s = b.cfg["small"]
     P, N = s["prompt"], s["new"]
-    fast = "graph" if b.cuda else "static"
     config = b.small_config()
     model = b.small_model(config, b.dtype).eval()
     prompt, forced = b.tokens((1, P), config.vocab_size, 11), b.tokens((2, N), config.vocab_size, 12)
@@ -923,6 +943,7 @@ def plan(b):
         ("correctness", "sliding window vs dense", 15 * k, lambda: check_sliding_window(b)),
         ("correctness", "KV decode vs full forward", 15 * k, lambda: check_kv_decode(b)),
         ("correctness", "graph decode vs eager", 15 * k, lambda: check_graph_decode(b)),
+        ("correctness", "fused decode vs eager", 15 * k, lambda: check_graph_decode(b, "fused")),
         ("correctness", "fp8 vs bf16", 15 * k, lambda: check_fp8(b)),
         ("device", "matmul peak · copy bandwidth", 10 * k, lambda: measure_peaks(b)),
     ]
@@ -930,9 +951,12 @@ def plan(b):
         rows += [
             ("train", "d20 bf16 compile", 90, lambda: train_row(b, 20, target=mfu_target)),
             ("inference", f"d20 batch 1 {fast}", 30, lambda: inference_row(b, 1, fast, bandwidth=True, cap_s=90)),
+            ("inference", "d20 batch 1 fused", 30, lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90)),
             ("inference", "d20 batch 1 eager (the old path)", 30, lambda: inference_row(b, 1, "eager", bandwidth=True, cap_s=90)),
             ("inference", f"d20 batch 8 {fast}", 25, lambda: inference_row(b, 8, fast, cap_s=90)),
             ("inference", f"d20 batch 32 {fast}", 25, lambda: inference_row(b, 32, fast, cap_s=90)),
+            ("inference", "d20 batch 8 fused", 25, lambda: inference_row(b, 8, "fused", cap_s=90)),
+            ("inference", "d20 batch 32 fused", 25, lambda: inference_row(b, 32, "fused", cap_s=90)),
             ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),

@@ -68,7 +68,7 @@ def cpu_rows(args):
 
 
 def cuda_rows(args):
-    rows = [dict(mode="engine", decode="graph", batch=batch, profile=True) for batch in (1, 8, 32)]
+    rows = [dict(mode="engine", decode=decode, batch=batch, profile=True) for decode in ("graph", "fused") for batch in (1, 8, 32)]
     rows += [dict(mode="engine", decode=decode, batch=1, profile=True) for decode in ("eager", "compile")]
     for batch in args.naive_batches:
         rows.append(dict(mode="naive", batch=batch, repeats=1 if batch > 1 else None))
@@ -336,8 +336,9 @@ def main():
     p.add_argument("--only", default="", help="comma-separated modes to run: engine,naive")
     p.add_argument("--naive-batches", default="1,8", help="batch sizes for naive generation at 256 new tokens "
                    "(CPU: at the smallest depth; batches > 1 run once)")
-    p.add_argument("--decode", default="eager", choices=["eager", "static", "graph", "compile"],
-                   help="the Engine's decode path for the CPU rows (CUDA rows: graph at batch 1/8/32, eager and compile at batch 1)")
+    p.add_argument("--decode", default="eager", choices=["eager", "static", "graph", "compile", "fused"],
+                   help="the Engine's decode path for the CPU rows (CUDA rows: graph and fused at batch 1/8/32, eager and "
+                        "compile at batch 1)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     p.add_argument("--chat-diag", help=argparse.SUPPRESS)  # internal: one chat_eval diagnostic variant, print JSON
     args = p.parse_args()

@@ -13,8 +13,11 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
   static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly
   graph    that step captured in a CUDA graph per (batch, cache length), replayed per token: the default on CUDA
   compile  the same, torch.compile'd (fewer, fused kernels) before capture; costs compile time per shape
+  fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, ~8 per layer), in a CUDA graph
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
-every path. Sampling (temperature, top-k, top-p) happens outside the model, so every path supports all of it.
+every path. The graphed paths run one step ahead: the next step starts on the sampled ids while the host reads them,
+and is rerun when a tool forces another token (StaticSteps). Sampling (temperature, top-k, top-p) happens outside the
+model, so every path supports all of it.
 """
 
 import codecs
@@ -38,11 +41,12 @@ DECODE_RESERVE = 256  # cache rows reserved for decoding when max_tokens is None
 # and on a busy 2-core machine it made decode 6x slower (measured). Training keeps all threads.
 DECODE_CPU_THREADS = int(os.environ.get("NANOCHAT_DECODE_THREADS", "1"))
 SMALL_MODEL_PARAMS = 100_000_000
-DECODE_MODES = ("eager", "static", "graph", "compile")
-STATIC_STEP_MODES = ("static", "graph", "compile")
+DECODE_MODES = ("eager", "static", "graph", "compile", "fused")
+STATIC_STEP_MODES = ("static", "graph", "compile", "fused")
 CACHE_BUCKET = 256  # static cache lengths round up to a multiple: one captured graph serves many prompt lengths
 # auto on CUDA: the static step in a CUDA graph (bench/gpu.py 2026-11-26, H100: matches eager, d20 batch 1 4.7x faster)
 AUTO_DECODE_CUDA = "graph"
+STEP_AHEAD = True  # graphed paths start the next step before the host has seen the sampled ids (StaticSteps)
 IDLE_DECODERS = 2  # static decoders (cache + graph) kept for reuse between requests, the oldest dropped first: each holds a cache
 
 
@@ -112,7 +116,7 @@ class RowState:
 class Engine:
 
     def __init__(self, model, tokenizer, decode=None):
-        """decode: eager | static | graph | compile | auto (None: $NANOCHAT_DECODE, else auto = AUTO_DECODE_CUDA for a GPT on
+        """decode: eager | static | graph | compile | fused | auto (None: $NANOCHAT_DECODE, else auto = AUTO_DECODE_CUDA for a GPT on
         CUDA, eager otherwise). See the module docstring."""
         self.model = model
         self.decode = decode or os.environ.get("NANOCHAT_DECODE") or "auto"
@@ -203,12 +207,22 @@ class Engine:
             generated = 0
             while max_tokens is None or generated < max_tokens:
                 sampled = sample_next_token(logits, rng, **sampling)
-                sampled_list = sampled[:, 0].tolist()
+                host = HostCopy(sampled[:, 0])
+                last = max_tokens is not None and generated + 1 >= max_tokens
+                # 2) the next step starts on the sampled ids before the host has seen them (graphed paths); taken back
+                # below if a row's next token is forced instead
+                ahead = None if last else steps.step_ahead(sampled)
+                sampled_list = host.tolist()
                 column, mask = self._advance_rows(rows, sampled_list)
                 yield column, mask
                 generated += 1
-                if all(row.completed for row in rows) or (max_tokens is not None and generated >= max_tokens):
+                if all(row.completed for row in rows) or last:
                     break
+                if ahead is not None and all(c == t or row.completed for c, t, row in zip(column, sampled_list, rows)):
+                    logits = ahead
+                    continue
+                if ahead is not None:
+                    steps.undo()
                 # the sampled ids are already on the device unless a row was forced or finished
                 ids = sampled if column == sampled_list else torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
                 logits = steps.step(ids)
@@ -283,7 +297,36 @@ class Engine:
             row.expr_tokens.append(token)
 
 
-class NaiveSteps:
+class HostCopy:
+    """A (B,) device tensor's values for the host, without waiting for GPU work queued after it (the step ahead):
+    a non-blocking copy into pinned memory and an event. On a CPU, the tensor itself."""
+
+    def __init__(self, t):
+        self.host, self.event = t, None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def tolist(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class Steps:
+    """A decode path: prefill(prompt) -> logits (1, V), step(ids (B, 1)) -> logits (B, V), close(). Paths whose steps
+    run asynchronously may start a step before its ids are confirmed (step_ahead) and take it back (undo)."""
+
+    def step_ahead(self, ids):
+        return None
+
+    def undo(self):
+        raise NotImplementedError
+
+
+class NaiveSteps(Steps):
     """No cache: every step re-runs the whole sequence (generate_naive, the reference)."""
 
     def __init__(self, model, num_samples):
@@ -301,7 +344,7 @@ class NaiveSteps:
         pass
 
 
-class CacheSteps:
+class CacheSteps(Steps):
     """GPT.forward with a KVCache: batch-1 prefill, the cache replicated into the rows, one token per row per step."""
 
     def __init__(self, model, cache, num_samples):
@@ -320,10 +363,15 @@ class CacheSteps:
         pass
 
 
-class StaticSteps:
+class StaticSteps(Steps):
     """The static step: GPT.forward prefills row 0 of a StaticKVCache, the rows get copies, then every step is
     decoder.run() (a CUDA graph replay on CUDA). Past the cache's end (max_tokens None and a long answer) the
-    eager path takes the cache over."""
+    eager path takes the cache over.
+
+    A replayed graph runs while the host samples, streams and runs the tools, so the next step is started on the
+    sampled ids before the host has looked at them (step_ahead): the GPU is never idle waiting for Python (run 2:
+    0.34 of 2.49 ms per step). When a row's next token is forced (a tool's output) the step is taken back: the
+    position moves back one and the step reruns on the right ids, overwriting what the guess wrote."""
 
     def __init__(self, engine, decoder):
         self.engine, self.decoder, self.pos, self.eager = engine, decoder, 0, None
@@ -343,6 +391,15 @@ class StaticSteps:
         self.pos += 1
         return self.decoder.run()
 
+    def step_ahead(self, ids):
+        if not (STEP_AHEAD and self.decoder.graphed) or self.eager is not None or self.pos >= self.decoder.cache.max_len:
+            return None
+        return self.step(ids)
+
+    def undo(self):
+        self.pos -= 1
+        self.decoder.cache.pos.sub_(1)
+
     def close(self):
         self.engine._release(self.decoder)
 
@@ -361,11 +418,18 @@ class StaticDecoder:
         step = weights.step
         if mode == "compile":
             step = torch.compile(step, fullgraph=True, dynamic=False)
+        if mode == "fused":
+            from nanochat import fused_decode
+            why = fused_decode.unavailable_reason(device, c.head_dim)
+            if why:
+                raise RuntimeError(f"decode='fused': {why}")
+            step = functools.partial(fused_decode.fused_step, weights)
         ids, cache, cos, sin = self.ids, self.cache, self.cos, self.sin  # not self: no reference cycle keeps a dropped cache alive
 
         def run():
             return step(ids, cache, cos, sin)
-        self.run = run if mode == "static" else CudaGraphStep(run)
+        self.graphed = mode != "static" and not (mode == "fused" and device.type != "cuda")  # fused on a CPU: interpreted
+        self.run = CudaGraphStep(run) if self.graphed else run
 
 
 class CudaGraphStep:

@@ -18,6 +18,7 @@ then `model.init_weights()` (or just `GPT.create(config, device)`).
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -103,6 +104,33 @@ def load_flash_attn_3(device):
         return None
     _FA3 = flash_attn_interface
     return _FA3
+
+
+class _SharedSDPA:
+    """sdpa_kernel(VARYING_SHAPE_SDPA) for any number of threads at once (serve's replicas decode concurrently).
+    torch's backend flags are process-wide, and nested sdpa_kernel contexts in two threads restore each other's
+    flags out of order; here the first thread in sets them and the last one out restores them."""
+
+    def __init__(self):
+        self.lock, self.users, self.context = threading.Lock(), 0, None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self.lock:
+            if self.users == 0:
+                self.context = sdpa_kernel(VARYING_SHAPE_SDPA)
+                self.context.__enter__()
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    self.context.__exit__(None, None, None)
+
+
+varying_shape_sdpa = _SharedSDPA()
 
 
 def norm(x):
@@ -417,7 +445,7 @@ class GPT(nn.Module):
         """fp32 logits (B, T, vocab) without targets; else the cross-entropy loss (targets -1 ignored),
         a scalar for "mean"/"sum" and (B, T) for "none"."""
         varying = idx.is_cuda and not torch.is_grad_enabled()  # training shapes are fixed: cuDNN's graph pays off there
-        with sdpa_kernel(VARYING_SHAPE_SDPA) if varying else contextlib.nullcontext():
+        with varying_shape_sdpa() if varying else contextlib.nullcontext():
             return self._forward(idx, targets, kv_cache, loss_reduction)
 
     def _forward(self, idx, targets, kv_cache, loss_reduction):
@@ -533,28 +561,28 @@ class DecodeWeights:
         are one addcmul each, and the attention is three kernels (decode_attention)."""
         cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
         bias = {w: visible_bias(cache.visible(w), self.dtype) for w in sorted(set(self.windows))}  # once per window
-        x = norm(F.embedding(idx, self.wte).to(self.dtype))
-        x0_mix = self.x0.view(-1, 1, 1, 1) * x  # x is x0 here: every layer's x0_lambda * x0 in one kernel
+        x = norm(F.embedding(idx[:, 0], self.wte).to(self.dtype))  # (B, C): one row per sequence
+        x0_mix = self.x0.view(-1, 1, 1) * x  # x is x0 here: every layer's x0_lambda * x0 in one kernel
         for i, layer in enumerate(self.layers):
             x = torch.addcmul(x0_mix[i], self.resid[i], x)
-            x = x + self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]])
-            x = x + F.linear(F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj)
+            x = torch.addmm(x, self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]]), layer.proj.t())
+            x = torch.addmm(x, F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj.t())  # residual add in the GEMM
         cache.pos.add_(1)
-        logits = F.linear(norm(x[:, -1]), self.lm_head)[:, :self.config.vocab_size].float()
+        logits = F.linear(norm(x), self.lm_head)[:, :self.config.vocab_size].float()
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
     def _attention(self, i, layer, x, idx, cos, sin, cache, bias):
+        """The attention's output before its projection, (B, H * D), for the normed input x (B, C)."""
         c = self.config
         B, H, Hkv, D = x.size(0), c.n_head, c.n_kv_head, c.head_dim
         qkv = F.linear(x, layer.qkv)
-        qk = qkv[..., :(H + Hkv) * D].view(B, 1, H + Hkv, D)  # q and k side by side: one rotary and one norm for both
-        v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+        qk = qkv[:, :(H + Hkv) * D].view(B, 1, H + Hkv, D)  # q and k side by side: one rotary and one norm for both
+        v = qkv[:, (H + Hkv) * D:].view(B, 1, Hkv, D)
         if layer.ve is not None:
-            gate = torch.sigmoid(F.linear(x[..., :self.gate_channels], layer.ve_gate)).unsqueeze(-1)
+            gate = torch.sigmoid(F.linear(x[:, :self.gate_channels], layer.ve_gate)).view(B, 1, Hkv, 1)
             v = torch.addcmul(v, gate, F.embedding(idx, layer.ve).to(self.dtype).view(B, 1, Hkv, D), value=2.0)
         half = D // 2
         qk = norm(torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], -1), sin))
         q, k = qk[:, :, :H], qk[:, :, H:]
         k_all, v_all = cache.write(i, k.transpose(1, 2), v.transpose(1, 2))
-        y = decode_attention(q.transpose(1, 2), k_all, v_all, bias)
-        return F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj)
+        return decode_attention(q.transpose(1, 2), k_all, v_all, bias).reshape(B, H * D)

@@ -43,7 +43,7 @@ def test_smoke_on_cpu(tmp_path):
         assert {"section", "name", "status", "result", "target", "met", "metrics", "notes"} <= set(r)
 
     correctness = [r for r in data["rows"] if r["section"] == "correctness"]
-    assert len(correctness) == 5
+    assert len(correctness) == 6
     for name in ("bf16 train steps vs fp32", "sliding window vs dense", "KV decode vs full forward", "graph decode vs eager"):
         assert rows[name]["status"] == "ok" and rows[name]["met"] is True, rows[name]
     assert rows["sliding window vs dense"]["metrics"]["window_effect"] > 0  # the windows really change the model
@@ -51,6 +51,7 @@ def test_smoke_on_cpu(tmp_path):
     graph = rows["graph decode vs eager"]["metrics"]
     assert graph["mode"] == "static" and graph["streams_equal"] == {"1": True, "2": True, "overflow": True}  # fp32: exact
     assert rows["fp8 vs bf16"]["status"].startswith("skipped: fp8 needs")  # no fp8 on a CPU
+    assert rows["fused decode vs eager"]["status"].startswith("skipped: the fused decode step")  # Triton: CUDA (or interpreted)
 
     # one tiny row of every measuring section ran and measured something
     assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_s"] > 0
@@ -86,7 +87,7 @@ def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 13
+    assert data["finished"] is True and len(data["rows"]) == 14
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -242,7 +243,8 @@ def test_profile_decode_reads_a_running_stream():
 
 
 def test_decode_ops_counts_the_static_step_below_the_eager_one():
-    """bench/decode_ops.py: the GPU kernel budget counted on the CPU (one op per non-view aten call, rms_norm as one)."""
+    """bench/decode_ops.py: the GPU kernel budget counted on the CPU (one op per non-view aten call, rms_norm as one;
+    the fused step's Triton kernels one launch each)."""
     spec = importlib.util.spec_from_file_location("bench_decode_ops", REPO / "bench" / "decode_ops.py")
     decode_ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode_ops)
@@ -250,7 +252,12 @@ def test_decode_ops_counts_the_static_step_below_the_eager_one():
     plain_norm = nanochat.gpt.norm
     counts = decode_ops.measure(depth=2, prompt=8, max_len=32, vocab=64, head_dim=32)
     assert nanochat.gpt.norm is plain_norm  # the counting norm is put back
-    static, eager = counts.values()
+    static, fused, eager = counts.values()
+    import nanochat.fused_decode
+    assert nanochat.fused_decode.attend.__name__ == "attend"  # the launch counters are put back
     assert static["rms_norm"] == 2 * 3 + 2  # per layer: x, q and k together, the MLP input; then embedding and final
     assert static["baddbmm"] == 2 and static["_softmax"] == 2 and "pow" in static and "mean" not in static
-    assert sum(static.values()) < sum(eager.values())
+    assert static["addmm"] == 2 * 2  # the residual adds ride in the projections' GEMMs
+    assert fused["rms_norm"] == 2 and fused["mm"] == 2 * 2 + 1 and fused["addmm"] == 2 * 2  # embedding and final norms only
+    assert fused["triton attend"] == fused["triton combine"] == fused["triton relu2"] == 2
+    assert sum(fused.values()) < sum(static.values()) < sum(eager.values())

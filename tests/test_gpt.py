@@ -330,3 +330,34 @@ def test_fp8_linear_numerics():
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
     assert y.shape == (2, 32, 48) and y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     assert rel(y, y2) < 0.1 and rel(x.grad, x2.grad) < 0.1 and rel(w.grad, w2.grad) < 0.1
+
+
+def test_varying_shape_sdpa_is_shared_by_overlapping_callers():
+    """Serve's replica threads generate at once. Their restricted-SDPA sections overlap and end out of order (A in,
+    B in, A out, B out): the flags stay restricted until the last one leaves, then torch's defaults are back. Nested
+    plain sdpa_kernel contexts would have restored the defaults under B and left the restriction on after both."""
+    import threading
+    from nanochat.gpt import varying_shape_sdpa
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's default
+    a, b = varying_shape_sdpa(), varying_shape_sdpa()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    b.__exit__(None, None, None)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def worker():
+        with varying_shape_sdpa():
+            inside.wait()
+            release.wait()
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait()  # both threads inside at once
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    release.set()
+    for t in threads:
+        t.join()
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -233,6 +233,38 @@ def test_calculator_call_streams_equal_the_eager_path(fake_graph):
     assert sampled == run(Engine(model, TOK, decode="eager").generate(PROMPT, **kwargs))
 
 
+def test_graphed_steps_run_one_ahead_and_take_forced_tokens_back(monkeypatch, fake_graph):
+    """On a graphed path every step is started before the host has seen the sampled token (the GPU works while
+    Python samples, streams and runs tools); the three tool-output tokens the model did not predict are taken back
+    and rerun. Without the step ahead the stream is the same."""
+    chain = [PROMPT[-1], *text("x"), PY_START, *text("2+3"), PY_END, OUT_END, *text("!"), A_END]
+    model = bigram_gpt(chain)
+    counts = {"ahead": 0, "undo": 0}
+    step_ahead, undo = engine_mod.StaticSteps.step_ahead, engine_mod.StaticSteps.undo
+
+    def counting_step_ahead(self, ids):
+        out = step_ahead(self, ids)
+        counts["ahead"] += out is not None
+        return out
+
+    def counting_undo(self):
+        counts["undo"] += 1
+        undo(self)
+    monkeypatch.setattr(engine_mod.StaticSteps, "step_ahead", counting_step_ahead)
+    monkeypatch.setattr(engine_mod.StaticSteps, "undo", counting_undo)
+    got = run(Engine(model, TOK, decode="graph").generate(PROMPT, max_tokens=40, temperature=0.0))
+    assert len(got[0]) == 11 and counts == {"ahead": 11, "undo": 3}  # one ahead per token (the last one's is wasted)
+    counts.update(ahead=0, undo=0)
+    assert run(Engine(model, TOK, decode="static").generate(PROMPT, max_tokens=40, temperature=0.0)) == got
+    assert counts == {"ahead": 0, "undo": 0}  # not graphed: nothing runs asynchronously, nothing to gain
+    monkeypatch.setattr(engine_mod, "STEP_AHEAD", False)
+    assert run(Engine(model, TOK, decode="graph").generate(PROMPT, max_tokens=40, temperature=0.0)) == got
+    assert counts == {"ahead": 0, "undo": 0}
+    monkeypatch.setattr(engine_mod, "STEP_AHEAD", True)
+    got = run(Engine(model, TOK, decode="graph").generate(PROMPT, max_tokens=5, temperature=0.0))
+    assert len(got[0]) == 5 and counts["ahead"] == 4  # none after the last token max_tokens allows
+
+
 def test_past_the_cache_end_the_eager_path_takes_over(monkeypatch, fake_graph):
     """max_tokens None: the static cache holds prompt + DECODE_RESERVE rounded up; the answer runs longer."""
     monkeypatch.setattr(engine_mod, "DECODE_RESERVE", 4)

@@ -1,0 +1,117 @@
+"""Worker for tests/test_fused_decode.py: the fused decode step's Triton kernels in Triton's interpreter, on the CPU.
+
+    TRITON_INTERPRET=1 python tests/fused_decode_check.py      prints one JSON object of measurements
+
+The interpreter is chosen when the kernels are defined (at import), hence a process of its own. Cache splits of 16
+slots instead of 256, so that short prompts cross split boundaries and sliding windows straddle them (the Engine
+checks, whose caches are 256 slots, use 64: the interpreter runs one program at a time).
+"""
+
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+import nanochat.engine as engine_mod  # noqa: E402
+import nanochat.fused_decode as fd  # noqa: E402
+from nanochat.engine import Engine  # noqa: E402
+from nanochat.gpt import GPT, DecodeWeights, GPTConfig  # noqa: E402
+from nanochat.kv_cache import StaticKVCache  # noqa: E402
+from tests.test_engine import PROMPT, TOK, random_gpt, run  # noqa: E402
+
+fd.SPLIT_SLOTS = 16
+VOCAB, PROMPT_LEN, STEPS, MAX_LEN = 80, 13, 10, 32  # positions 13..22 of a 32-slot cache: splits 0 and 1
+
+
+def small_gpt(n_kv_head, pattern, dtype, seed=0):
+    """2 layers (value embeddings on the second), 4 heads of 16, a short window of 5; every weight random."""
+    config = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64,
+                       window_pattern=pattern, short_window=5)
+    torch.manual_seed(seed)
+    model = GPT.create(config, dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.size(-1) ** -0.5) if p.ndim == 2 else p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.inference_mode()
+def teacher_forced(model, step, prompt, forced):
+    """Logits (B, N, vocab) of `step` fed forced (B, N) column by column (non-contiguous ids) after the prompt, and
+    the cache it wrote."""
+    weights, c = DecodeWeights(model), model.config
+    cache = StaticKVCache(forced.size(0), c.n_kv_head, c.head_dim, c.n_layer, MAX_LEN, dtype=model.compute_dtype)
+    model(prompt, kv_cache=cache.prefill_cache())
+    cache.start(prompt.size(1))
+    cos, sin = model.rotary_tables(MAX_LEN)
+    logits = [step(weights, forced[:, t:t + 1], cache, cos, sin).clone() for t in range(forced.size(1))]
+    return torch.stack(logits, 1), cache
+
+
+def static_step(weights, *args):
+    return weights.step(*args)
+
+
+def step_checks():
+    """fp32: fused vs the static step (same arithmetic: only the summation order differs), per GQA group size,
+    window pattern and batch; bf16: both against an fp32 full forward."""
+    out = {}
+    for n_kv, pattern, batch in [(2, "SL", 2), (1, "SL", 1), (4, "L", 1)]:
+        model = small_gpt(n_kv, pattern, torch.float32)
+        g = torch.Generator().manual_seed(n_kv)
+        prompt, forced = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g), torch.randint(0, VOCAB, (batch, STEPS), generator=g)
+        want, want_cache = teacher_forced(model, static_step, prompt, forced)
+        got, got_cache = teacher_forced(model, fd.fused_step, prompt, forced)
+        out[f"fp32 kv{n_kv} {pattern} batch{batch}"] = dict(
+            logits_rel=rel(got, want), cache_max_abs=max((a - b).abs().max().item() for a, b in
+                                                         zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v)),
+            pos=[got_cache.pos.item(), want_cache.pos.item()])
+    ref = small_gpt(2, "SL", torch.float32)
+    model = small_gpt(2, "SL", torch.bfloat16)
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(9)
+    prompt, forced = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g), torch.randint(0, VOCAB, (2, 6), generator=g)
+    with torch.inference_mode():
+        full = ref(torch.cat([prompt.expand(2, -1), forced], 1))[:, PROMPT_LEN:]
+    out["bf16 vs fp32 forward"] = dict(fused_rel=rel(teacher_forced(model, fd.fused_step, prompt, forced)[0], full),
+                                       static_rel=rel(teacher_forced(model, static_step, prompt, forced)[0], full))
+    return out
+
+
+def engine_checks():
+    """Engine(decode="fused") streams vs the eager path's (greedy) and the static path's (sampled), and a stream
+    that outruns the static cache (the eager path takes over)."""
+    fd.SPLIT_SLOTS = 64
+    model = random_gpt(depth=2, window_pattern="SL")
+    greedy = dict(num_samples=2, max_tokens=10, temperature=0.0)
+    sampled = dict(num_samples=2, max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    fused = Engine(model, TOK, decode="fused")
+    out = dict(mode=fused.decode_mode(),
+               greedy_equal=run(fused.generate(PROMPT, **greedy)) == run(Engine(model, TOK, decode="eager").generate(PROMPT, **greedy)),
+               sampled_equal=run(fused.generate(PROMPT, **sampled)) == run(Engine(model, TOK, decode="static").generate(PROMPT, **sampled)),
+               decoders_kept=len(fused._idle))
+    reserve, bucket = engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET
+    engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET = 4, 8  # the static cache ends a few tokens in
+    try:
+        streams = [[col for col, _ in itertools.islice(Engine(model, TOK, decode=d).generate(PROMPT, num_samples=2, temperature=0.0), 8)]
+                   for d in ("fused", "eager")]
+    finally:
+        engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET = reserve, bucket
+    out["overflow_equal"] = streams[0] == streams[1]
+    out["overflow_tokens"] = len(streams[0])
+    return out
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(json.dumps(dict(steps=step_checks(), engine=engine_checks())))

@@ -1,0 +1,102 @@
+"""The fused decode step (nanochat.fused_decode): its Triton kernels run on the CPU in Triton's interpreter, in a
+worker process (tests/fused_decode_check.py): in fp32 it equals the static step it replaces (logits and the K/V it
+writes, for GQA groups of 1, 2 and 4, sliding windows that straddle cache splits, batches of 1 and 2), in bf16 it is
+as close to an fp32 forward as the static step, and Engine(decode="fused") streams equal the eager and static paths'
+(greedy, sampled with top-k/top-p, and past the static cache's end). On a GPU, bench/gpu.py checks the compiled
+kernels the same way."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat import fused_decode
+from nanochat.engine import Engine
+from tests.test_engine import PROMPT, TOK, random_gpt, run
+
+REPO = Path(__file__).resolve().parents[1]
+triton = fused_decode.triton
+needs_triton = pytest.mark.skipif(fused_decode.triton is None, reason="triton is installed with the dev extra on linux x86_64 only")
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fused")
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp / "triton"), TMPDIR=str(tmp), HOME=str(tmp))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fused_decode_check.py")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+def test_fused_step_equals_the_static_step_in_fp32(interpreted):
+    steps = {k: v for k, v in interpreted["steps"].items() if k.startswith("fp32")}
+    assert len(steps) == 3
+    for name, r in steps.items():
+        assert r["logits_rel"] < 1e-5, name       # the same arithmetic, in another order
+        assert r["cache_max_abs"] < 1e-4, name   # the K/V it wrote at each position
+        assert r["pos"] == [23, 23], name        # 13-token prompt + 10 steps
+
+
+@needs_triton
+def test_fused_step_in_bf16_is_as_close_to_fp32_as_the_static_step(interpreted):
+    r = interpreted["steps"]["bf16 vs fp32 forward"]
+    assert 0 < r["fused_rel"] < 3e-2
+    assert r["fused_rel"] < 1.5 * r["static_rel"] + 5e-3
+
+
+@needs_triton
+def test_engine_streams_on_the_fused_path(interpreted):
+    e = interpreted["engine"]
+    assert e["mode"] == "fused"
+    assert e["greedy_equal"] and e["sampled_equal"]
+    assert e["decoders_kept"] == 1               # reused across requests like the other static paths
+    assert e["overflow_equal"] and e["overflow_tokens"] == 8
+
+
+@needs_triton
+@pytest.mark.parametrize("group,has_ve", [(1, True), (1, False), (2, True)])
+def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
+    """The interpreter checks the arithmetic, not the compiler: each kernel also goes through Triton's real pipeline
+    to an sm_90 cubin (PTX by LLVM, then the ptxas shipped in the wheel; no GPU needed), at the d20 shapes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    bf16, f32 = "*bf16", "*fp32"
+    kernels = [
+        (fused_decode._attend_split_kernel,
+         dict(qkv_ptr=bf16, x_ptr=bf16, ids_ptr="*i64", ve_ptr=bf16, gate_ptr=bf16, cos_ptr=bf16, sin_ptr=bf16, pos_ptr="*i64",
+              k_ptr=bf16, v_ptr=bf16, acc_ptr=f32, m_ptr=f32, l_ptr=f32, max_len="i32", window="i32", eps="fp32", scale="fp32"),
+         dict(C=1280, C_P2=2048, H=10, HKV=10 // group, G=group, G_P2=group, D=128, GATE=32, GATE_P2=32, HAS_VE=has_ve,
+              NSPLIT=9, SPLIT=fused_decode.SPLIT_SLOTS, BLOCK=64 // group)),
+        (fused_decode._combine_kernel, dict(acc_ptr=f32, m_ptr=f32, l_ptr=f32, y_ptr=bf16), dict(D=128, NSPLIT=9, NSPLIT_P2=16)),
+        (fused_decode._relu2_kernel, dict(h_ptr=bf16, x_ptr=bf16, N="i32", eps="fp32"), dict(C=1280, C_P2=2048, BLOCK=fused_decode.RELU2_BLOCK)),
+    ]
+    for fn, types, constants in kernels:
+        names = fn.arg_names
+        assert set(names) == set(types) | set(constants), fn.__name__
+        source = ASTSource(fn=fn, signature={n: types.get(n, "constexpr") for n in names},
+                           constexprs={(names.index(k),): v for k, v in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert f".entry {fn.__name__}" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 1000, fn.__name__
+
+
+def test_fused_mode_where_it_cannot_run_says_why(monkeypatch):
+    """On a CPU without the interpreter (or without triton) an explicit decode='fused' raises a clear error."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="decode='fused': the fused decode step (runs on CUDA|needs the triton)"):
+        run(Engine(random_gpt(), TOK, decode="fused").generate(PROMPT, max_tokens=2))
+    assert Engine(random_gpt(), TOK).decode_mode() == "eager"  # auto never picks it
+
+
+def test_fused_mode_needs_a_power_of_two_head_dim(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    why = fused_decode.unavailable_reason(torch.device("cpu"), 48)
+    assert why is not None and ("power-of-two head_dim" in why or "triton package" in why)
+    if fused_decode.triton is not None:
+        assert fused_decode.unavailable_reason(torch.device("cpu"), 64) is None
