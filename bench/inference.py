@@ -16,7 +16,8 @@ On CUDA the batch-1 "bw limit" column is the memory-bandwidth bound: (weight byt
 read per step) / HBM bandwidth.
 
 decode = the Engine's path (nanochat/engine.py): eager (GPT.forward + KVCache per step, the reference; the CPU rows),
-graph (the static step in a CUDA graph; the CUDA default), compile (torch.compile'd, then graphed). CUDA rows also
+graph (the static step in a CUDA graph; the CUDA default), compile (torch.compile'd, then graphed), fused (the
+Triton kernels of nanochat/fused_decode.py, graphed). CUDA rows also
 profile 16 decode steps: kernels per step and GPU-busy ms per step against the wall ms per step (launch-bound or not).
 
     python bench/inference.py --chat-diag '{"variant": "eager"}' --device cuda

@@ -558,7 +558,8 @@ class DecodeWeights:
 
         Same arithmetic as GPT.forward, in fewer kernels (each costs ~2 us even inside a CUDA graph, and a d20 step was
         929 of them on the H100): q and k get their rotary and norm together, the x0 mix and the value-embedding gate
-        are one addcmul each, and the attention is three kernels (decode_attention)."""
+        are one addcmul each, the residual adds ride in the projections' GEMMs (addmm), and the attention is three
+        kernels (decode_attention). nanochat.fused_decode does the same in fewer still."""
         cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
         bias = {w: visible_bias(cache.visible(w), self.dtype) for w in sorted(set(self.windows))}  # once per window
         x = norm(F.embedding(idx[:, 0], self.wte).to(self.dtype))  # (B, C): one row per sequence
