@@ -29,9 +29,9 @@ fd.SPLIT_SLOTS = 16
 VOCAB, PROMPT_LEN, STEPS, MAX_LEN = 80, 13, 10, 32  # positions 13..22 of a 32-slot cache: splits 0 and 1
 
 
-def small_gpt(n_kv_head, pattern, dtype, seed=0):
-    """2 layers (value embeddings on the second), 4 heads of 16, a short window of 5; every weight random."""
-    config = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64,
+def small_gpt(n_kv_head, pattern, dtype, seed=0, n_head=4):
+    """2 layers (value embeddings on the second), heads of 16, a short window of 5; every weight random."""
+    config = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=16 * n_head,
                        window_pattern=pattern, short_window=5)
     torch.manual_seed(seed)
     model = GPT.create(config, dtype=dtype)
@@ -64,15 +64,16 @@ def static_step(weights, *args):
 
 def step_checks():
     """fp32: fused vs the static step (same arithmetic: only the summation order differs), per GQA group size,
-    window pattern and batch; bf16: both against an fp32 full forward."""
+    window pattern and batch (3 heads: a width of 48 and a group of 3, both padded to a power of two in the kernel);
+    bf16: both against an fp32 full forward."""
     out = {}
-    for n_kv, pattern, batch in [(2, "SL", 2), (1, "SL", 1), (4, "L", 1)]:
-        model = small_gpt(n_kv, pattern, torch.float32)
+    for n_head, n_kv, pattern, batch in [(4, 2, "SL", 2), (4, 1, "SL", 1), (4, 4, "L", 1), (3, 1, "SL", 2)]:
+        model = small_gpt(n_kv, pattern, torch.float32, n_head=n_head)
         g = torch.Generator().manual_seed(n_kv)
         prompt, forced = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g), torch.randint(0, VOCAB, (batch, STEPS), generator=g)
         want, want_cache = teacher_forced(model, static_step, prompt, forced)
         got, got_cache = teacher_forced(model, fd.fused_step, prompt, forced)
-        out[f"fp32 kv{n_kv} {pattern} batch{batch}"] = dict(
+        out[f"fp32 heads{n_head} kv{n_kv} {pattern} batch{batch}"] = dict(
             logits_rel=rel(got, want), cache_max_abs=max((a - b).abs().max().item() for a, b in
                                                          zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v)),
             pos=[got_cache.pos.item(), want_cache.pos.item()])
