@@ -761,23 +761,29 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
     return weights + kv
 
 
-def inference_row(b, batch, decode, bandwidth=False, cap_s=None):
+def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
-    early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps)."""
+    early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
+    cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default 256)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode="engine", decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
                vocab=c["vocab"], head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name, profile=b.cuda)
     cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--one", json.dumps(row), "--device", b.device.type,
            "--repeats", str(i["repeats"]), "--threads", "0"]
-    res, err, why = b.run_child(cmd, b.child_env(), cap_s=cap_s)
+    env = b.child_env()
+    if fused_split:
+        env["NANOCHAT_FUSED_SPLIT"] = str(fused_split)
+    res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    b.infer[(batch, decode)] = res
+    label = f"{decode}, {fused_split}-slot splits" if fused_split else decode
+    res["fused_split"] = fused_split
+    b.infer[(batch, label)] = res
     out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s "
                f"({res['decode_ms_per_step']:.2f} ms/step) · {res['peak_gb']:.2f} GB",
-               notes=f"{decode}, prompt {i['prompt']}, {i['new_tokens']} new, d{i['depth']}, first call {res['warmup_s']:.1f} s")
+               notes=f"{label}, prompt {i['prompt']}, {i['new_tokens']} new, d{i['depth']}, first call {res['warmup_s']:.1f} s")
     prof = res.get("profile")
     if prof:
         out["notes"] += (f"; {prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} of "
@@ -785,7 +791,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None):
     eager = b.infer.get((batch, "eager"))
     if decode != "eager" and eager:
         out["notes"] += f"; {res['decode_tok_s'] / eager['decode_tok_s']:.1f}× eager"
-    if batch == 1 and decode in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
+    if batch == 1 and label in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
         out["notes"] += f"; predicted {DECODE_PREDICTED_TOK_S[decode]:,} tok/s"
     if bandwidth:
         config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
@@ -961,6 +967,8 @@ def plan(b):
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),
             ("inference", "d20 batch 1 compile", 90, lambda: inference_row(b, 1, "compile", bandwidth=True, cap_s=150)),
+            ("inference", "d20 batch 1 fused, 128-slot splits", 25, lambda: inference_row(b, 1, "fused", True, 90, fused_split=128)),
+            ("inference", "d20 batch 1 fused, 64-slot splits", 25, lambda: inference_row(b, 1, "fused", True, 90, fused_split=64)),
             ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
             ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
             ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),

@@ -35,7 +35,9 @@ try:
 except ImportError:  # an install without triton: unavailable_reason() says why
     triton = tl = None
 
-SPLIT_SLOTS = 256  # cache slots per attention program: a d20 batch-1 step at 2,304 slots runs 10 heads x 9 splits
+# cache slots per attention program: a d20 batch-1 step at 2,304 slots runs 10 heads x 9 splits (untuned: bench/gpu.py
+# measures 64 and 128 too)
+SPLIT_SLOTS = int(os.environ.get("NANOCHAT_FUSED_SPLIT", "256"))
 RELU2_BLOCK = 1024
 
 
