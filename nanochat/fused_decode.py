@@ -27,8 +27,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanochat import gpt
-
 try:
     import triton
     import triton.language as tl
@@ -195,10 +193,9 @@ def relu2_normed(h, x):
 
 def fused_step(weights, idx, cache, cos, sin):
     """DecodeWeights.step (same arguments, same fp32 logits (B, vocab), same cache writes) in fused kernels."""
-    c, dtype = weights.config, weights.dtype
+    c = weights.config
     ids = idx[:, 0].contiguous()  # the attention kernel reads row b's token at ids + b
-    x = gpt.norm(F.embedding(ids, weights.wte).to(dtype))
-    x0_mix = weights.x0.view(-1, 1, 1) * x
+    x, x0_mix = weights.embed(idx)
     for i, layer in enumerate(weights.layers):
         x = torch.addcmul(x0_mix[i], weights.resid[i], x)
         y = attend(x, F.linear(x, layer.qkv), ids, cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
@@ -206,6 +203,5 @@ def fused_step(weights, idx, cache, cos, sin):
         x = torch.addmm(x, y, layer.proj.t())
         x = torch.addmm(x, relu2_normed(F.linear(x, layer.fc), x), layer.mlp_proj.t())
     cache.pos.add_(1)
-    logits = F.linear(gpt.norm(x), weights.lm_head)[:, :c.vocab_size].float()
-    return c.softcap * torch.tanh(logits / c.softcap)
+    return weights.logits(x)
 

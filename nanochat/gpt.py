@@ -562,13 +562,21 @@ class DecodeWeights:
         kernels (decode_attention). nanochat.fused_decode does the same in fewer still."""
         cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
         bias = {w: visible_bias(cache.visible(w), self.dtype) for w in sorted(set(self.windows))}  # once per window
-        x = norm(F.embedding(idx[:, 0], self.wte).to(self.dtype))  # (B, C): one row per sequence
-        x0_mix = self.x0.view(-1, 1, 1) * x  # x is x0 here: every layer's x0_lambda * x0 in one kernel
+        x, x0_mix = self.embed(idx)
         for i, layer in enumerate(self.layers):
             x = torch.addcmul(x0_mix[i], self.resid[i], x)
             x = torch.addmm(x, self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]]), layer.proj.t())
             x = torch.addmm(x, F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj.t())  # residual add in the GEMM
         cache.pos.add_(1)
+        return self.logits(x)
+
+    def embed(self, idx):
+        """x (B, C) for idx (B, 1), and every layer's x0_lambda * x (n_layer, B, C) in one kernel (x is x0 here)."""
+        x = norm(F.embedding(idx[:, 0], self.wte).to(self.dtype))
+        return x, self.x0.view(-1, 1, 1) * x
+
+    def logits(self, x):
+        """The final norm, lm_head and softcap: fp32 logits (B, vocab) for the last layer's x (B, C)."""
         logits = F.linear(norm(x), self.lm_head)[:, :self.config.vocab_size].float()
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
