@@ -761,13 +761,14 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
     return weights + kv
 
 
-def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None):
+def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine"):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
-    cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default 256)."""
+    cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default 256). mode "batched": `batch`
+    requests of their own prompts decoded together by nanochat.batching (continuous batching), not one request."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
-    row = dict(mode="engine", decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
+    row = dict(mode=mode, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
                vocab=c["vocab"], head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name, profile=b.cuda)
     cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--one", json.dumps(row), "--device", b.device.type,
            "--repeats", str(i["repeats"]), "--threads", "0"]
@@ -778,17 +779,21 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    label = f"{decode}, {fused_split}-slot splits" if fused_split else decode
+    label = f"{decode}, {fused_split}-slot splits" if fused_split else decode if mode == "engine" else f"{decode}, {mode}"
     res["fused_split"] = fused_split
     b.infer[(batch, label)] = res
     out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s "
                f"({res['decode_ms_per_step']:.2f} ms/step) · {res['peak_gb']:.2f} GB",
-               notes=f"{label}, prompt {i['prompt']}, {i['new_tokens']} new, d{i['depth']}, first call {res['warmup_s']:.1f} s")
+               notes=f"{label}, prompt {i['prompt']}{' - 5 per request' if mode == 'batched' else ''}, {i['new_tokens']} new, "
+               f"d{i['depth']}, first call {res['warmup_s']:.1f} s")
     prof = res.get("profile")
     if prof:
         out["notes"] += (f"; {prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} of "
                          f"{prof['wall_ms_per_step']:.2f} ms/step (profiled)")
     eager = b.infer.get((batch, "eager"))
+    one = b.infer.get((batch, decode))
+    if mode == "batched" and one:
+        out["notes"] += f"; {res['decode_tok_s'] / one['decode_tok_s']:.2f}× one request of {batch} samples"
     if decode != "eager" and eager:
         out["notes"] += f"; {res['decode_tok_s'] / eager['decode_tok_s']:.1f}× eager"
     if batch == 1 and label in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
@@ -963,6 +968,8 @@ def plan(b):
             ("inference", f"d20 batch 32 {fast}", 25, lambda: inference_row(b, 32, fast, cap_s=90)),
             ("inference", "d20 batch 8 fused", 25, lambda: inference_row(b, 8, "fused", cap_s=90)),
             ("inference", "d20 batch 32 fused", 25, lambda: inference_row(b, 32, "fused", cap_s=90)),
+            ("inference", f"d20 batch 32 {fast}, 32 requests batched", 25, lambda: inference_row(b, 32, fast, cap_s=90, mode="batched")),
+            ("inference", "d20 batch 32 fused, 32 requests batched", 25, lambda: inference_row(b, 32, "fused", cap_s=90, mode="batched")),
             ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),
@@ -985,6 +992,7 @@ def plan(b):
             ("train", "d2 eager (smoke)", 3, lambda: train_row(b, 2, compile_=False, target=mfu_target)),
             ("inference", f"d2 batch 1 {fast} (smoke)", 3, lambda: inference_row(b, 1, fast, bandwidth=True)),
             ("inference", "d2 batch 1 eager (smoke)", 3, lambda: inference_row(b, 1, "eager", bandwidth=True)),
+            ("inference", f"d2 batch 4 {fast}, 4 requests batched (smoke)", 3, lambda: inference_row(b, 4, fast, mode="batched")),
             ("inference", "chat_eval decode diagnostic (smoke)", 5, lambda: chat_diag_row(b)),
             ("optimizer", "d2 MuonAdamW step (smoke)", 1, lambda: optimizer_row(b, 2)),
             ("dataloader", "embedded corpus, file:// (smoke)", 3, lambda: dataloader_row(b)),

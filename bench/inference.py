@@ -15,6 +15,9 @@ timings are the median of --repeats.
 On CUDA the batch-1 "bw limit" column is the memory-bandwidth bound: (weight bytes + mean KV bytes
 read per step) / HBM bandwidth.
 
+mode engine = one request of `batch` samples (Engine.generate: one prompt, prefilled once); batched = `batch`
+requests, each its own prompt (5 tokens shorter per request, so rows stand at different positions), decoded together
+by nanochat.batching's Batcher (continuous batching, as `nanochat serve --batch-rows`); naive = no KV cache.
 decode = the Engine's path (nanochat/engine.py): eager (GPT.forward + KVCache per step, the reference; the CPU rows),
 graph (the static step in a CUDA graph; the CUDA default), compile (torch.compile'd, then graphed), fused (the
 Triton kernels of nanochat/fused_decode.py, graphed). CUDA rows also
@@ -60,16 +63,19 @@ def cpu_rows(args):
         rows.append(dict(depth=depth, mode="naive", batch=1, new_tokens=128))
         for batch in (1, 8, 32):
             rows.append(dict(depth=depth, mode="engine", batch=batch, new_tokens=256))
+        rows.append(dict(depth=depth, mode="batched", batch=8, new_tokens=256, decode="static"))  # 8 requests, one batch
         # naive is slow (quadratic): batch 1 at every depth, larger batches only at the smallest, once
         for batch in args.naive_batches if depth == min(args.depths) else (1,):
             rows.append(dict(depth=depth, mode="naive", batch=batch, new_tokens=256, repeats=1 if batch > 1 else None))
     for r in rows:
-        r.update(prompt=args.prompt or 13, vocab=args.vocab or 8192, head_dim=64, seq_len=512, dtype="float32", decode=args.decode)
+        r.setdefault("decode", args.decode)
+        r.update(prompt=args.prompt or 13, vocab=args.vocab or 8192, head_dim=64, seq_len=512, dtype="float32")
     return rows
 
 
 def cuda_rows(args):
     rows = [dict(mode="engine", decode=decode, batch=batch, profile=True) for decode in ("graph", "fused") for batch in (1, 8, 32)]
+    rows += [dict(mode="batched", decode=decode, batch=32, profile=True) for decode in ("graph", "fused")]
     rows += [dict(mode="engine", decode=decode, batch=1, profile=True) for decode in ("eager", "compile")]
     for batch in args.naive_batches:
         rows.append(dict(mode="naive", batch=batch, repeats=1 if batch > 1 else None))
@@ -114,8 +120,16 @@ def measure(row, device, repeats, threads):
         model.to(torch.bfloat16)  # inference keeps no fp32 master weights
     model.eval()
     engine = Engine(model, SpecialsOnlyTokenizer(row["vocab"]), decode=row.get("decode", "eager"))
-    stream = engine.generate if row["mode"] == "engine" else engine.generate_naive
     prompt = torch.randint(0, row["vocab"], (row["prompt"],), generator=torch.Generator().manual_seed(1)).tolist()
+    if row["mode"] == "batched":
+        from nanochat.batching import Batcher
+        batcher = Batcher(engine, rows=row["batch"], max_len=row["prompt"] + row["new_tokens"])
+        prompts = [prompt[:max(1, len(prompt) - 5 * i)] for i in range(row["batch"])]
+
+        def stream(prompt, num_samples, **kwargs):
+            return lockstep(batcher, prompts, **kwargs)
+    else:
+        stream = engine.generate if row["mode"] == "engine" else engine.generate_naive
 
     def once(new_tokens):
         if device.type == "cuda":
@@ -155,6 +169,19 @@ def measure(row, device, repeats, threads):
     else:
         result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return result
+
+
+def lockstep(batcher, prompts, **kwargs):
+    """Requests for every prompt queued at once into the batcher (they join at its first step); yields once per step,
+    when each has its next token (no row ends early: the tokenizer's special ids are past the vocab)."""
+    with batcher.cond:
+        streams = [batcher.generate(p, num_samples=1, **kwargs) for p in prompts]
+    try:
+        for columns in zip(*streams):
+            yield columns, None
+    finally:
+        for s in streams:
+            s.close()
 
 
 def profile_decode(start_stream, cuda=True, skip=4, steps=16):
@@ -316,7 +343,7 @@ def print_table(results, device):
         anchor = anchor if r["new_tokens"] == 128 and device == "cpu" and r.get("decode", "eager") == "eager" else None
         base = naive.get((r["depth"], r["new_tokens"], r["batch"]))  # naive at the same batch
         speedup = f"{r['tok_s'] / base:.1f}×" if base and r["mode"] == "engine" else "—"
-        line = (f"| {r['depth']} | {r['mode']} | {r.get('decode', '—') if r['mode'] == 'engine' else '—'} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['ttft_ms']:.1f} "
+        line = (f"| {r['depth']} | {r['mode']} | {r.get('decode', '—') if r['mode'] != 'naive' else '—'} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['ttft_ms']:.1f} "
                 f"| {r['decode_tok_s']:,.0f} | {r['tok_s']:,.0f} | {r['tok_per_cpu_s']:,.0f} | {speedup} "
                 f"| {fmt(anchor, ',')} | {r['peak_gb']:.2f} |")
         if device == "cuda":
@@ -334,7 +361,7 @@ def main():
     p.add_argument("--vocab", type=int, default=0, help="vocab size (default 8192 on CPU, 32768 on CUDA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--only", default="", help="comma-separated modes to run: engine,naive")
+    p.add_argument("--only", default="", help="comma-separated modes to run: engine,batched,naive")
     p.add_argument("--naive-batches", default="1,8", help="batch sizes for naive generation at 256 new tokens "
                    "(CPU: at the smallest depth; batches > 1 run once)")
     p.add_argument("--decode", default="eager", choices=["eager", "static", "graph", "compile", "fused"],

@@ -4,12 +4,14 @@ Serving benchmark: `nanochat serve` under 1/8/32 concurrent streaming clients.
     python bench/serve.py                               # CPU: tiny random-weight GPT (depth 2, vocab 512)
     python bench/serve.py --store file:///path -i sft   # a trained checkpoint from a store
     python bench/serve.py --device cuda --depth 20 --vocab 8192   # GPU, random weights
+    python bench/serve.py --batch-rows 1,8                         # one request per replica vs continuous batching
 
 A real uvicorn on 127.0.0.1 serves the model; asyncio + httpx clients each send streaming chat
 completions back to back (`--requests` in all per row, `--max-tokens` each). Columns: tok/s =
 completion tokens (from each stream's usage) over the row's wall time; TTFT = request sent to the
 first content delta, queue wait included (with one replica, requests run one at a time, so TTFT
-grows with the number of streams); latency = request sent to [DONE]. Random weights end an answer
+grows with the number of streams); latency = request sent to [DONE]. rows = `nanochat serve --batch-rows`: requests
+decoded together per replica (1: one at a time; > 1: continuous batching, the static decode step). Random weights end an answer
 early now and then (a sampled <|assistant_end|>): the token counts come from usage, not max_tokens.
 """
 from __future__ import annotations
@@ -96,6 +98,7 @@ def main():
     p.add_argument("--requests", type=int, default=64, help="requests per row")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--batch-rows", default="1", help="comma-separated `nanochat serve --batch-rows` values, one server each")
     args = p.parse_args()
 
     import torch
@@ -105,22 +108,24 @@ def main():
     devices = [args.device] * args.num_workers if args.device != "cuda" else [f"cuda:{i}" for i in range(args.num_workers)]
     limits = Limits(max_tokens=max(args.max_tokens, 4096))
     if args.store:
-        app = create_app(args.store, source=args.source, devices=devices, max_queue=1024, limits=limits)
         what = args.store
     else:
         model, tok, what = random_model(args)
-        app = create_app(model=model, tokenizer=tok, devices=devices, max_queue=1024, limits=limits)
-    with BackgroundServer(app) as server:
-        asyncio.run(run_row(server.url, 1, argparse.Namespace(**{**vars(args), "requests": 2})))  # warm-up
-        info = app.state.serve.info
-        print(f"# serve benchmark: {what} ({info.get('checkpoint')}), device={args.device}, replicas={args.num_workers}, "
-              f"torch {torch.__version__}, threads={torch.get_num_threads()}, max_tokens={args.max_tokens}, {args.requests} requests per row")
-        print("| streams | requests | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | latency p50 ms | errors |")
-        print("|---|---|---|---|---|---|---|---|")
-        for streams in [int(s) for s in args.streams.split(",")]:
-            r = asyncio.run(run_row(server.url, streams, args))
-            print(f"| {r['streams']} | {r['requests']} | {r['tok_s']:,.0f} | {r['req_s']:.1f} | {1000 * r['ttft_p50']:.1f} "
-                  f"| {1000 * r['ttft_p95']:.1f} | {1000 * r['lat_p50']:.1f} | {r['errors']} |", flush=True)
+    print(f"# serve benchmark: {what}, device={args.device}, replicas={args.num_workers}, torch {torch.__version__}, "
+          f"threads={torch.get_num_threads()}, max_tokens={args.max_tokens}, {args.requests} requests per row")
+    print("| rows | streams | requests | tok/s | req/s | TTFT p50 ms | TTFT p95 ms | latency p50 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rows in [int(r) for r in args.batch_rows.split(",")]:
+        if args.store:
+            app = create_app(args.store, source=args.source, devices=devices, max_queue=1024, limits=limits, batch_rows=rows)
+        else:
+            app = create_app(model=model, tokenizer=tok, devices=devices, max_queue=1024, limits=limits, batch_rows=rows)
+        with BackgroundServer(app) as server:
+            asyncio.run(run_row(server.url, 1, argparse.Namespace(**{**vars(args), "requests": 2})))  # warm-up
+            for streams in [int(s) for s in args.streams.split(",")]:
+                r = asyncio.run(run_row(server.url, streams, args))
+                print(f"| {rows} | {r['streams']} | {r['requests']} | {r['tok_s']:,.0f} | {r['req_s']:.1f} | {1000 * r['ttft_p50']:.1f} "
+                      f"| {1000 * r['ttft_p95']:.1f} | {1000 * r['lat_p50']:.1f} | {r['errors']} |", flush=True)
 
 
 if __name__ == "__main__":

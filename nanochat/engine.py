@@ -17,7 +17,8 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
 every path. The graphed paths run one step ahead: the next step starts on the sampled ids while the host reads them,
 and is rerun when a tool forces another token (StaticSteps). Sampling (temperature, top-k, top-p) happens outside the
-model, so every path supports all of it.
+model, so every path supports all of it. Engine.generate decodes one request (its samples); nanochat.batching decodes
+many requests together on the same static step, each in rows of its own.
 """
 
 import codecs
@@ -213,7 +214,7 @@ class Engine:
                 # below if a row's next token is forced instead
                 ahead = None if last else steps.step_ahead(sampled)
                 sampled_list = host.tolist()
-                column, mask = self._advance_rows(rows, sampled_list)
+                column, mask = self.advance_rows(rows, sampled_list)
                 yield column, mask
                 generated += 1
                 if all(row.completed for row in rows) or last:
@@ -264,8 +265,9 @@ class Engine:
         if decoder.weights is self._weights:  # not from weights that were replaced meanwhile
             self._idle = (self._idle + [decoder])[-IDLE_DECODERS:]
 
-    def _advance_rows(self, rows, sampled):
-        """Pick each row's next token (forced or sampled) and step its tool-use state machine."""
+    def advance_rows(self, rows, sampled):
+        """Pick each row's next token (forced or sampled) and step its tool-use state machine (RowState per row):
+        (column, mask), as generate streams them. nanochat.batching calls it per request."""
         column, mask = [], []
         for row, token in zip(rows, sampled):
             if row.completed:
@@ -398,7 +400,7 @@ class StaticSteps(Steps):
 
     def undo(self):
         self.pos -= 1
-        self.decoder.cache.pos.sub_(1)
+        self.decoder.cache.pos.sub_(self.decoder.cache.live)
 
     def close(self):
         self.engine._release(self.decoder)

@@ -76,7 +76,7 @@ if triton is not None:
         online softmax over the split's visible slots; partial (acc, max, sum) per query head and split."""
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr + b)  # rows may stand at different positions (nanochat.batching)
         r = _rsqrt_mean_square(x_ptr + b * C, C, C_P2, eps)  # the attention input's norm, applied after the matmul
         od = tl.arange(0, D)
         swapped = (od + D // 2) % D  # rotary with doubled tables: x * [cos, cos] + halves_swapped(x) * [sin, -sin]
@@ -163,7 +163,8 @@ if triton is not None:
 
 def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None, gate=None):
     """y (B, H * D): the attention of one new token per row, from the un-normed attention input x (B, C) and
-    qkv = x @ Wqkv (B, (H + 2 Hkv) D); writes the token's K/V into the (B, Hkv, max_len, D) caches at pos."""
+    qkv = x @ Wqkv (B, (H + 2 Hkv) D); writes the token's K/V into the (B, Hkv, max_len, D) caches at each row's
+    position pos[b]."""
     B, C = x.shape
     H, HKV, D = config.n_head, config.n_kv_head, config.head_dim
     max_len = k_cache.size(2)
@@ -202,6 +203,6 @@ def fused_step(weights, idx, cache, cos, sin):
                    ve=layer.ve, gate=layer.ve_gate)
         x = torch.addmm(x, y, layer.proj.t())
         x = torch.addmm(x, relu2_normed(F.linear(x, layer.fc), x), layer.mlp_proj.t())
-    cache.pos.add_(1)
+    cache.advance()
     return weights.logits(x)
 

@@ -186,8 +186,8 @@ def attention(q, k, v, window):
 
 
 def decode_attention(q, k, v, bias):
-    """One query per row over a fixed-size cache: q (B, H, 1, D); k, v (B, H_kv, max_len, D); bias (max_len,) in q's
-    dtype, 0 where a slot is visible and -inf where not (visible_bias).
+    """One query per row over a fixed-size cache: q (B, H, 1, D); k, v (B, H_kv, max_len, D); bias in q's dtype, 0
+    where a slot is visible and -inf where not (visible_bias), (max_len,) for every row or (B * H_kv, 1, max_len).
 
     Two batched matmuls and a softmax rather than SDPA: no kernel choice that depends on the shape, nothing a CUDA
     graph cannot capture. The scale and the mask ride in the first matmul (baddbmm), and the softmax of a bf16 input
@@ -201,7 +201,7 @@ def decode_attention(q, k, v, bias):
 
 
 def visible_bias(visible, dtype):
-    """decode_attention's additive mask from a boolean (max_len,) visible mask."""
+    """decode_attention's additive mask from a boolean visible mask (any shape)."""
     return torch.full_like(visible, float("-inf"), dtype=dtype).masked_fill_(visible, 0.0)
 
 
@@ -553,22 +553,28 @@ class DecodeWeights:
             copy.copy_(params[0] if len(params) == 1 else torch.cat(params))
 
     def step(self, idx, cache, cos, sin):
-        """fp32 logits (B, vocab) for idx (B, 1) at position cache.pos; writes this step's K/V and advances the position.
+        """fp32 logits (B, vocab) for idx (B, 1), each row at its position cache.pos[b]; writes this step's K/V and
+        advances the live rows' positions.
         cos, sin: rotary tables covering the cache (GPT.rotary_tables(cache.max_len)).
 
         Same arithmetic as GPT.forward, in fewer kernels (each costs ~2 us even inside a CUDA graph, and a d20 step was
         929 of them on the H100): q and k get their rotary and norm together, the x0 mix and the value-embedding gate
         are one addcmul each, the residual adds ride in the projections' GEMMs (addmm), and the attention is three
         kernels (decode_attention). nanochat.fused_decode does the same in fewer still."""
-        cos, sin = cos.index_select(1, cache.pos), sin.index_select(1, cache.pos)
-        bias = {w: visible_bias(cache.visible(w), self.dtype) for w in sorted(set(self.windows))}  # once per window
+        cos, sin = cos[0, cache.pos].unsqueeze(1), sin[0, cache.pos].unsqueeze(1)  # (B, 1, 1, D): each row's angles
+        bias = {w: self.bias(cache, w) for w in sorted(set(self.windows))}  # once per window
         x, x0_mix = self.embed(idx)
         for i, layer in enumerate(self.layers):
             x = torch.addcmul(x0_mix[i], self.resid[i], x)
             x = torch.addmm(x, self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]]), layer.proj.t())
             x = torch.addmm(x, F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj.t())  # residual add in the GEMM
-        cache.pos.add_(1)
+        cache.advance()
         return self.logits(x)
+
+    def bias(self, cache, window):
+        """decode_attention's mask for this window, (B * H_kv, 1, max_len): each row's, repeated per kv head."""
+        bias = visible_bias(cache.visible(window), self.dtype)  # (B, max_len); expand + reshape: no host sync
+        return bias[:, None, None, :].expand(-1, self.config.n_kv_head, 1, -1).reshape(-1, 1, bias.size(-1))
 
     def embed(self, idx):
         """x (B, C) for idx (B, 1), and every layer's x0_lambda * x (n_layer, B, C) in one kernel (x is x0 here)."""

@@ -11,7 +11,7 @@ its new (B, H_kv, T, D) keys/values and attends over the returned views; after t
 model calls `cache.advance(T)`. `cache.pos` is the number of positions already stored.
 
 StaticKVCache is the fixed-size variant the static decode step (and its CUDA graph) uses: one tensor per layer,
-the position on the device. Its prompt is prefilled through a KVCache over its row-0 views (`KVCache.over`).
+a position per row on the device. Its prompt is prefilled through a KVCache over a row's views (`KVCache.over`).
 """
 
 import torch
@@ -96,18 +96,21 @@ class KVCache:
 class StaticKVCache:
     """A fixed-size cache for the static decode step (nanochat.gpt.DecodeWeights.step), which a CUDA graph can capture.
 
-    Nothing changes shape: the position is a device tensor, each step writes its K/V at that position with
-    index_copy_ and attends over all max_len slots through a mask (slots past the position hold stale values and
-    are masked out). One tensor per layer, not one for all: torch.compile writes into a whole input in place, but
-    copies a tensor whose view is written. The prompt is prefilled by the ordinary forward into row 0
-    (`prefill_cache()`), then copied to every row (`start()`).
+    Nothing changes shape: each row's position is an entry of a device tensor, each step writes a row's K/V at its
+    position and attends over all max_len slots through a mask (slots past the position hold stale values and are
+    masked out). Rows may stand at different positions (nanochat.batching: one request per row), and a step advances
+    only the live rows (`live`, 1 or 0 per row). One tensor per layer, not one for all: torch.compile writes into a
+    whole input in place, but copies a tensor whose view is written. A prompt is prefilled by the ordinary forward into
+    one row (`prefill_cache(row)`), then copied to the rows that sample from it (`start()`, `place()`).
     """
 
     def __init__(self, batch_size, num_kv_heads, head_dim, num_layers, max_len, device=None, dtype=torch.float32):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next token is written to
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # the slot each row's next token goes to
+        self.live = torch.ones(batch_size, dtype=torch.long, device=device)  # what a step adds to each row's position
+        self.rows = torch.arange(batch_size, device=device)
         self.slots = torch.arange(max_len, device=device)
 
     @property
@@ -118,32 +121,51 @@ class StaticKVCache:
     def max_len(self):
         return self.k[0].size(2)
 
-    def prefill_cache(self):
-        """A KVCache over row 0 at position 0: the batch-1 prefill writes the prompt straight into this cache."""
-        return KVCache.over([t[:1] for t in self.k], [t[:1] for t in self.v])
+    def prefill_cache(self, row=0):
+        """A KVCache over one row at position 0: a batch-1 prefill writes its prompt straight into this cache."""
+        return KVCache.over([t[row:row + 1] for t in self.k], [t[row:row + 1] for t in self.v])
 
     def start(self, num_tokens):
-        """After a prefill of num_tokens into row 0: copy them to every row and set the position."""
-        if self.batch_size > 1:
-            for t in self.k + self.v:
-                t[1:, :, :num_tokens] = t[:1, :, :num_tokens]
-        self.pos.fill_(num_tokens)
+        """After a prefill of num_tokens into row 0: copy them to every row and set every position."""
+        self.place(range(self.batch_size), num_tokens)
+
+    def place(self, rows, num_tokens):
+        """After a prefill of num_tokens into rows[0]: copy them to the other rows, set the rows' positions to
+        num_tokens and make them live."""
+        rows = list(rows)
+        for t in self.k + self.v:
+            for r in rows[1:]:
+                t[r, :, :num_tokens] = t[rows[0], :, :num_tokens]
+        index = torch.tensor(rows, device=self.pos.device)
+        self.pos.index_fill_(0, index, num_tokens)
+        self.live.index_fill_(0, index, 1)
+
+    def retire(self, rows):
+        """Rows nobody reads any more: their position goes back to 0 and stays there (a step still computes them)."""
+        index = torch.tensor(list(rows), device=self.pos.device)
+        self.pos.index_fill_(0, index, 0)
+        self.live.index_fill_(0, index, 0)
 
     def write(self, layer_idx, k, v):
-        """Store one step's (B, H_kv, 1, D) keys/values at the position; returns the layer's whole (B, H_kv, max_len, D)."""
+        """Store one step's (B, H_kv, 1, D) keys/values at each row's position; returns the layer's whole
+        (B, H_kv, max_len, D)."""
         k_all, v_all = self.k[layer_idx], self.v[layer_idx]
-        k_all.index_copy_(2, self.pos, k)
-        v_all.index_copy_(2, self.pos, v)
+        k_all[self.rows, :, self.pos] = k[:, :, 0]
+        v_all[self.rows, :, self.pos] = v[:, :, 0]
         return k_all, v_all
 
     def visible(self, window):
-        """Boolean (max_len,) mask of the slots a query at the position attends to (window -1 = unlimited)."""
-        seen = self.slots <= self.pos
+        """Boolean (B, max_len) mask of the slots each row's query attends to (window -1 = unlimited)."""
+        pos = self.pos[:, None]
+        seen = self.slots <= pos
         if window >= 0:
-            seen = seen & (self.pos - self.slots <= window)
+            seen = seen & (pos - self.slots <= window)
         return seen
+
+    def advance(self):
+        self.pos.add_(self.live)
 
     def to_kv_cache(self):
         """The full cache as an ordinary KVCache at position max_len, for the eager path to go on: its next insert
-        grows it into new tensors (a copy), so these buffers are never written through it."""
+        grows it into new tensors (a copy), so these buffers are never written through it. Rows at one position only."""
         return KVCache.over(self.k, self.v, pos=self.max_len)

@@ -4,9 +4,10 @@
     nanochat serve [--store URI] [--run NAME] [-i sft|rl|mid|base] [--port 8000] [--api-key KEY]
 
 One engine replica per GPU (or one on CPU) sits behind an async queue: a request waits for a free
-replica, its generation runs in a worker thread, and the text streams back to the event loop
-through an asyncio.Queue. The model loads in the background: /healthz answers at once, /readyz
-and the API say 503 until the weights are in.
+slot of a replica, its generation runs in a worker thread, and the text streams back to the event loop
+through an asyncio.Queue. A replica has one slot, or with --batch-rows N (continuous batching,
+nanochat.batching) N slots whose requests decode together, one token each per step. The model loads
+in the background: /healthz answers at once, /readyz and the API say 503 until the weights are in.
 
 Tool calls appear in the text between the tokenizer's own markers,
 `<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>`; assistant messages sent back
@@ -38,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.batching import Batcher
 from nanochat.engine import Engine, Utf8StreamDecoder
 
 log = logging.getLogger("nanochat.serve")
@@ -45,6 +47,7 @@ log = logging.getLogger("nanochat.serve")
 UI_DIR = Path(__file__).resolve().parent / "ui"
 MODEL_NAME = "nanochat"
 DEFAULT_MAX_QUEUE = 64       # requests waiting for a replica before new ones get 429
+DEFAULT_BATCH_ROWS = 1       # rows decoded together per replica (continuous batching when > 1)
 DRAIN_TIMEOUT_S = 30         # graceful shutdown: how long in-flight streams may finish
 TOOL_PARTS = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
 
@@ -318,6 +321,7 @@ class Metrics:
         self.requests = Counter("nanochat_requests", "API requests by route and HTTP status", ["route", "status"], registry=r)
         self.in_flight = Gauge("nanochat_requests_in_flight", "chat completions admitted and not finished (queued or generating)", registry=r)
         self.queue_depth = Gauge("nanochat_queue_depth", "chat completions waiting for a free engine replica", registry=r)
+        self.batch_rows = Gauge("nanochat_batch_rows_in_use", "rows of the continuous batches decoding a request (all replicas)", registry=r)
         self.ttft = Histogram("nanochat_time_to_first_token_seconds", "request arrival to the first generated token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.tokens_per_s = Histogram("nanochat_tokens_per_second", "completion tokens per second of generation, per request",
@@ -360,6 +364,11 @@ class Replica:
     tokenizer: object
     engine: Engine
     device: str
+    batcher: Batcher | None = None  # continuous batching (--batch-rows > 1): the requests of all its slots decode together
+
+    @property
+    def slots(self):
+        return self.batcher.rows if self.batcher else 1
 
 
 class Job:
@@ -444,8 +453,9 @@ class Job:
         engine = replica.engine  # one per replica: its static decoders (CUDA graphs) serve every request
         terminals = {engine.assistant_end, engine.bos}
         samples = [SampleText(replica.tokenizer, s.stop, terminals) for _ in range(s.n)]
-        stream = engine.generate(self.prompt, num_samples=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
-                                 top_k=s.top_k, seed=s.seed, top_p=s.top_p)
+        decoder = replica.batcher or engine  # the same stream either way
+        stream = decoder.generate(self.prompt, num_samples=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
+                                  top_k=s.top_k, seed=s.seed, top_p=s.top_p)
         try:
             for column, _ in stream:
                 if self.cancel.is_set():
@@ -461,8 +471,9 @@ class Job:
 class ServeState:
     """Everything one app holds: the replicas, the queue, the limits, the metrics, the readiness."""
 
-    def __init__(self, loader, devices: list[str], api_key: str | None, max_queue: int, limits: Limits, model_name: str):
-        self.loader, self.devices = loader, devices
+    def __init__(self, loader, devices: list[str], api_key: str | None, max_queue: int, limits: Limits, model_name: str,
+                 batch_rows: int = DEFAULT_BATCH_ROWS):
+        self.loader, self.devices, self.batch_rows = loader, devices, batch_rows
         self.api_key, self.max_queue, self.limits, self.model_name = api_key, max_queue, limits, model_name
         self.metrics = Metrics()
         self.ready, self.load_error = False, None
@@ -471,7 +482,8 @@ class ServeState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.free: asyncio.Queue | None = None
         self.thread_prefix = f"nanochat-gen-{secrets.token_hex(3)}"  # this app's worker threads, by name
-        self.executor = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix=self.thread_prefix)
+        self.executor = ThreadPoolExecutor(max_workers=len(devices) * batch_rows, thread_name_prefix=self.thread_prefix)
+        self.replicas: list[Replica] = []
         self.waiting = self.in_flight = 0
         self.jobs: set[Job] = set()
         self.created = int(time.time())
@@ -483,12 +495,19 @@ class ServeState:
             replicas, self.info = self.loader(self.devices)
             self.tokenizer = replicas[0].tokenizer
             self.context_len = replicas[0].model.config.sequence_len
+            if self.batch_rows > 1:
+                for r in replicas:
+                    r.batcher = Batcher(r.engine, self.batch_rows)
+                self.metrics.batch_rows.set_function(lambda: sum(r.batcher.rows_in_use for r in self.replicas))
+            self.replicas = replicas
             for r in replicas:
-                self.release_threadsafe(r)
+                for _ in range(r.slots):
+                    self.release_threadsafe(r)
             self.metrics.checkpoint.info({k: str(v) for k, v in self.info.items()})
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("serving %s (%d replica(s) on %s)", self.info.get("checkpoint"), len(replicas), ", ".join(self.devices))
+            log.info("serving %s (%d replica(s) on %s, %d row(s) each)", self.info.get("checkpoint"), len(replicas),
+                     ", ".join(self.devices), self.batch_rows)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
@@ -534,8 +553,13 @@ class ServeState:
         return prompt, Sampling(
             max_tokens=asked or min(room, self.limits.max_tokens),
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p, n=req.n or 1,
+            top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p, n=self.check_n(req.n or 1),
             seed=secrets.randbits(63) if req.seed is None else req.seed % 2**64, stop=stops)
+
+    def check_n(self, n: int) -> int:
+        if self.batch_rows > 1 and n > self.batch_rows:
+            raise invalid(f"n is {n}; this server decodes {self.batch_rows} rows per batch (--batch-rows)", "n")
+        return n
 
     def admit(self, prompt: list[int], sampling: Sampling) -> Job:
         """A queued job, or 429 when every replica is busy and max_queue requests already wait."""
@@ -554,6 +578,9 @@ class ServeState:
         for job in list(self.jobs):
             job.cancel.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        for r in self.replicas:
+            if r.batcher:
+                r.batcher.close()
 
 
 # -----------------------------------------------------------------------------
@@ -671,10 +698,14 @@ def model_loader(model, tokenizer, checkpoint: str = "custom"):
 
 def create_app(store_uri: str | None = None, *, source: str | None = None, step: int | None = None,
                model=None, tokenizer=None, loader=None, devices: list[str] | None = None, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits | None = None, model_name: str = MODEL_NAME) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits | None = None, model_name: str = MODEL_NAME,
+               batch_rows: int = DEFAULT_BATCH_ROWS) -> FastAPI:
     """The FastAPI app, serving one of: a store's checkpoint, an in-memory model + tokenizer, or what
     `loader(devices) -> (replicas, info)` returns. Loading runs in the background at startup.
-    `devices`: one engine replica each (default: every GPU, else one on CPU)."""
+    `devices`: one engine replica each (default: every GPU, else one on CPU). `batch_rows` > 1: each replica decodes
+    that many rows at once, the requests of its slots together (continuous batching; needs a nanochat GPT)."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     if sum(x is not None for x in (store_uri, model, loader)) != 1:
         raise ValueError("create_app needs exactly one of store_uri, model (+ tokenizer), loader")
     if model is not None:
@@ -684,7 +715,7 @@ def create_app(store_uri: str | None = None, *, source: str | None = None, step:
         devices = devices or pick_devices()
         loader = checkpoint_loader(store_uri, source, step)
     devices = devices or ["cpu"]
-    state = ServeState(loader, devices, api_key, max_queue, limits or Limits(), model_name)
+    state = ServeState(loader, devices, api_key, max_queue, limits or Limits(), model_name, batch_rows)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -728,7 +759,7 @@ def create_app(store_uri: str | None = None, *, source: str | None = None, step:
         if not state.ready:
             status = "failed" if state.load_error else "loading"
             return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-        return {"status": "ready", **state.info, "replicas": len(state.devices)}
+        return {"status": "ready", **state.info, "replicas": len(state.devices), "batch_rows": state.batch_rows}
 
     @app.get("/metrics")
     async def metrics():
@@ -819,6 +850,13 @@ class BackgroundServer:
         self.stop()
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nanochat.cli import add_store_flags
     p = argparse.ArgumentParser(prog="nanochat serve", description="Web chat UI and OpenAI-compatible API for a trained model.")
@@ -830,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, mps, cuda:1... (default: cuda if available)")
     p.add_argument("--num-workers", type=int, help="engine replicas (default: one per GPU, or one on CPU)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require `Authorization: Bearer KEY` on /v1 (env NANOCHAT_API_KEY)")
+    p.add_argument("--batch-rows", type=positive_int, default=DEFAULT_BATCH_ROWS, metavar="N",
+                   help="continuous batching: each replica decodes N rows at once, one per request (n samples take n), "
+                        "new requests joining at the next token (default 1: one request at a time)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait for a replica; more get 429")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, help="seconds in-flight streams get to finish on shutdown")
     for name, value in asdict(Limits()).items():
@@ -856,7 +897,7 @@ def main(argv=None) -> int:
         error(str(e), 1)
     limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
     app = create_app(uri, source=source, step=args.step, devices=devices, api_key=args.api_key or None,
-                     max_queue=args.max_queue, limits=limits)
+                     max_queue=args.max_queue, limits=limits, batch_rows=args.batch_rows)
     print(f"nanochat serve: {source} model from {store.root} on {', '.join(devices)}; "
           f"open http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout)

@@ -84,7 +84,7 @@ def serving_objects(run: dict, checkpoint: str) -> list[dict]:
     container = {
         "name": "chat", "image": spec["image"], "imagePullPolicy": spec["imagePullPolicy"],
         "command": ["nanochat", "serve", "--store", spec["store"]["uri"], "--host", "0.0.0.0", "--port", str(sv["port"]),
-                    "--drain-timeout", str(DRAIN_S)],
+                    "--drain-timeout", str(DRAIN_S), "--batch-rows", str(sv["batchRows"])],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *SCRATCH_ENV, *s3_env(spec)],
         "ports": [{"name": "http", "containerPort": sv["port"], "protocol": "TCP"}],
         "resources": {"limits": limits, "requests": dict(limits)},

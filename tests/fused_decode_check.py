@@ -20,10 +20,12 @@ import torch  # noqa: E402
 
 import nanochat.engine as engine_mod  # noqa: E402
 import nanochat.fused_decode as fd  # noqa: E402
+from nanochat.batching import Batcher  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, DecodeWeights, GPTConfig  # noqa: E402
 from nanochat.kv_cache import StaticKVCache  # noqa: E402
 from tests.test_engine import PROMPT, TOK, random_gpt, run  # noqa: E402
+from tests.test_static_decode import ragged_decode  # noqa: E402
 
 fd.SPLIT_SLOTS = 16
 VOCAB, PROMPT_LEN, STEPS, MAX_LEN = 80, 13, 10, 32  # positions 13..22 of a 32-slot cache: splits 0 and 1
@@ -76,7 +78,15 @@ def step_checks():
         out[f"fp32 heads{n_head} kv{n_kv} {pattern} batch{batch}"] = dict(
             logits_rel=rel(got, want), cache_max_abs=max((a - b).abs().max().item() for a, b in
                                                          zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v)),
-            pos=[got_cache.pos.item(), want_cache.pos.item()])
+            pos=[got_cache.pos.tolist(), want_cache.pos.tolist()])
+    model = small_gpt(2, "SL", torch.float32)  # one request per row: 3 prompts, 3 positions, the last row retired halfway
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (13, 3, 20)]
+    forced = torch.randint(0, VOCAB, (3, STEPS), generator=g)
+    (want, want_cache), (got, got_cache) = (ragged_decode(model, prompts, forced, MAX_LEN, step) for step in (static_step, fd.fused_step))
+    out["fp32 ragged rows"] = dict(logits_rel=rel(torch.cat([got[:2].flatten(), got[2, :5].flatten()]),
+                                                   torch.cat([want[:2].flatten(), want[2, :5].flatten()])),
+                                   pos=[got_cache.pos.tolist(), want_cache.pos.tolist()])
     ref = small_gpt(2, "SL", torch.float32)
     model = small_gpt(2, "SL", torch.bfloat16)
     model.load_state_dict(ref.state_dict())
@@ -95,12 +105,22 @@ def engine_checks():
     fd.SPLIT_SLOTS = 64
     model = random_gpt(depth=2, window_pattern="SL")
     greedy = dict(num_samples=2, max_tokens=10, temperature=0.0)
-    sampled = dict(num_samples=2, max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    sampled = dict(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     fused = Engine(model, TOK, decode="fused")
     out = dict(mode=fused.decode_mode(),
                greedy_equal=run(fused.generate(PROMPT, **greedy)) == run(Engine(model, TOK, decode="eager").generate(PROMPT, **greedy)),
-               sampled_equal=run(fused.generate(PROMPT, **sampled)) == run(Engine(model, TOK, decode="static").generate(PROMPT, **sampled)),
+               sampled_equal=run(fused.generate(PROMPT, num_samples=2, **sampled)) == run(Engine(model, TOK, decode="static").generate(PROMPT, num_samples=2, **sampled)),
                decoders_kept=len(fused._idle))
+    batcher = Batcher(fused, rows=3)  # continuous batching on the fused step: two requests at their own positions
+    requests = [(PROMPT, dict(num_samples=1, max_tokens=8, temperature=0.0)), (PROMPT[:4], dict(num_samples=2, **sampled))]
+    try:
+        with batcher.cond:
+            streams = [batcher.generate(p, **kw) for p, kw in requests]
+        out["batched_equal"] = [run(s) == run(Engine(model, TOK, decode="static").generate(p, **kw))
+                                for s, (p, kw) in zip(streams, requests)]
+        out["batched_mode"] = batcher.mode
+    finally:
+        batcher.close()
     reserve, bucket = engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET
     engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET = 4, 8  # the static cache ends a few tokens in
     try:

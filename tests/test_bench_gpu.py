@@ -66,6 +66,8 @@ def test_smoke_on_cpu(tmp_path):
     for name, decode in (("d2 batch 1 static (smoke)", "static"), ("d2 batch 1 eager (smoke)", "eager")):
         assert rows[name]["metrics"]["decode"] == decode
         assert rows[name]["metrics"]["decode_tok_s"] > 0 and rows[name]["metrics"]["bw_util"] > 0
+    batched = rows["d2 batch 4 static, 4 requests batched (smoke)"]["metrics"]  # continuous batching: 4 prompts, 4 rows
+    assert (batched["mode"], batched["batch"], batched["decode"]) == ("batched", 4, "static") and batched["decode_tok_s"] > 0
     diag = rows["chat_eval decode diagnostic (smoke)"]
     assert set(diag["metrics"]["runs"]) == {"eager", "eager, no cuDNN SDPA", "graph"} and diag["notes"].startswith("verdict: ")
     for run in diag["metrics"]["runs"].values():
@@ -87,7 +89,7 @@ def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 14
+    assert data["finished"] is True and len(data["rows"]) == 15
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -95,9 +97,10 @@ def test_tiny_budget_skips_rows(tmp_path):
 def test_rows_and_skip_pick_rows_by_name(tmp_path):
     """--rows keeps rows whose name holds one of its substrings (any case), --skip drops them; the plan's order stays."""
     proc, out = run_gpu(tmp_path, "--budget-s", "0", "--rows", "static,kv DECODE,graph,speedrun", "--skip", "eager")
+    # "graph decode vs eager" is skipped: "eager" is in its name
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [r["name"] for r in json.loads((out / "gpu.json").read_text())["rows"]]
-    assert names == ["KV decode vs full forward", "d2 batch 1 static (smoke)",  # "graph decode vs eager": skipped
+    assert names == ["KV decode vs full forward", "d2 batch 1 static (smoke)", "d2 batch 4 static, 4 requests batched (smoke)",
                      "speedrun --profile ci: data, tok_train, base_train (smoke)"]
 
 

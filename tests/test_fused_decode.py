@@ -34,12 +34,20 @@ def interpreted(tmp_path_factory):
 
 @needs_triton
 def test_fused_step_equals_the_static_step_in_fp32(interpreted):
-    steps = {k: v for k, v in interpreted["steps"].items() if k.startswith("fp32")}
+    steps = {k: v for k, v in interpreted["steps"].items() if k.startswith("fp32 heads")}
     assert len(steps) == 4
     for name, r in steps.items():
         assert r["logits_rel"] < 1e-5, name       # the same arithmetic, in another order
         assert r["cache_max_abs"] < 1e-4, name   # the K/V it wrote at each position
-        assert r["pos"] == [23, 23], name        # 13-token prompt + 10 steps
+        assert r["pos"][0] == r["pos"][1] and set(r["pos"][0]) == {23}, name  # 13-token prompt + 10 steps
+
+
+@needs_triton
+def test_fused_step_with_rows_at_their_own_positions(interpreted):
+    """One request per row (nanochat.batching): prompts of 13, 3 and 20 tokens, the last row retired halfway."""
+    r = interpreted["steps"]["fp32 ragged rows"]
+    assert r["logits_rel"] < 1e-5
+    assert r["pos"] == [[23, 13, 0]] * 2
 
 
 @needs_triton
@@ -56,6 +64,7 @@ def test_engine_streams_on_the_fused_path(interpreted):
     assert e["greedy_equal"] and e["sampled_equal"]
     assert e["decoders_kept"] == 1               # reused across requests like the other static paths
     assert e["overflow_equal"] and e["overflow_tokens"] == 8
+    assert e["batched_mode"] == "fused" and e["batched_equal"] == [True, True]  # nanochat.batching on the fused step
 
 
 @needs_triton

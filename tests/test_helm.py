@@ -134,6 +134,7 @@ def test_validation_catches_a_bad_object(rendered):
 BAD_VALUES = [  # (--set, the path and the words the schema error must hold)
     ("run.resources.gpu.gpusPerNode=-1", ["/run/resources/gpu/gpusPerNode", "minimum"]),
     ("inference.gpus=-2", ["/inference/gpus", "minimum"]),
+    ("inference.batchRows=0", ["/inference/batchRows", "minimum"]),
     ("run.profile=d99", ["/run/profile", "tiny", "d20"]),
     ("images.train.repository=", ["/images/train/repository"]),
     ("images.serve.tag=latest", ["/images/serve/tag"]),
@@ -515,12 +516,14 @@ def test_chart_commands_parse_with_the_real_clis(rendered):
             command = spec["containers"][0]["command"]
             if command[:2] == ["nanochat", "serve"]:
                 args = serve_parser().parse_args(command[2:])
-                assert args.host == "0.0.0.0" and args.store.startswith("s3://")
+                assert args.host == "0.0.0.0" and args.store.startswith("s3://") and args.batch_rows == 1
             elif command[0] == "nanochat-k8s":
                 args = k8s_parser().parse_args(command[1:])
                 assert args.cmd == "operator" and args.metrics_port == 8080
             else:
                 assert command[:2] == ["python", "-c"], f"{obj['kind']}/{obj['metadata']['name']}: {command}"
+    chat = one(helmbin.template(sets=("inference.batchRows=16",)), "Deployment", "inference")["spec"]["template"]["spec"]
+    assert serve_parser().parse_args(chat["containers"][0]["command"][2:]).batch_rows == 16  # continuous batching
 
 
 def registry_metrics() -> dict[str, set[str]]:

@@ -549,6 +549,42 @@ def test_ui_is_served(gpt_server):
 
 
 # -----------------------------------------------------------------------------
+# continuous batching: --batch-rows
+
+@pytest.fixture(scope="module")
+def batched_server(store_uri):
+    app = create_app(store_uri, api_key=KEY, limits=LIMITS, devices=["cpu"], batch_rows=3)
+    with BackgroundServer(app) as server:
+        yield server
+
+
+def test_batched_requests_answer_as_the_engine_does(batched_server, engine, tokenizer):
+    """Six concurrent requests through one replica's 3 rows (n=2 takes two): each answer is the engine's alone, and
+    they shared decode steps."""
+    from concurrent.futures import ThreadPoolExecutor
+    bodies = [{"messages": user(f"Tell me about {w}."), "max_tokens": 10 + i, "seed": i, "n": 2 if i == 2 else 1,
+               "temperature": [0, 0.7, 1.0][i % 3]} for i, w in enumerate(["cats", "dogs", "the sea", "rain", "maps", "tea"])]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: chat(batched_server.url, body, KEY), bodies))
+    for body, r in zip(bodies, answers):
+        assert r.status_code == 200, r.text
+        want, _ = generated_text(engine, tokenizer, body["messages"], num_samples=body["n"], max_tokens=body["max_tokens"],
+                                 seed=body["seed"], temperature=body["temperature"])
+        assert [c["message"]["content"] for c in r.json()["choices"]] == want
+    state = batched_server.app.state.serve
+    tokens = sum(r.json()["usage"]["completion_tokens"] for r in answers)
+    assert state.replicas[0].batcher.steps < tokens  # some steps decoded several requests
+    wait_until(lambda: idle(batched_server, replicas=3), what="every slot back")
+    assert metrics_of(batched_server.url)[("nanochat_batch_rows_in_use", frozenset())] == 0
+    assert httpx.get(f"{batched_server.url}/readyz").json()["batch_rows"] == 3
+
+
+def test_batched_server_refuses_more_samples_than_rows(batched_server):
+    r = chat(batched_server.url, {"messages": user("hi"), "n": 4}, KEY)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--batch-rows" in r.json()["error"]["message"]
+
+
+# -----------------------------------------------------------------------------
 # the command line: `nanochat serve`
 
 def free_port() -> int:

@@ -78,9 +78,13 @@ def tiny_gpt(tmp_path_factory):
     return make_base_checkpoint(store, tok).eval(), tok
 
 
-def test_32_concurrent_streams(tiny_gpt):
+@pytest.mark.parametrize("batch_rows", [1, 4])
+def test_32_concurrent_streams(tiny_gpt, batch_rows):
+    """One request per replica at a time, or 4 decoding together in each replica's batch."""
     model, tok = tiny_gpt
-    app = create_app(model=model, tokenizer=tok, devices=["cpu"] * REPLICAS, max_queue=64, limits=Limits(max_tokens=64))
+    app = create_app(model=model, tokenizer=tok, devices=["cpu"] * REPLICAS, max_queue=64, limits=Limits(max_tokens=64),
+                     batch_rows=batch_rows)
+    slots = REPLICAS * batch_rows
     threads_before = {t.ident for t in threading.enumerate()}
     server = BackgroundServer(app).start().wait_ready()
     state = app.state.serve
@@ -91,7 +95,7 @@ def test_32_concurrent_streams(tiny_gpt):
         assert set(stats["status"]) == {200}, stats  # no 5xx, and no 429 either: the queue holds 32
         assert stats["completed"] > CLIENTS and stats["hung_up"] > 0
 
-        wait_until(lambda: state.in_flight == 0 and state.waiting == 0 and not state.jobs and state.free.qsize() == REPLICAS,
+        wait_until(lambda: state.in_flight == 0 and state.waiting == 0 and not state.jobs and state.free.qsize() == slots,
                    what="the server to go idle")
         wait_until(lambda: server_tasks(server) == tasks_before, what="the server's tasks to finish")
         m = metrics_of(server.url)
@@ -101,7 +105,10 @@ def test_32_concurrent_streams(tiny_gpt):
         assert 0 < m[("nanochat_abandoned_requests_total", frozenset())] <= stats["hung_up"]
         assert m[("nanochat_generated_tokens_total", frozenset())] >= stats["tokens"]
         workers = [t for t in threading.enumerate() if t.name.startswith(state.thread_prefix)]
-        assert len(workers) <= REPLICAS  # the executor's threads, bounded by the replica count
+        assert len(workers) <= slots  # the executor's threads, bounded by the slot count
+        if batch_rows > 1:
+            assert m[("nanochat_batch_rows_in_use", frozenset())] == 0
+            assert all(r.batcher.steps < m[("nanochat_generated_tokens_total", frozenset())] for r in state.replicas)
     finally:
         server.stop()
     leftover = [t for t in threading.enumerate() if t.ident not in threads_before]

@@ -29,7 +29,7 @@ def static_decode(model, prompt, continuation, max_len):
     model(prompt, kv_cache=cache.prefill_cache())
     cache.start(prompt.size(1))
     out = [weights.step(continuation[:, t:t + 1], cache, cos, sin) for t in range(continuation.size(1))]
-    assert cache.pos.item() == prompt.size(1) + continuation.size(1)
+    assert cache.pos.tolist() == [prompt.size(1) + continuation.size(1)] * continuation.size(0)
     return torch.stack(out, 1)
 
 
@@ -58,6 +58,37 @@ def test_static_step_matches_kv_cache_and_full_forward(pattern, n_kv, seq):
     assert (static[0] - static[1]).abs().max() > 0.1  # the rows decode different tokens: not one row copied
 
 
+@torch.inference_mode()
+def ragged_decode(model, prompts, continuation, max_len, step=DecodeWeights.step):
+    """Prompts of different lengths prefilled into rows 0, 1, ... (row b at its own position), then continuation
+    (B, N) stepped one column at a time, the last row retired (not live) halfway: logits (B, N, vocab)."""
+    weights, cache = DecodeWeights(model), static_cache(model, len(prompts), max_len)
+    cos, sin = model.rotary_tables(max_len)
+    for row, prompt in enumerate(prompts):
+        model(prompt, kv_cache=cache.prefill_cache(row))
+        cache.place([row], prompt.size(1))
+    out = []
+    for t in range(continuation.size(1)):
+        if t == continuation.size(1) // 2:
+            cache.retire([len(prompts) - 1])
+        out.append(step(weights, continuation[:, t:t + 1], cache, cos, sin))
+    return torch.stack(out, 1), cache
+
+
+def test_rows_at_their_own_positions_decode_as_if_alone():
+    """One request per row (nanochat.batching): each row's logits equal its own sequence's full forward."""
+    model = make_model(depth=4, window_pattern="SSSL", short_window=3, n_kv_head=2)
+    prompts = [tokens(1, n, seed=n) for n in (7, 3, 12)]
+    continuation = tokens(3, 10, seed=3)
+    static, cache = ragged_decode(model, prompts, continuation, max_len=32)
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            full = model(torch.cat([prompt, continuation[row:row + 1]], 1))[0, prompt.size(1):]
+            n = 5 if row == 2 else 10  # the retired row's later logits are nobody's
+            torch.testing.assert_close(static[row, :n], full[:n], rtol=1e-4, atol=1e-4)
+    assert cache.pos.tolist() == [17, 13, 0]  # retired: back to 0, and not advanced since
+
+
 def test_a_window_one_token_too_wide_is_caught(monkeypatch):
     """The comparison above is not vacuous: the S-layer mask one slot too wide changes the logits."""
     model = make_model(depth=4, window_pattern="SSSL", short_window=3, n_kv_head=2)
@@ -71,14 +102,18 @@ def test_a_window_one_token_too_wide_is_caught(monkeypatch):
 
 def test_static_cache_mask_and_writes():
     cache = StaticKVCache(batch_size=2, num_kv_heads=1, head_dim=2, num_layers=1, max_len=8)
-    cache.pos.fill_(5)
-    assert cache.visible(-1).tolist() == [True] * 6 + [False] * 2
-    assert cache.visible(2).tolist() == [False] * 3 + [True] * 3 + [False] * 2  # the query and 2 to its left
-    assert cache.visible(0).tolist() == [False] * 5 + [True] + [False] * 2
-    k = torch.arange(4.0).view(2, 1, 1, 2)
+    cache.pos.copy_(torch.tensor([5, 2]))  # rows stand at their own positions
+    assert cache.visible(-1).tolist() == [[True] * 6 + [False] * 2, [True] * 3 + [False] * 5]
+    assert cache.visible(2).tolist()[0] == [False] * 3 + [True] * 3 + [False] * 2  # the query and 2 to its left
+    assert cache.visible(0).tolist()[1] == [False] * 2 + [True] + [False] * 5
+    k = torch.arange(1.0, 5.0).view(2, 1, 1, 2)
     k_all, _ = cache.write(0, k, -k)
-    assert torch.equal(k_all[:, :, 5:6], k) and k_all[:, :, :5].abs().sum() == 0 and k_all[:, :, 6:].abs().sum() == 0
-    assert cache.pos.item() == 5  # the step advances the position, not the write
+    assert torch.equal(k_all[0, :, 5], k[0, :, 0]) and torch.equal(k_all[1, :, 2], k[1, :, 0])
+    assert k_all.abs().sum() == k.abs().sum()  # nothing else written
+    assert cache.pos.tolist() == [5, 2]  # the step advances the positions, not the write
+    cache.live[1] = 0
+    cache.advance()
+    assert cache.pos.tolist() == [6, 2]  # a row that is not live stays where it is
 
 
 def test_start_copies_the_prefill_into_every_row():
@@ -88,7 +123,7 @@ def test_start_copies_the_prefill_into_every_row():
         prefill.insert_kv(layer, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
     prefill.advance(6)
     cache.start(6)
-    assert cache.pos.item() == 6
+    assert cache.pos.tolist() == [6] * 3
     for t in cache.k + cache.v:
         assert t[0, :, :6].abs().sum() > 0 and torch.equal(t[1:, :, :6], t[:1, :, :6].expand(2, -1, -1, -1))
 

@@ -1,0 +1,254 @@
+"""
+Continuous batching: concurrent requests decode together in one static decoder, each in rows of its own.
+
+    batcher = Batcher(engine, rows=16)
+    for column, mask in batcher.generate(prompt_tokens, max_tokens=200, temperature=0.7, seed=1):
+        ...
+
+`generate` takes Engine.generate's arguments and streams the same (column, mask) per step; many threads may call it at
+once (nanochat.serve: one per request). One scheduler thread owns a StaticDecoder of `rows` rows whose cache is as
+long as the model's context, and every step forwards one token in every row:
+
+- a request joins at the next step: its prompt is prefilled into a free row (GPT.forward at batch 1 over that row's
+  cache) and copied to the rows of its other samples; the rows already decoding wait for that one prefill;
+- it leaves when all its samples finish, its max_tokens run out or its reader closes the stream; its rows are
+  retired (still computed by every step, read by nobody) and the next request in line takes them;
+- rows stand at their own positions (StaticKVCache.pos per row), so nobody waits for a batch to fill or drain.
+
+A request's tokens depend only on its prompt, sampling and seed: it has its own generator and samples from its own
+rows' logits, as Engine.generate does. The step is the Engine's static step: on CUDA a CUDA graph (graph, the default,
+or compile / fused) replayed per token and run one step ahead of the host, taken back when a tool forces a token; on
+a CPU the static step runs eagerly (the eager path cannot put rows at different positions in one batch).
+"""
+
+import atexit
+import functools
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat import engine as engine_mod
+from nanochat.engine import RowState, StaticDecoder, check_sampling, decode_threads, sample_next_token
+from nanochat.gpt import GPT, DecodeWeights
+
+log = logging.getLogger("nanochat.batching")
+_END = object()  # the scheduler's last word to a stream
+
+
+@dataclass(eq=False)
+class Request:
+    tokens: list
+    num_samples: int
+    max_tokens: int
+    sampling: dict
+    seed: int
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # (column, mask) per step, then _END or an error
+    cancelled: bool = False
+    rows: list = field(default_factory=list)
+    index: torch.Tensor | None = None  # rows, on the device
+    states: list = field(default_factory=list)
+    rng: torch.Generator | None = None
+    logits: torch.Tensor | None = None  # (num_samples, vocab) to sample the next tokens from
+    generated: int = 0
+
+
+class Stream:
+    """What Batcher.generate returns: iterate for (column, mask) per step; close() (or dropping it) ends the request."""
+
+    def __init__(self, request):
+        self.request = request
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.request.out.get()
+        if item is _END:
+            self.request.out.put(_END)  # iterating again keeps answering StopIteration
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.request.cancelled = True
+
+    def __del__(self):
+        self.close()
+
+
+class Batcher:
+    """Continuous batching over one Engine's model: `rows` sequences decode at once (see the module docstring)."""
+
+    def __init__(self, engine, rows=8, max_len=None):
+        """rows: sequences decoded at once (a request takes num_samples of them). max_len: cache slots per row, the
+        longest prompt + max_tokens a request may have (default: the model's context, sequence_len)."""
+        gpt = getattr(engine.model, "_orig_mod", engine.model)
+        if not isinstance(gpt, GPT):
+            raise TypeError("continuous batching needs a nanochat GPT: it runs the static decode step")
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        mode = engine.decode_mode()
+        self.mode = mode if mode in engine_mod.STATIC_STEP_MODES else "static"
+        self.engine, self.model, self.rows = engine, gpt, rows
+        self.max_len = -(-(max_len or gpt.config.sequence_len) // engine_mod.CACHE_BUCKET) * engine_mod.CACHE_BUCKET
+        self.cond = threading.Condition()  # guards pending and closed; held by a caller, it holds arrivals back
+        self.pending: deque[Request] = deque()
+        self.closed = False
+        self.thread = None
+        self.decoder = None
+        self.active: list[Request] = []  # the scheduler thread's own from here down
+        self.free = list(range(rows))
+        self.steps = 0  # decode steps run: one token for every live row
+
+    @property
+    def rows_in_use(self):
+        return self.rows - len(self.free)
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
+        """Engine.generate's stream, decoded in this batch. The request is queued now; close the stream to drop it."""
+        if not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of ints")
+        if not 1 <= num_samples <= self.rows:
+            raise ValueError(f"num_samples must be in [1, {self.rows}] (the batch's rows), got {num_samples}")
+        check_sampling(temperature, top_p)
+        room = self.max_len - len(tokens)
+        if max_tokens is None:
+            max_tokens = room
+        if not 1 <= max_tokens <= room:
+            raise ValueError(f"a prompt of {len(tokens)} tokens leaves room for 1 to {room} new tokens in this batch's "
+                             f"{self.max_len}-slot cache, not {max_tokens}")
+        request = Request(list(tokens), num_samples, max_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p), seed)
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            self.pending.append(request)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="nanochat-batcher", daemon=True)
+                self.thread.start()
+                atexit.register(self.close)  # a torch thread still alive while the interpreter ends can abort it
+            self.cond.notify()
+        return Stream(request)
+
+    def close(self):
+        """Stop the scheduler; requests still queued or decoding end with an error."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+            atexit.unregister(self.close)
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self):
+        try:
+            while self._wait_for_work():
+                with decode_threads(self.model):  # held while busy only: it limits the whole process's threads
+                    while (self.active or self.pending) and not self.closed:
+                        with self.cond:
+                            arrivals = self._take_arrivals()
+                        try:
+                            self._iteration(arrivals)
+                        except Exception as e:  # noqa: BLE001 - the batch's requests hear of it; the next ones retry
+                            log.exception("batched decoding failed")
+                            self._fail(list(dict.fromkeys(arrivals + self.active)),
+                                       RuntimeError(f"batched decoding failed: {type(e).__name__}: {e}"))
+        finally:  # closed, or the scheduler itself broke: nobody may wait on a stream that will never end
+            with self.cond:
+                self.closed = True
+                self._fail(self.active + list(self.pending), RuntimeError("the batcher was closed"))
+                self.pending.clear()
+
+    def _wait_for_work(self):
+        with self.cond:
+            while not (self.pending or self.active or self.closed):
+                self.cond.wait()
+            return not self.closed
+
+    def _take_arrivals(self):
+        """Queued requests that fit the free rows, first come first served, each given its rows."""
+        arrivals = []
+        while self.pending and (self.pending[0].cancelled or self.pending[0].num_samples <= len(self.free)):
+            request = self.pending.popleft()
+            if request.cancelled:
+                request.out.put(_END)
+                continue
+            request.rows, self.free = self.free[:request.num_samples], self.free[request.num_samples:]
+            arrivals.append(request)
+        return arrivals
+
+    def _iteration(self, arrivals):
+        """Admit the arrivals, sample every request's next tokens, hand them out, and start the next step."""
+        if self.decoder is None:
+            self.decoder = StaticDecoder(self.model, DecodeWeights(self.model), self.rows, self.max_len, self.mode)
+            self.decoder.cache.retire(range(self.rows))  # the capture's warm-up steps moved every row
+            self.next_ids = torch.zeros_like(self.decoder.ids)
+        for request in arrivals:
+            self._prefill(request)
+            self.active.append(request)
+        for request in self.active:
+            self.next_ids[request.index] = sample_next_token(request.logits, request.rng, **request.sampling)
+        host = engine_mod.HostCopy(self.next_ids[:, 0])
+        more = any(r.generated + 1 < r.max_tokens for r in self.active)
+        ahead = self._step() if more and engine_mod.STEP_AHEAD and self.decoder.graphed else None
+        sampled = host.tolist()
+        fed, forced = list(sampled), False
+        for request in list(self.active):
+            proposed = [sampled[r] for r in request.rows]
+            column, mask = self.engine.advance_rows(request.states, proposed)
+            request.out.put((column, mask))
+            request.generated += 1
+            for r, token, guess, state in zip(request.rows, column, proposed, request.states):
+                fed[r] = token
+                forced |= token != guess and not state.completed
+            if request.cancelled or request.generated >= request.max_tokens or all(s.completed for s in request.states):
+                self._leave(request)
+        if not self.active:
+            return
+        if ahead is None or forced:
+            if ahead is not None:
+                self.decoder.cache.pos.sub_(self.decoder.cache.live)  # take the guess back: rerun on the forced tokens
+            if fed != sampled:
+                self.next_ids.copy_(torch.tensor(fed, device=self.next_ids.device).unsqueeze(1))
+            ahead = self._step()
+        for request in self.active:
+            request.logits = ahead.index_select(0, request.index)  # a copy: the next replay overwrites the step's output
+
+    def _step(self):
+        self.decoder.ids.copy_(self.next_ids)
+        self.steps += 1
+        return self.decoder.run()
+
+    def _prefill(self, request):
+        device = self.next_ids.device
+        prompt = torch.tensor([request.tokens], dtype=torch.long, device=device)
+        cache = self.decoder.cache
+        logits = self.model(prompt, kv_cache=cache.prefill_cache(request.rows[0]))[:, -1, :]
+        cache.place(request.rows, len(request.tokens))
+        request.index = torch.tensor(request.rows, device=device)
+        request.logits = logits.expand(request.num_samples, -1)
+        request.rng = torch.Generator(device=device)
+        request.rng.manual_seed(request.seed)
+        context = functools.cache(lambda: self.engine.tokenizer.decode(request.tokens))
+        request.states = [RowState(context=context) for _ in range(request.num_samples)]
+
+    def _leave(self, request):
+        self.active.remove(request)
+        self.decoder.cache.retire(request.rows)
+        self.free += request.rows
+        request.out.put(_END)
+
+    def _fail(self, requests, error):
+        for request in requests:
+            request.out.put(error)
+            if request in self.active:
+                self.active.remove(request)
+            self.free += [r for r in request.rows if r not in self.free]
+        if self.decoder is not None:
+            self.decoder.cache.retire(range(self.rows))

@@ -1,0 +1,131 @@
+"""Continuous batching (nanochat.batching): requests decoded together, each in its own rows at its own position,
+stream exactly what each would alone (Engine.generate), whenever they join or leave."""
+import threading
+import time
+
+import pytest
+import torch
+
+from nanochat.batching import Batcher
+from nanochat.engine import Engine
+from tests.test_engine import PROMPT, TOK, one_thread, random_gpt, run, text  # noqa: F401 (one_thread: autouse)
+from tests.test_static_decode import A_END, OUT_END, PY_END, PY_START, bigram_gpt, fake_graph  # noqa: F401 (fixture)
+
+REQUESTS = [  # prompt, Engine.generate's keyword arguments
+    (PROMPT, dict(num_samples=1, max_tokens=20, temperature=0.0)),
+    (PROMPT[:5], dict(num_samples=2, max_tokens=25, temperature=1.0, top_k=20, seed=5)),
+    (PROMPT + text(" and some more words"), dict(num_samples=1, max_tokens=12, temperature=0.8, top_p=0.9, seed=9)),
+]
+
+
+@pytest.fixture
+def model():
+    return random_gpt(depth=4, window_pattern="SSSL")  # windows of 8 tokens: rows cross them at different steps
+
+
+def alone(model, prompt, kwargs, decode="static"):
+    return run(Engine(model, TOK, decode=decode).generate(prompt, **kwargs))
+
+
+def wait_until(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_concurrent_requests_stream_as_if_alone_and_share_steps(model):
+    batcher = Batcher(Engine(model, TOK), rows=4)
+    assert batcher.mode == "static"  # the CPU's eager default cannot batch rows at different positions
+    try:
+        with batcher.cond:  # held: all three join at the first step
+            streams = [batcher.generate(prompt, **kwargs) for prompt, kwargs in REQUESTS]
+        got = [run(s) for s in streams]
+    finally:
+        batcher.close()
+    for (prompt, kwargs), g in zip(REQUESTS, got):
+        assert g == alone(model, prompt, kwargs)
+        assert len(g[0]) == kwargs["max_tokens"] and len({tuple(c) for c in g[0]}) > 3
+    assert batcher.steps == 25 - 1  # one step per token of the longest request (its last token is never forwarded)
+    assert batcher.rows_in_use == 0
+
+
+def test_requests_from_threads_join_and_leave_a_running_batch(model, monkeypatch):
+    """A request joins mid-way into another's batch; a closed stream frees its rows for a request waiting for them."""
+    batcher = Batcher(Engine(model, TOK), rows=3)
+    iteration = batcher._iteration
+    monkeypatch.setattr(batcher, "_iteration", lambda arrivals: (time.sleep(0.005), iteration(arrivals)))  # >1 s for `first`
+    first_kwargs = dict(num_samples=1, max_tokens=250, temperature=1.0, seed=1)  # all the room: it ends when closed
+    long = (PROMPT, dict(num_samples=2, max_tokens=40, temperature=0.0))
+    try:
+        first = batcher.generate(PROMPT[:6], **first_kwargs)
+        head = [next(first) for _ in range(5)]
+        results = {}
+        joiner = threading.Thread(target=lambda: results.update(joined=run(batcher.generate(REQUESTS[2][0], **REQUESTS[2][1]))))
+        joiner.start()  # row 1: decodes next to `first`, which has 5 or more tokens out
+        joiner.join(60)
+        with batcher.cond:
+            waiting = batcher.generate(long[0], **long[1])  # needs 2 rows: waits until `first` leaves
+            assert batcher.rows_in_use == 1 and batcher.pending
+        first.close()
+        got_long = run(waiting)
+    finally:
+        batcher.close()
+    assert results["joined"] == alone(model, *REQUESTS[2])
+    assert got_long == alone(model, *long)
+    assert head == list(zip(*alone(model, PROMPT[:6], dict(first_kwargs, max_tokens=5))))
+    assert 5 <= first.request.generated < 250  # it left because its stream was closed
+
+
+def test_tool_calls_take_the_step_ahead_back(fake_graph, monkeypatch):
+    """On a graphed path the batch runs one step ahead of the host; a row whose tool forces its next tokens makes
+    the step rerun, in every row, and the streams stay those of the eager path."""
+    chain = [PROMPT[-1], *text("x"), PY_START, *text("2+3"), PY_END, OUT_END, *text("!"), A_END]
+    model = bigram_gpt(chain)
+    batcher = Batcher(Engine(model, TOK, decode="graph"), rows=4)
+    assert batcher.mode == "graph"
+    requests = [(PROMPT, dict(num_samples=n, max_tokens=40, temperature=0.0)) for n in (1, 2)] + \
+        [(PROMPT[:4], dict(num_samples=1, max_tokens=30, temperature=1.0, seed=2))]
+    try:
+        with batcher.cond:
+            streams = [batcher.generate(prompt, **kwargs) for prompt, kwargs in requests]
+        got = [run(s) for s in streams]
+    finally:
+        batcher.close()
+    for (prompt, kwargs), g in zip(requests, got):
+        assert g == alone(model, prompt, kwargs, decode="eager")
+    assert [0] in got[0][1] and [A_END] in got[0][0]  # forced tool output, then the end
+    assert batcher.steps == (30 - 1) + 3  # a step ahead per token of the longest, and 3 reruns for the 3 forced tokens
+    assert fake_graph.captures == 1
+
+
+def test_a_failing_step_fails_its_requests_and_the_next_ones_decode(model, monkeypatch):
+    batcher = Batcher(Engine(model, TOK), rows=2)
+    try:
+        assert run(batcher.generate(PROMPT, max_tokens=3, temperature=0.0)) == alone(model, PROMPT, dict(max_tokens=3, temperature=0.0))
+        run_step = batcher.decoder.run
+        monkeypatch.setattr(batcher.decoder, "run", lambda: (_ for _ in ()).throw(RuntimeError("device lost")))
+        with pytest.raises(RuntimeError, match="batched decoding failed: RuntimeError: device lost"):
+            run(batcher.generate(PROMPT, max_tokens=5, temperature=0.0))
+        monkeypatch.setattr(batcher.decoder, "run", run_step)
+        assert run(batcher.generate(PROMPT, max_tokens=5, temperature=0.0)) == alone(model, PROMPT, dict(max_tokens=5, temperature=0.0))
+        wait_until(lambda: batcher.rows_in_use == 0)
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.generate(PROMPT)
+
+
+def test_arguments_are_checked_at_the_call(model):
+    batcher = Batcher(Engine(model, TOK), rows=2)
+    with pytest.raises(ValueError, match="num_samples"):
+        batcher.generate(PROMPT, num_samples=3)
+    with pytest.raises(ValueError, match="room for 1 to"):
+        batcher.generate(PROMPT, max_tokens=batcher.max_len)
+    with pytest.raises(ValueError, match="tokens"):
+        batcher.generate([])
+    with pytest.raises(ValueError, match="temperature"):
+        batcher.generate(PROMPT, temperature=-1)
+    assert batcher.thread is None  # nothing was queued
+    with pytest.raises(TypeError, match="nanochat GPT"):
+        Batcher(Engine(torch.nn.Linear(2, 2), TOK))
