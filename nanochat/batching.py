@@ -37,6 +37,7 @@ from nanochat.gpt import GPT, DecodeWeights
 
 log = logging.getLogger("nanochat.batching")
 _END = object()  # the scheduler's last word to a stream
+SLOT_BLOCK = 64  # an eager (not graphed) step attends the slots in use rounded up to this: fewer shapes, less work
 
 
 @dataclass(eq=False)
@@ -221,9 +222,16 @@ class Batcher:
             request.logits = ahead.index_select(0, request.index)  # a copy: the next replay overwrites the step's output
 
     def _step(self):
-        self.decoder.ids.copy_(self.next_ids)
         self.steps += 1
-        return self.decoder.run()
+        if self.decoder.graphed or self.mode != "static":  # fixed shapes (the fused kernels want whole rows too)
+            self.decoder.ids.copy_(self.next_ids)
+            return self.decoder.run()
+        # run eagerly, the step computes only the rows up to the highest in use and the slots they have reached
+        rows = 1 + max(r for request in self.active for r in request.rows)
+        reached = max(len(request.tokens) + request.generated for request in self.active)
+        slots = min(self.max_len, -(-reached // SLOT_BLOCK) * SLOT_BLOCK)
+        d = self.decoder
+        return d.step(self.next_ids[:rows], d.cache.window(rows, slots), d.cos, d.sin)
 
     def _prefill(self, request):
         device = self.next_ids.device
@@ -241,7 +249,7 @@ class Batcher:
     def _leave(self, request):
         self.active.remove(request)
         self.decoder.cache.retire(request.rows)
-        self.free += request.rows
+        self.free = sorted(self.free + request.rows)  # the lowest rows first: an eager step computes up to the highest
         request.out.put(_END)
 
     def _fail(self, requests, error):

@@ -426,6 +426,7 @@ class StaticDecoder:
             if why:
                 raise RuntimeError(f"decode='fused': {why}")
             step = functools.partial(fused_decode.fused_step, weights)
+        self.step = step  # (ids, cache, cos, sin) -> logits: run() calls it on this decoder's own tensors
         ids, cache, cos, sin = self.ids, self.cache, self.cos, self.sin  # not self: no reference cycle keeps a dropped cache alive
 
         def run():

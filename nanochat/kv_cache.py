@@ -165,6 +165,14 @@ class StaticKVCache:
     def advance(self):
         self.pos.add_(self.live)
 
+    def window(self, rows, slots):
+        """This cache's first `rows` rows and `slots` slots, sharing its storage: an eagerly run step (no CUDA graph)
+        computes only the rows in use and attends only the slots they have reached (nanochat.batching)."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.k, view.v = [t[:rows, :, :slots] for t in self.k], [t[:rows, :, :slots] for t in self.v]
+        view.pos, view.live, view.rows, view.slots = self.pos[:rows], self.live[:rows], self.rows[:rows], self.slots[:slots]
+        return view
+
     def to_kv_cache(self):
         """The full cache as an ordinary KVCache at position max_len, for the eager path to go on: its next insert
         grows it into new tensors (a copy), so these buffers are never written through it. Rows at one position only."""

@@ -99,15 +99,30 @@ def test_tool_calls_take_the_step_ahead_back(fake_graph, monkeypatch):
     assert fake_graph.captures == 1
 
 
+def test_an_eager_step_computes_only_the_rows_and_slots_in_use(model, monkeypatch):
+    """Without a CUDA graph nothing needs fixed shapes: one request in an 8-row batch steps 1 row over 64 slots."""
+    batcher = Batcher(Engine(model, TOK), rows=8)
+    shapes = []
+    try:
+        run(batcher.generate(PROMPT, max_tokens=3, temperature=0.0))  # builds the decoder
+        step = batcher.decoder.step
+        monkeypatch.setattr(batcher.decoder, "step", lambda ids, cache, *a: (shapes.append(tuple(cache.k[0].shape[::2])), step(ids, cache, *a))[1])
+        got = run(batcher.generate(PROMPT, max_tokens=60, temperature=0.0))
+    finally:
+        batcher.close()
+    assert got == alone(model, PROMPT, dict(max_tokens=60, temperature=0.0))
+    assert batcher.max_len == 256 and shapes[0] == (1, 64) and shapes[-1] == (1, 128)  # (rows, slots): 9 + 59 slots reached
+
+
 def test_a_failing_step_fails_its_requests_and_the_next_ones_decode(model, monkeypatch):
     batcher = Batcher(Engine(model, TOK), rows=2)
     try:
         assert run(batcher.generate(PROMPT, max_tokens=3, temperature=0.0)) == alone(model, PROMPT, dict(max_tokens=3, temperature=0.0))
-        run_step = batcher.decoder.run
-        monkeypatch.setattr(batcher.decoder, "run", lambda: (_ for _ in ()).throw(RuntimeError("device lost")))
+        step = batcher.decoder.step
+        monkeypatch.setattr(batcher.decoder, "step", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost")))
         with pytest.raises(RuntimeError, match="batched decoding failed: RuntimeError: device lost"):
             run(batcher.generate(PROMPT, max_tokens=5, temperature=0.0))
-        monkeypatch.setattr(batcher.decoder, "run", run_step)
+        monkeypatch.setattr(batcher.decoder, "step", step)
         assert run(batcher.generate(PROMPT, max_tokens=5, temperature=0.0)) == alone(model, PROMPT, dict(max_tokens=5, temperature=0.0))
         wait_until(lambda: batcher.rows_in_use == 0)
     finally:
