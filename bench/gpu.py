@@ -761,14 +761,15 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
     return weights + kv
 
 
-def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine"):
+def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
     cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default 256). mode "batched": `batch`
-    requests of their own prompts decoded together by nanochat.batching (continuous batching), not one request."""
+    requests of their own prompts decoded together by nanochat.batching (continuous batching) in a batch of `rows`
+    rows (default: batch), not one request."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
-    row = dict(mode=mode, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
+    row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
                vocab=c["vocab"], head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name, profile=b.cuda)
     cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--one", json.dumps(row), "--device", b.device.type,
            "--repeats", str(i["repeats"]), "--threads", "0"]
@@ -779,7 +780,8 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    label = f"{decode}, {fused_split}-slot splits" if fused_split else decode if mode == "engine" else f"{decode}, {mode}"
+    label = f"{decode}, {fused_split}-slot splits" if fused_split else decode if mode == "engine" else \
+        f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
     res["fused_split"] = fused_split
     b.infer[(batch, label)] = res
     out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s "
@@ -793,7 +795,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     eager = b.infer.get((batch, "eager"))
     one = b.infer.get((batch, decode))
     if mode == "batched" and one:
-        out["notes"] += f"; {res['decode_tok_s'] / one['decode_tok_s']:.2f}× one request of {batch} samples"
+        out["notes"] += f"; {res['decode_tok_s'] / one['decode_tok_s']:.2f}× one request of {batch} sample(s), unbatched"
     if decode != "eager" and eager:
         out["notes"] += f"; {res['decode_tok_s'] / eager['decode_tok_s']:.1f}× eager"
     if batch == 1 and label in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
@@ -970,6 +972,8 @@ def plan(b):
             ("inference", "d20 batch 32 fused", 25, lambda: inference_row(b, 32, "fused", cap_s=90)),
             ("inference", f"d20 batch 32 {fast}, 32 requests batched", 25, lambda: inference_row(b, 32, fast, cap_s=90, mode="batched")),
             ("inference", "d20 batch 32 fused, 32 requests batched", 25, lambda: inference_row(b, 32, "fused", cap_s=90, mode="batched")),
+            ("inference", f"d20 batch 1 {fast}, 1 request in a 32-row batch", 25,
+             lambda: inference_row(b, 1, fast, cap_s=90, mode="batched", rows=32)),
             ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),

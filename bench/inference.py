@@ -17,7 +17,8 @@ read per step) / HBM bandwidth.
 
 mode engine = one request of `batch` samples (Engine.generate: one prompt, prefilled once); batched = `batch`
 requests, each its own prompt (5 tokens shorter per request, so rows stand at different positions), decoded together
-by nanochat.batching's Batcher (continuous batching, as `nanochat serve --batch-rows`); naive = no KV cache.
+by nanochat.batching's Batcher (continuous batching, as `nanochat serve --batch-rows`) of `rows` rows (default:
+`batch`); naive = no KV cache.
 decode = the Engine's path (nanochat/engine.py): eager (GPT.forward + KVCache per step, the reference; the CPU rows),
 graph (the static step in a CUDA graph; the CUDA default), compile (torch.compile'd, then graphed), fused (the
 Triton kernels of nanochat/fused_decode.py, graphed). CUDA rows also
@@ -123,7 +124,7 @@ def measure(row, device, repeats, threads):
     prompt = torch.randint(0, row["vocab"], (row["prompt"],), generator=torch.Generator().manual_seed(1)).tolist()
     if row["mode"] == "batched":
         from nanochat.batching import Batcher
-        batcher = Batcher(engine, rows=row["batch"], max_len=row["prompt"] + row["new_tokens"])
+        batcher = Batcher(engine, rows=row.get("rows") or row["batch"], max_len=row["prompt"] + row["new_tokens"])
         prompts = [prompt[:max(1, len(prompt) - 5 * i)] for i in range(row["batch"])]
 
         def stream(prompt, num_samples, **kwargs):

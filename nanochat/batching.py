@@ -16,9 +16,11 @@ long as the model's context, and every step forwards one token in every row:
 - rows stand at their own positions (StaticKVCache.pos per row), so nobody waits for a batch to fill or drain.
 
 A request's tokens depend only on its prompt, sampling and seed: it has its own generator and samples from its own
-rows' logits, as Engine.generate does. The step is the Engine's static step: on CUDA a CUDA graph (graph, the default,
-or compile / fused) replayed per token and run one step ahead of the host, taken back when a tool forces a token; on
-a CPU the static step runs eagerly (the eager path cannot put rows at different positions in one batch).
+rows' logits, as Engine.generate does. The step is the Engine's static step. On CUDA it is a CUDA graph (graph, the
+default, or compile / fused) run one step ahead of the host and taken back when a tool forces a token, captured for
+1, 2, 4, ... rows of the same cache: a step replays the smallest graph that holds every row in use (new requests take
+the lowest free rows), so a lone request costs what it would unbatched. On a CPU the static step runs eagerly on just
+the rows in use and the cache slots they have reached (the eager path cannot put rows at different positions).
 """
 
 import atexit
@@ -38,6 +40,11 @@ from nanochat.gpt import GPT, DecodeWeights
 log = logging.getLogger("nanochat.batching")
 _END = object()  # the scheduler's last word to a stream
 SLOT_BLOCK = 64  # an eager (not graphed) step attends the slots in use rounded up to this: fewer shapes, less work
+
+
+def row_buckets(rows):
+    """The row counts a graphed batch captures a step for: powers of two below `rows`, then `rows`."""
+    return [1 << i for i in range(max(0, (rows - 1).bit_length())) if 1 << i < rows] + [rows]
 
 
 @dataclass(eq=False)
@@ -187,9 +194,7 @@ class Batcher:
     def _iteration(self, arrivals):
         """Admit the arrivals, sample every request's next tokens, hand them out, and start the next step."""
         if self.decoder is None:
-            self.decoder = StaticDecoder(self.model, DecodeWeights(self.model), self.rows, self.max_len, self.mode)
-            self.decoder.cache.retire(range(self.rows))  # the capture's warm-up steps moved every row
-            self.next_ids = torch.zeros_like(self.decoder.ids)
+            self._build()
         for request in arrivals:
             self._prefill(request)
             self.active.append(request)
@@ -221,16 +226,32 @@ class Batcher:
         for request in self.active:
             request.logits = ahead.index_select(0, request.index)  # a copy: the next replay overwrites the step's output
 
+    def _build(self):
+        """The decoder (its cache holds every row), and on a graphed path one CUDA graph per power-of-two row count:
+        a step replays the smallest that holds every row in use, so a lone request costs a 1-row step."""
+        d = self.decoder = StaticDecoder(self.model, DecodeWeights(self.model), self.rows, self.max_len, self.mode)
+        self.next_ids = torch.zeros_like(d.ids)
+        self.graphs = {self.rows: d.run}
+        if d.graphed:
+            for k in row_buckets(self.rows)[:-1]:  # each captured on the first k rows of the same cache (views)
+                ids, cache = d.ids[:k], d.cache.window(k, self.max_len)
+                self.graphs[k] = engine_mod.CudaGraphStep(functools.partial(d.step, ids, cache, d.cos, d.sin))
+        d.cache.retire(range(self.rows))  # the captures' warm-up steps moved every row
+
     def _step(self):
         self.steps += 1
-        if self.decoder.graphed or self.mode != "static":  # fixed shapes (the fused kernels want whole rows too)
-            self.decoder.ids.copy_(self.next_ids)
-            return self.decoder.run()
-        # run eagerly, the step computes only the rows up to the highest in use and the slots they have reached
-        rows = 1 + max(r for request in self.active for r in request.rows)
+        rows = 1 + max(r for request in self.active for r in request.rows)  # rows past the highest in use are idle
+        d = self.decoder
+        if d.graphed:
+            rows = next(k for k in sorted(self.graphs) if k >= rows)
+            d.ids[:rows].copy_(self.next_ids[:rows])
+            return self.graphs[rows]()
+        if self.mode != "static":  # the fused kernels (interpreted) want the whole cache
+            d.ids.copy_(self.next_ids)
+            return d.run()
+        # run eagerly, the step computes only those rows and the slots they have reached
         reached = max(len(request.tokens) + request.generated for request in self.active)
         slots = min(self.max_len, -(-reached // SLOT_BLOCK) * SLOT_BLOCK)
-        d = self.decoder
         return d.step(self.next_ids[:rows], d.cache.window(rows, slots), d.cos, d.sin)
 
     def _prefill(self, request):

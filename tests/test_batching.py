@@ -96,7 +96,29 @@ def test_tool_calls_take_the_step_ahead_back(fake_graph, monkeypatch):
         assert g == alone(model, prompt, kwargs, decode="eager")
     assert [0] in got[0][1] and [A_END] in got[0][0]  # forced tool output, then the end
     assert batcher.steps == (30 - 1) + 3  # a step ahead per token of the longest, and 3 reruns for the 3 forced tokens
-    assert fake_graph.captures == 1
+    assert fake_graph.captures == 3  # a graph of 1, 2 and 4 rows, captured once
+
+
+def test_a_graphed_batch_replays_the_smallest_graph_holding_the_rows_in_use(fake_graph):
+    model = random_gpt(depth=2)
+    batcher = Batcher(Engine(model, TOK, decode="graph"), rows=8)
+    used = []
+    try:
+        run(batcher.generate(PROMPT, max_tokens=2, temperature=0.0))  # builds the decoder and its graphs
+        assert sorted(batcher.graphs) == [1, 2, 4, 8]
+        batcher.graphs = {k: (lambda k=k, g=g: (used.append(k), g())[1]) for k, g in batcher.graphs.items()}
+        alone_got = run(batcher.generate(PROMPT, max_tokens=6, temperature=0.0))
+        steps_alone, used[:] = list(used), []
+        with batcher.cond:
+            streams = [batcher.generate(PROMPT[:4 + i], max_tokens=6, temperature=1.0, seed=i) for i in range(3)]
+        together = [run(s) for s in streams]
+    finally:
+        batcher.close()
+    assert steps_alone == [1] * 5  # a lone request: the 1-row graph, as unbatched
+    assert set(used) == {4}  # rows 0-2 in use: the 4-row graph
+    assert alone_got == alone(model, PROMPT, dict(max_tokens=6, temperature=0.0), decode="eager")
+    for i, got in enumerate(together):
+        assert got == alone(model, PROMPT[:4 + i], dict(max_tokens=6, temperature=1.0, seed=i), decode="eager")
 
 
 def test_an_eager_step_computes_only_the_rows_and_slots_in_use(model, monkeypatch):
