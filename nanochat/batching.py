@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat import engine as engine_mod
-from nanochat.engine import RowState, StaticDecoder, check_sampling, decode_threads, sample_next_token
+from nanochat.engine import RowState, StaticDecoder, check_sampling, decode_threads, sample_with, uniforms
+from nanochat.kv_cache import device_index
 from nanochat.gpt import GPT, DecodeWeights
 
 log = logging.getLogger("nanochat.batching")
@@ -60,7 +61,7 @@ class Request:
     index: torch.Tensor | None = None  # rows, on the device
     states: list = field(default_factory=list)
     rng: torch.Generator | None = None
-    logits: torch.Tensor | None = None  # (num_samples, vocab) to sample the next tokens from
+    logits: torch.Tensor | None = None  # its prompt's (num_samples, vocab) until its first tokens are sampled
     generated: int = 0
 
 
@@ -198,8 +199,7 @@ class Batcher:
         for request in arrivals:
             self._prefill(request)
             self.active.append(request)
-        for request in self.active:
-            self.next_ids[request.index] = sample_next_token(request.logits, request.rng, **request.sampling)
+        self._sample()
         host = engine_mod.HostCopy(self.next_ids[:, 0])
         more = any(r.generated + 1 < r.max_tokens for r in self.active)
         ahead = self._step() if more and engine_mod.STEP_AHEAD and self.decoder.graphed else None
@@ -223,8 +223,28 @@ class Batcher:
             if fed != sampled:
                 self.next_ids.copy_(torch.tensor(fed, device=self.next_ids.device).unsqueeze(1))
             ahead = self._step()
+        self.out = ahead  # the next step's replay overwrites it, but only after the sampling queued before it has read it
+
+    def _sample(self):
+        """Every request's next tokens into next_ids: one sampling call per distinct (temperature, top_k, top_p), over
+        its requests' rows, each row with a uniform from its own request's generator (as Engine.generate draws it)."""
+        groups = {}
         for request in self.active:
-            request.logits = ahead.index_select(0, request.index)  # a copy: the next replay overwrites the step's output
+            groups.setdefault(tuple(request.sampling.values()), []).append(request)
+        for requests in groups.values():
+            stepped = [r for r in requests if r.logits is None]
+            arrived = [r for r in requests if r.logits is not None]  # their logits come from their prefill
+            parts = [self.out.index_select(0, torch.cat([r.index for r in stepped]))] if stepped else []
+            logits = torch.cat(parts + [r.logits for r in arrived])
+            index = torch.cat([r.index for r in stepped + arrived])
+            s = requests[0].sampling
+            if s["temperature"] == 0.0:
+                self.next_ids[index] = torch.argmax(logits, dim=-1, keepdim=True)
+            else:
+                u = torch.cat([uniforms(r.num_samples, r.rng, logits.device) for r in stepped + arrived])
+                self.next_ids[index] = sample_with(logits, u, **s)
+            for r in arrived:
+                r.logits = None
 
     def _build(self):
         """The decoder (its cache holds every row), and on a graphed path one CUDA graph per power-of-two row count:
@@ -260,7 +280,7 @@ class Batcher:
         cache = self.decoder.cache
         logits = self.model(prompt, kv_cache=cache.prefill_cache(request.rows[0]))[:, -1, :]
         cache.place(request.rows, len(request.tokens))
-        request.index = torch.tensor(request.rows, device=device)
+        request.index = device_index(request.rows, device)
         request.logits = logits.expand(request.num_samples, -1)
         request.rng = torch.Generator(device=device)
         request.rng.manual_seed(request.seed)

@@ -17,6 +17,13 @@ a position per row on the device. Its prompt is prefilled through a KVCache over
 import torch
 
 
+def device_index(values, device):
+    """A long tensor of `values` on the device, copied without waiting for the GPU (pinned memory, non-blocking): a
+    batch that gains or loses a request must not stall the step already queued."""
+    index = torch.tensor(list(values), dtype=torch.long, pin_memory=device.type == "cuda")
+    return index.to(device, non_blocking=True)
+
+
 class KVCache:
     def __init__(self, batch_size, num_kv_heads, head_dim, num_layers, max_len, device=None, dtype=torch.float32):
         assert batch_size >= 1 and max_len >= 1
@@ -136,13 +143,13 @@ class StaticKVCache:
         for t in self.k + self.v:
             for r in rows[1:]:
                 t[r, :, :num_tokens] = t[rows[0], :, :num_tokens]
-        index = torch.tensor(rows, device=self.pos.device)
+        index = device_index(rows, self.pos.device)
         self.pos.index_fill_(0, index, num_tokens)
         self.live.index_fill_(0, index, 1)
 
     def retire(self, rows):
         """Rows nobody reads any more: their position goes back to 0 and stays there (a step still computes them)."""
-        index = torch.tensor(list(rows), device=self.pos.device)
+        index = device_index(rows, self.pos.device)
         self.pos.index_fill_(0, index, 0)
         self.live.index_fill_(0, index, 0)
 
