@@ -6,7 +6,9 @@ and anyone who wants task accuracy during training).
   at the answer position (the last prompt token, <|assistant_start|>) the logits restricted to the
   answer letters pick the prediction. A model cannot miss by formatting, only by knowledge.
 - Generative tasks sample completions with the Engine (calculator calls executed) and grade them
-  with task.evaluate; a problem passes if any of its samples is correct (pass@num_samples).
+  with task.evaluate; a problem passes if any of its samples is correct (pass@num_samples). Problems
+  decode together, GENERATE_ROWS rows at a time (nanochat.batching), each with its own seed: the
+  completions are those each would get alone.
 
 Under torch.distributed every rank takes every world_size-th problem and the counts are summed,
 so the numbers do not depend on the number of ranks (sampling seeds depend on the problem only).
@@ -16,7 +18,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from collections import deque
+
 from nanochat.engine import Engine
+from nanochat.gpt import GPT
+
+GENERATE_ROWS = 16  # completions decoded together by generative tasks (chat_eval --generate-rows); 1 = one at a time
 
 
 def dist_info() -> tuple[int, int]:
@@ -91,17 +98,43 @@ def categorical_outcomes(task, tokenizer, model, indices, batch_size: int = 8, p
 
 @torch.no_grad()
 def generative_outcomes(task, tokenizer, engine: Engine, indices, num_samples: int = 1, max_new_tokens: int = 512,
-                        temperature: float = 0.0, top_k: int | None = 50, seed: int = 0, progress=None):
-    """Yield, per problem, the 0/1 outcome of each of its num_samples completions."""
-    for i in indices:
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k or None, seed=seed + i)
-        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
-        yield [int(task.evaluate(conversation, c)) for c in completions]
+                        temperature: float = 0.0, top_k: int | None = 50, seed: int = 0, progress=None,
+                        rows: int = GENERATE_ROWS):
+    """Yield, per problem (in order), the 0/1 outcome of each of its num_samples completions. Problem i samples with
+    seed + i; with rows > 1 (and a nanochat GPT) the problems decode together in a continuous batch of that many rows,
+    each the same completions as alone."""
+    problems = [(i, task[i]) for i in indices]
+    prompts = [tokenizer.render_for_completion(conversation) for _, conversation in problems]
+    sampling = dict(num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None)
+    if rows > 1 and problems and isinstance(getattr(engine.model, "_orig_mod", engine.model), GPT):
+        streams = batched_streams(engine, [(p, dict(sampling, seed=seed + i)) for (i, _), p in zip(problems, prompts)],
+                                  max(1, rows // num_samples), max(rows, num_samples))
+    else:
+        streams = (engine.generate(p, seed=seed + i, **sampling) for (i, _), p in zip(problems, prompts))
+    for (_, conversation), prompt, stream in zip(problems, prompts, streams):
+        sequences, _ = engine.collect(stream, prompt, num_samples)
+        yield [int(task.evaluate(conversation, tokenizer.decode(seq[len(prompt):]))) for seq in sequences]
         if progress is not None:
             progress(1)
+
+
+def batched_streams(engine: Engine, requests, in_flight: int, rows: int):
+    """Yield each request's stream, in order, from one Batcher that keeps `in_flight` of them decoding at once: the
+    next request joins as the caller finishes reading one."""
+    from nanochat.batching import Batcher
+    batcher = Batcher(engine, rows=rows, max_len=max(len(p) + kw["max_tokens"] for p, kw in requests))
+    pending, window = iter(requests), deque()
+    try:
+        while True:
+            while len(window) < in_flight and (request := next(pending, None)) is not None:
+                window.append(batcher.generate(request[0], **request[1]))
+            if not window:
+                return
+            yield window.popleft()
+    finally:
+        for stream in window:
+            stream.close()
+        batcher.close()
 
 
 def pass_at_k(outcomes: list[list[int]], k: int) -> int:
@@ -111,7 +144,7 @@ def pass_at_k(outcomes: list[list[int]], k: int) -> int:
 
 def evaluate_task(task, tokenizer, model, engine: Engine | None = None, max_problems: int | None = None,
                   batch_size: int = 8, num_samples: int = 1, max_new_tokens: int = 512, temperature: float = 0.0,
-                  top_k: int | None = 50, seed: int = 0, progress=None) -> dict:
+                  top_k: int | None = 50, seed: int = 0, progress=None, rows: int = GENERATE_ROWS) -> dict:
     """Accuracy of the model on the first max_problems problems of a task, combined over all ranks:
     {"accuracy", "passed", "total", "baseline", "centered"}."""
     rank, world = dist_info()
@@ -122,7 +155,7 @@ def evaluate_task(task, tokenizer, model, engine: Engine | None = None, max_prob
     else:
         engine = engine or Engine(model, tokenizer)
         outcomes = [int(any(o)) for o in generative_outcomes(task, tokenizer, engine, indices, num_samples, max_new_tokens,
-                                                             temperature, top_k, seed, progress)]
+                                                             temperature, top_k, seed, progress, rows)]
     passed, total = all_reduce_sum([sum(outcomes), len(outcomes)], model.get_device())
     accuracy = passed / total if total else 0.0
     return {"accuracy": accuracy, "passed": int(passed), "total": int(total), "baseline": task.baseline,

@@ -164,10 +164,14 @@ class Engine:
     def generate_batch(self, tokens, num_samples=1, naive=False, **kwargs):
         """Run to completion; returns (sequences, masks) per row: prompt + generated tokens (without
         the terminal token), masks 0 over the prompt and forced tokens, 1 over sampled ones."""
+        stream = (self.generate_naive if naive else self.generate)(tokens, num_samples, **kwargs)
+        return self.collect(stream, tokens, num_samples)
+
+    def collect(self, stream, tokens, num_samples):
+        """generate_batch's (sequences, masks) from a (column, mask) stream: Engine.generate's or a Batcher's."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
-        stream = (self.generate_naive if naive else self.generate)(tokens, num_samples, **kwargs)
         for column, mask_column in stream:
             for i, (token, mask) in enumerate(zip(column, mask_column)):
                 if done[i]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.chat_eval_lib import (categorical_outcomes, centered_accuracy, chatcore, evaluate_task, letter_token_ids,
-                                    pass_at_k)
+from nanochat.chat_eval_lib import (categorical_outcomes, centered_accuracy, chatcore, evaluate_task, generative_outcomes,
+                                    letter_token_ids, pass_at_k)
 from nanochat.engine import Engine
 from nanochat.stages import chat_eval
 from nanochat.store import open_store
@@ -108,6 +108,37 @@ def test_categorical_batching_matches_one_prompt_at_a_time(base_store, tokenizer
     batched = categorical_outcomes(task, tokenizer, model, list(range(10)), batch_size=4)
     single = categorical_outcomes(task, tokenizer, model, list(range(10)), batch_size=1)
     assert batched == single and len(batched) == 10
+
+
+class Recording:
+    """A task that remembers every completion it grades."""
+
+    def __init__(self, task):
+        self.task, self.seen = task, []
+
+    def __getitem__(self, i):
+        return self.task[i]
+
+    def evaluate(self, conversation, completion):
+        self.seen.append(completion)
+        return self.task.evaluate(conversation, completion)
+
+
+def test_generative_problems_decode_together_with_their_own_completions(base_store, tokenizer, monkeypatch):
+    """A real (random) GPT: problems in a continuous batch (6 rows, 2 samples each: 3 problems at once) get the
+    completions each gets alone, in order."""
+    engine = Engine(base_store[1], tokenizer)
+    alone = []
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: alone.append(1) or Engine.generate(engine, *a, **k))
+    task = get_task("synthetic_arithmetic", split="test")
+    runs = {}
+    for rows in (1, 6):
+        recording = Recording(task)
+        outcomes = list(generative_outcomes(recording, tokenizer, engine, range(9), num_samples=2, max_new_tokens=24,
+                                            temperature=1.0, seed=3, rows=rows))
+        runs[rows] = outcomes, recording.seen
+    assert runs[6] == runs[1] and len(runs[6][1]) == 18 and len(set(runs[6][1])) > 9
+    assert len(alone) == 9  # rows=1: one Engine.generate per problem; rows=6: none, the batch decoded them
 
 
 # -----------------------------------------------------------------------------

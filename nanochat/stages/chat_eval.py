@@ -31,9 +31,11 @@ class Config(StageConfig):
     max_new_tokens: int = opt(512, "token budget per completion")
     temperature: float = opt(0.0, "sampling temperature for generative tasks (0 = greedy)")
     top_k: int = opt(50, "sample from the k most likely tokens (0 = all)")
+    generate_rows: int = opt(16, "generative tasks: completions decoded together, each problem with its own seed "
+                                 "(continuous batching; 1 = one problem at a time)")
 
     def validate(self):
-        for key in ("batch_size", "num_samples", "max_new_tokens"):
+        for key in ("batch_size", "num_samples", "max_new_tokens", "generate_rows"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.temperature < 0 or self.top_k < 0:
@@ -90,7 +92,7 @@ def run(ctx):
         bar = ctx.progress(total=len(range(ctx.rank, num_problems(task, cfg.max_problems), ctx.world_size)), desc=name)
         results[name] = evaluate_task(task, tokenizer, model, engine, max_problems=cfg.max_problems, batch_size=cfg.batch_size,
                                       num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_k=cfg.top_k, seed=cfg.seed, progress=bar.update)
+                                      top_k=cfg.top_k, seed=cfg.seed, progress=bar.update, rows=cfg.generate_rows)
         bar.close()
         r = results[name]
         ctx.log(f"{name}: accuracy {r['accuracy']:.4f} ({r['passed']}/{r['total']}), centered {r['centered']:.4f}")
