@@ -7,12 +7,12 @@ Continuous batching: concurrent requests decode together in one static decoder, 
 
 `generate` takes Engine.generate's arguments and streams the same (column, mask) per step; many threads may call it at
 once (nanochat.serve: one per request). One scheduler thread owns a StaticDecoder of `rows` rows whose cache is as
-long as the model's context, and every step forwards one token in every row:
+long as the model's context (or max_len), and every step forwards one token in every row in use:
 
 - a request joins at the next step: its prompt is prefilled into a free row (GPT.forward at batch 1 over that row's
   cache) and copied to the rows of its other samples; the rows already decoding wait for that one prefill;
 - it leaves when all its samples finish, its max_tokens run out or its reader closes the stream; its rows are
-  retired (still computed by every step, read by nobody) and the next request in line takes them;
+  retired (a step may still compute them, nobody reads them) and the next request in line takes them;
 - rows stand at their own positions (StaticKVCache.pos per row), so nobody waits for a batch to fill or drain.
 
 A request's tokens depend only on its prompt, sampling and seed: it has its own generator and samples from its own
@@ -35,8 +35,8 @@ import torch
 
 from nanochat import engine as engine_mod
 from nanochat.engine import RowState, StaticDecoder, check_sampling, decode_threads, sample_with, uniforms
-from nanochat.kv_cache import device_index
 from nanochat.gpt import GPT, DecodeWeights
+from nanochat.kv_cache import device_index
 
 log = logging.getLogger("nanochat.batching")
 _END = object()  # the scheduler's last word to a stream
