@@ -106,7 +106,7 @@ def generative_outcomes(task, tokenizer, engine: Engine, indices, num_samples: i
     problems = [(i, task[i]) for i in indices]
     prompts = [tokenizer.render_for_completion(conversation) for _, conversation in problems]
     sampling = dict(num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None)
-    if rows > 1 and problems and isinstance(getattr(engine.model, "_orig_mod", engine.model), GPT):
+    if rows > 1 and problems and batchable(engine):
         streams = batched_streams(engine, [(p, dict(sampling, seed=seed + i)) for (i, _), p in zip(problems, prompts)],
                                   max(1, rows // num_samples), max(rows, num_samples))
     else:
@@ -116,6 +116,11 @@ def generative_outcomes(task, tokenizer, engine: Engine, indices, num_samples: i
         yield [int(task.evaluate(conversation, tokenizer.decode(seq[len(prompt):]))) for seq in sequences]
         if progress is not None:
             progress(1)
+
+
+def batchable(engine: Engine) -> bool:
+    """Whether the engine's model can decode in a continuous batch (a nanochat GPT: the static decode step)."""
+    return isinstance(getattr(engine.model, "_orig_mod", engine.model), GPT)
 
 
 def batched_streams(engine: Engine, requests, in_flight: int, rows: int):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,12 +88,21 @@ def test_prompt_schedule_is_a_seeded_permutation_per_epoch_and_resumable():
     assert first[0] != next(chat_rl.PromptSchedule(10, 4, seed=4))
 
 
+def sampling(max_new_tokens, rows=32):
+    return SimpleNamespace(max_new_tokens=max_new_tokens, temperature=1.0, top_k=50, generate_rows=rows)
+
+
 def test_sampled_groups_mask_prompt_and_forced_tool_output(template):
     _, tokenizer, model = template
     engine = Engine(model, tokenizer)
     conv = get_task("synthetic_arithmetic", split="train")[0]
     prompt = tokenizer.render_for_completion(conv)
-    seqs, masks = chat_rl.sample_group(engine, prompt, 8, 64, 1.0, 50, seed=0)
+    other = tokenizer.render_for_completion(get_task("synthetic_arithmetic", split="train")[2])
+    groups = [(prompt, 8, 0), (other, 3, 7), (prompt, 8, 1)]
+    batched = chat_rl.sample_groups(engine, groups, sampling(64))  # 19 rows in one continuous batch
+    assert batched == chat_rl.sample_groups(engine, groups, sampling(64, rows=1))  # = one group at a time, seed by seed
+    assert batched[0] != batched[2]  # the seed, not the prompt, picks the samples
+    seqs, masks = batched[0]
     out_start, out_end = tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|output_end|>")
     with_tool = [(s, m) for s, m in zip(seqs, masks) if out_end in s[len(prompt):]]
     assert with_tool, "the fine-tuned model should call the calculator"
@@ -110,7 +120,7 @@ def test_policy_gradient_is_advantage_weighted_logprob_of_sampled_tokens_only(te
     model = load_model(open_store(f"file://{template[0]}"), "sft")[0].train()
     engine = Engine(model, tokenizer)
     prompt = tokenizer.render_for_completion(get_task("synthetic_arithmetic", split="train")[1])
-    seqs, masks = chat_rl.sample_group(engine, prompt, 8, 48, 1.0, 50, seed=1)
+    seqs, masks = chat_rl.sample_groups(engine, [(prompt, 8, 1)], sampling(48))[0]
     out_end = tokenizer.encode_special("<|output_end|>")
     first = next(i for i in range(8) if out_end in seqs[i])  # a row with a forced tool block
     other = next(i for i in range(8) if len(seqs[i]) != len(seqs[first]))  # and one of another length: padding

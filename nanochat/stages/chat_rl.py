@@ -32,7 +32,9 @@ class Config(StageConfig):
     num_iterations: int = opt(-1, "optimizer steps (-1: num_epochs × train examples / examples_per_step)")
     examples_per_step: int = opt(16, "problems per step across all ranks (a multiple of the world size)")
     num_samples: int = opt(16, "completions sampled per problem (the group whose mean reward is the baseline)")
-    device_batch_size: int = opt(8, "most rows in one sampling or forward/backward pass")
+    device_batch_size: int = opt(8, "most rows in one sampling group or forward/backward pass")
+    generate_rows: int = opt(32, "rows decoded together: the step's sampling groups (and pass@k problems) in one continuous "
+                                 "batch, each with its own seed (1 = one group at a time)")
     max_new_tokens: int = opt(256, "token budget per completion")
     temperature: float = opt(1.0, "sampling temperature")
     top_k: int = opt(50, "sample from the k most likely tokens (0 = all)")
@@ -50,7 +52,8 @@ class Config(StageConfig):
     log_every: int = opt(1, "steps between log lines")
 
     def validate(self):
-        for key in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_samples", "num_epochs"):
+        for key in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_samples", "num_epochs",
+                    "generate_rows"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.temperature <= 0:
@@ -94,15 +97,27 @@ def sample_seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def sample_group(engine, prompt: list[int], num_samples: int, max_new_tokens: int, temperature: float, top_k, seed: int):
-    """(sequences, masks): prompt + completion per row, the token that ended the row included (stopping
-    is an action the policy takes too); mask 1 = sampled by the policy, 0 = prompt or forced tool output."""
-    stops = (engine.assistant_end, engine.bos)
+def sample_groups(engine, groups, cfg):
+    """(sequences, masks) per (prompt, num_samples, seed) group, in order: prompt + completion per row, the token that
+    ended the row included (stopping is an action the policy takes too); mask 1 = sampled by the policy, 0 = prompt or
+    forced tool output. The groups decode together in a continuous batch of cfg.generate_rows rows (nanochat.batching)
+    when the model allows, each with its own seed: the same samples as one group at a time."""
+    from nanochat.chat_eval_lib import batchable, batched_streams
+    sampling = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+    widest = max(n for _, n, _ in groups)
+    if cfg.generate_rows > 1 and batchable(engine):
+        streams = batched_streams(engine, [(p, dict(sampling, num_samples=n, seed=s)) for p, n, s in groups],
+                                  max(1, cfg.generate_rows // widest), max(cfg.generate_rows, widest))
+    else:
+        streams = (engine.generate(p, n, seed=s, **sampling) for p, n, s in groups)
+    return [collect_group(stream, prompt, n, (engine.assistant_end, engine.bos)) for stream, (prompt, n, _) in zip(streams, groups)]
+
+
+def collect_group(stream, prompt, num_samples, stops):
     sequences = [list(prompt) for _ in range(num_samples)]
     masks = [[0] * len(prompt) for _ in range(num_samples)]
     done = [False] * num_samples
-    for column, mask_column in engine.generate(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
-                                               top_k=top_k or None, seed=seed):
+    for column, mask_column in stream:
         for i, (token, mask) in enumerate(zip(column, mask_column)):
             if not done[i]:
                 sequences[i].append(token)
@@ -136,13 +151,15 @@ def rl_step(model, engine, tokenizer, task, problems: list[int], cfg, step: int)
     """Sample, reward and backpropagate for this rank's problems; returns sums for the step's stats."""
     stops = (engine.assistant_end, engine.bos)
     stats = {"reward_sum": 0.0, "samples": 0, "completion_tokens": 0, "correct_groups": 0}
+    prompts = {idx: tokenizer.render_for_completion(task[idx]) for idx in problems}
+    chunks = [(idx, b, min(cfg.device_batch_size, cfg.num_samples - b)) for idx in problems
+              for b in range(0, cfg.num_samples, cfg.device_batch_size)]
+    sampled = iter(sample_groups(engine, [(prompts[idx], n, sample_seed(cfg.seed, step, idx, b)) for idx, b, n in chunks], cfg))
     for idx in problems:
-        conversation = task[idx]
-        prompt = tokenizer.render_for_completion(conversation)
+        conversation, prompt = task[idx], prompts[idx]
         sequences, masks = [], []
-        for b in range(0, cfg.num_samples, cfg.device_batch_size):
-            n = min(cfg.device_batch_size, cfg.num_samples - b)
-            seqs, ms = sample_group(engine, prompt, n, cfg.max_new_tokens, cfg.temperature, cfg.top_k, sample_seed(cfg.seed, step, idx, b))
+        for _ in range(0, cfg.num_samples, cfg.device_batch_size):  # the chunks of this problem, in order
+            seqs, ms = next(sampled)
             sequences += seqs
             masks += ms
         rewards = [float(task.reward(conversation, completion_text(tokenizer, s, len(prompt), stops))) for s in sequences]
@@ -168,7 +185,7 @@ def evaluate_pass_at_k(model, engine, tokenizer, task, cfg) -> dict:
     rank, world = dist_info()
     indices = range(rank, num_problems(task, cfg.eval_examples), world)
     outcomes = list(generative_outcomes(task, tokenizer, engine, indices, num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed))
+                                        temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, rows=cfg.generate_rows))
     counts = all_reduce_sum([len(outcomes)] + [pass_at_k(outcomes, k) for k in range(1, cfg.eval_samples + 1)], model.get_device())
     total = max(counts[0], 1)
     return {f"pass@{k}": counts[k] / total for k in range(1, cfg.eval_samples + 1)}
