@@ -28,6 +28,7 @@ import functools
 import logging
 import queue
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -248,8 +249,19 @@ class Batcher:
 
     def _build(self):
         """The decoder (its cache holds every row), and on a graphed path one CUDA graph per power-of-two row count:
-        a step replays the smallest that holds every row in use, so a lone request costs a 1-row step."""
-        d = self.decoder = StaticDecoder(self.model, DecodeWeights(self.model), self.rows, self.max_len, self.mode)
+        a step replays the smallest that holds every row in use, so a lone request costs a 1-row step. A path chosen
+        by default (auto) that fails to build falls back to the static step run eagerly, as Engine does."""
+        try:
+            self._build_mode(self.mode)
+        except Exception as e:  # noqa: BLE001 - auto must not stop decoding over a capture
+            if self.engine.decode != "auto" or self.mode == "static":
+                raise
+            warnings.warn(f"batched decode ({self.mode}) failed, running the static step uncaptured: {type(e).__name__}: {e}")
+            self.decoder, self.mode = None, "static"
+            self._build_mode("static")
+
+    def _build_mode(self, mode):
+        d = self.decoder = StaticDecoder(self.model, DecodeWeights(self.model), self.rows, self.max_len, mode)
         self.next_ids = torch.zeros_like(d.ids)
         self.graphs = {self.rows: d.run}
         if d.graphed:

@@ -136,6 +136,31 @@ def test_an_eager_step_computes_only_the_rows_and_slots_in_use(model, monkeypatc
     assert batcher.max_len == 256 and shapes[0] == (1, 64) and shapes[-1] == (1, 128)  # (rows, slots): 9 + 59 slots reached
 
 
+def test_a_capture_that_fails_under_auto_falls_back_to_the_uncaptured_step(model, monkeypatch):
+    """As Engine: a path picked by default (auto; here "graph", as on CUDA) must not stop decoding when it cannot build."""
+    import nanochat.engine as engine_mod
+
+    def broken(fn, warmup=2):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(engine_mod, "CudaGraphStep", broken)
+    engine = Engine(model, TOK)
+    monkeypatch.setattr(engine, "decode_mode", lambda: "graph")
+    batcher = Batcher(engine, rows=2)
+    assert batcher.mode == "graph"
+    try:
+        with pytest.warns(UserWarning, match="batched decode \\(graph\\) failed.*capture failed"):
+            got = run(batcher.generate(PROMPT, max_tokens=8, temperature=0.0))
+    finally:
+        batcher.close()
+    assert batcher.mode == "static" and got == alone(model, PROMPT, dict(max_tokens=8, temperature=0.0))
+    chosen = Batcher(Engine(model, TOK, decode="graph"), rows=2)  # chosen, not auto: the error is the answer
+    try:
+        with pytest.raises(RuntimeError, match="batched decoding failed: RuntimeError: capture failed"):
+            run(chosen.generate(PROMPT, max_tokens=3))
+    finally:
+        chosen.close()
+
+
 def test_a_failing_step_fails_its_requests_and_the_next_ones_decode(model, monkeypatch):
     batcher = Batcher(Engine(model, TOK), rows=2)
     try:
