@@ -15,10 +15,10 @@ so the numbers do not depend on the number of ranks (sampling seeds depend on th
 """
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 import torch.distributed as dist
-
-from collections import deque
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT

@@ -140,15 +140,16 @@ class StaticKVCache:
         """After a prefill of num_tokens into rows[0]: copy them to the other rows, set the rows' positions to
         num_tokens and make them live."""
         rows = list(rows)
-        for t in self.k + self.v:
-            for r in rows[1:]:
-                t[r, :, :num_tokens] = t[rows[0], :, :num_tokens]
+        if len(rows) > 1:
+            others = device_index(rows[1:], self.pos.device)
+            for t in self.k + self.v:  # one copy per tensor, whatever the number of rows
+                t[others, :, :num_tokens] = t[rows[0]:rows[0] + 1, :, :num_tokens]
         index = device_index(rows, self.pos.device)
         self.pos.index_fill_(0, index, num_tokens)
         self.live.index_fill_(0, index, 1)
 
     def retire(self, rows):
-        """Rows nobody reads any more: their position goes back to 0 and stays there (a step still computes them)."""
+        """Rows nobody reads any more: their position goes back to 0 and stays there (a step may still compute them)."""
         index = device_index(rows, self.pos.device)
         self.pos.index_fill_(0, index, 0)
         self.live.index_fill_(0, index, 0)
