@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat import engine as engine_mod
-from nanochat.engine import RowState, StaticDecoder, check_sampling, decode_threads, sample_with, uniforms
+from nanochat.engine import RowState, StaticDecoder, check_request, decode_threads, sample_with, uniforms
 from nanochat.gpt import GPT, DecodeWeights
 from nanochat.kv_cache import device_index
 
@@ -121,11 +121,7 @@ class Batcher:
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Engine.generate's stream, decoded in this batch. The request is queued now; close the stream to drop it."""
-        if not tokens or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("tokens must be a non-empty list of ints")
-        if not 1 <= num_samples <= self.rows:
-            raise ValueError(f"num_samples must be in [1, {self.rows}] (the batch's rows), got {num_samples}")
-        check_sampling(temperature, top_p)
+        check_request(tokens, num_samples, temperature, top_p, max_samples=self.rows)
         room = self.max_len - len(tokens)
         if max_tokens is None:
             max_tokens = room
@@ -220,7 +216,7 @@ class Batcher:
             return
         if ahead is None or forced:
             if ahead is not None:
-                self.decoder.cache.pos.sub_(self.decoder.cache.live)  # take the guess back: rerun on the forced tokens
+                self.decoder.cache.retreat()  # take the guess back: rerun on the forced tokens
             if fed != sampled:
                 self.next_ids.copy_(torch.tensor(fed, device=self.next_ids.device).unsqueeze(1))
             ahead = self._step()

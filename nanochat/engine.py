@@ -93,6 +93,16 @@ def sample_with(logits, u, temperature, top_k=None, top_p=None):
     return _sample(logits / temperature, u)
 
 
+def check_request(tokens, num_samples, temperature, top_p, max_samples=None):
+    """A request's arguments, checked before any work (Engine.generate, Batcher.generate)."""
+    if not tokens or not all(isinstance(t, int) for t in tokens):
+        raise ValueError("tokens must be a non-empty list of ints")
+    if num_samples < 1 or (max_samples is not None and num_samples > max_samples):
+        limit = f"in [1, {max_samples}] (the batch's rows)" if max_samples is not None else ">= 1"
+        raise ValueError(f"num_samples must be {limit}, got {num_samples}")
+    check_sampling(temperature, top_p)
+
+
 def check_sampling(temperature, top_p):
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -167,8 +177,10 @@ class Engine:
         stream = (self.generate_naive if naive else self.generate)(tokens, num_samples, **kwargs)
         return self.collect(stream, tokens, num_samples)
 
-    def collect(self, stream, tokens, num_samples):
-        """generate_batch's (sequences, masks) from a (column, mask) stream: Engine.generate's or a Batcher's."""
+    def collect(self, stream, tokens, num_samples, keep_terminal=False):
+        """generate_batch's (sequences, masks) from a (column, mask) stream: Engine.generate's or a Batcher's. Each row
+        ends at its terminal token (<|assistant_end|> or <|bos|>), which is kept only with keep_terminal (chat_rl:
+        stopping is an action of the policy)."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -176,9 +188,8 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, mask_column)):
                 if done[i]:
                     continue
-                if token == self.assistant_end or token == self.bos:
-                    done[i] = True
-                else:
+                done[i] = token == self.assistant_end or token == self.bos
+                if keep_terminal or not done[i]:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks
@@ -187,12 +198,7 @@ class Engine:
 
     def _generate(self, tokens, num_samples, max_tokens, seed, sampling, use_cache):
         """sampling: sample_next_token's temperature, top_k and top_p."""
-        # checked here, at the call, not at the first next() of the stream
-        if not tokens or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("tokens must be a non-empty list of ints")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        check_sampling(sampling["temperature"], sampling["top_p"])
+        check_request(tokens, num_samples, sampling["temperature"], sampling["top_p"])  # at the call, not at the first next()
         return self._stream(tokens, num_samples, max_tokens, seed, use_cache, sampling)
 
     def _stream(self, tokens, num_samples, max_tokens, seed, use_cache, sampling):
@@ -415,7 +421,7 @@ class StaticSteps(Steps):
 
     def undo(self):
         self.pos -= 1
-        self.decoder.cache.pos.sub_(self.decoder.cache.live)
+        self.decoder.cache.retreat()
 
     def close(self):
         self.engine._release(self.decoder)

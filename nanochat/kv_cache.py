@@ -173,6 +173,10 @@ class StaticKVCache:
     def advance(self):
         self.pos.add_(self.live)
 
+    def retreat(self):
+        """Undo the last advance(): a step started ahead of the host is taken back and rerun."""
+        self.pos.sub_(self.live)
+
     def window(self, rows, slots):
         """This cache's first `rows` rows and `slots` slots, sharing its storage: an eagerly run step (no CUDA graph)
         computes only the rows in use and attends only the slots they have reached (nanochat.batching)."""

@@ -110,20 +110,7 @@ def sample_groups(engine, groups, cfg):
                                   max(1, cfg.generate_rows // widest), max(cfg.generate_rows, widest))
     else:
         streams = (engine.generate(p, n, seed=s, **sampling) for p, n, s in groups)
-    return [collect_group(stream, prompt, n, (engine.assistant_end, engine.bos)) for stream, (prompt, n, _) in zip(streams, groups)]
-
-
-def collect_group(stream, prompt, num_samples, stops):
-    sequences = [list(prompt) for _ in range(num_samples)]
-    masks = [[0] * len(prompt) for _ in range(num_samples)]
-    done = [False] * num_samples
-    for column, mask_column in stream:
-        for i, (token, mask) in enumerate(zip(column, mask_column)):
-            if not done[i]:
-                sequences[i].append(token)
-                masks[i].append(mask)
-                done[i] = token in stops
-    return sequences, masks
+    return [engine.collect(stream, prompt, n, keep_terminal=True) for stream, (prompt, n, _) in zip(streams, groups)]
 
 
 def completion_text(tokenizer, sequence, prompt_len, stops) -> str:
