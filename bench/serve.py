@@ -4,7 +4,7 @@ Serving benchmark: `nanochat serve` under 1/8/32 concurrent streaming clients.
     python bench/serve.py                               # CPU: tiny random-weight GPT (depth 2, vocab 512)
     python bench/serve.py --store file:///path -i sft   # a trained checkpoint from a store
     python bench/serve.py --device cuda --depth 20 --vocab 8192   # GPU, random weights
-    python bench/serve.py --batch-rows 1,8                         # one request per replica vs continuous batching
+    python bench/serve.py --batch-rows 1,8,32                      # one request per replica vs continuous batching (default 1,8)
 
 A real uvicorn on 127.0.0.1 serves the model; asyncio + httpx clients each send streaming chat
 completions back to back (`--requests` in all per row, `--max-tokens` each). Columns: tok/s =
@@ -98,7 +98,7 @@ def main():
     p.add_argument("--requests", type=int, default=64, help="requests per row")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--batch-rows", default="1", help="comma-separated `nanochat serve --batch-rows` values, one server each")
+    p.add_argument("--batch-rows", default="1,8", help="comma-separated `nanochat serve --batch-rows` values, one server each")
     args = p.parse_args()
 
     import torch

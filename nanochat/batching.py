@@ -49,6 +49,11 @@ def row_buckets(rows):
     return [1 << i for i in range(max(0, (rows - 1).bit_length())) if 1 << i < rows] + [rows]
 
 
+def batchable(engine) -> bool:
+    """Whether the engine's model can decode in a continuous batch (a nanochat GPT: the static decode step)."""
+    return isinstance(getattr(engine.model, "_orig_mod", engine.model), GPT)
+
+
 @dataclass(eq=False)
 class Request:
     tokens: list
@@ -97,9 +102,9 @@ class Batcher:
     def __init__(self, engine, rows=8, max_len=None):
         """rows: sequences decoded at once (a request takes num_samples of them). max_len: cache slots per row, the
         longest prompt + max_tokens a request may have (default: the model's context, sequence_len)."""
-        gpt = getattr(engine.model, "_orig_mod", engine.model)
-        if not isinstance(gpt, GPT):
+        if not batchable(engine):
             raise TypeError("continuous batching needs a nanochat GPT: it runs the static decode step")
+        gpt = getattr(engine.model, "_orig_mod", engine.model)
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
         mode = engine.decode_mode()

@@ -20,8 +20,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from nanochat.batching import Batcher, batchable
 from nanochat.engine import Engine
-from nanochat.gpt import GPT
 
 GENERATE_ROWS = 16  # completions decoded together by generative tasks (chat_eval --generate-rows); 1 = one at a time
 
@@ -118,15 +118,9 @@ def generative_outcomes(task, tokenizer, engine: Engine, indices, num_samples: i
             progress(1)
 
 
-def batchable(engine: Engine) -> bool:
-    """Whether the engine's model can decode in a continuous batch (a nanochat GPT: the static decode step)."""
-    return isinstance(getattr(engine.model, "_orig_mod", engine.model), GPT)
-
-
 def batched_streams(engine: Engine, requests, in_flight: int, rows: int):
     """Yield each request's stream, in order, from one Batcher that keeps `in_flight` of them decoding at once: the
     next request joins as the caller finishes reading one."""
-    from nanochat.batching import Batcher
     batcher = Batcher(engine, rows=rows, max_len=max(len(p) + kw["max_tokens"] for p, kw in requests))
     pending, window = iter(requests), deque()
     try:

@@ -5,8 +5,8 @@
 
 One engine replica per GPU (or one on CPU) sits behind an async queue: a request waits for a free
 slot of a replica, its generation runs in a worker thread, and the text streams back to the event loop
-through an asyncio.Queue. A replica has one slot, or with --batch-rows N (continuous batching,
-nanochat.batching) N slots whose requests decode together, one token each per step. The model loads
+through an asyncio.Queue. A replica has --batch-rows N slots (default 8) whose requests decode together, one token
+each per step (continuous batching, nanochat.batching); with --batch-rows 1 it runs one request at a time. The model loads
 in the background: /healthz answers at once, /readyz and the API say 503 until the weights are in.
 
 Tool calls appear in the text between the tokenizer's own markers,
@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.batching import Batcher
+from nanochat.batching import Batcher, batchable
 from nanochat.engine import Engine, Utf8StreamDecoder
 
 log = logging.getLogger("nanochat.serve")
@@ -47,7 +47,7 @@ log = logging.getLogger("nanochat.serve")
 UI_DIR = Path(__file__).resolve().parent / "ui"
 MODEL_NAME = "nanochat"
 DEFAULT_MAX_QUEUE = 64       # requests waiting for a replica before new ones get 429
-DEFAULT_BATCH_ROWS = 1       # rows decoded together per replica (continuous batching when > 1)
+DEFAULT_BATCH_ROWS = 8       # rows decoded together per replica (continuous batching; 1: one request at a time)
 DRAIN_TIMEOUT_S = 30         # graceful shutdown: how long in-flight streams may finish
 TOOL_PARTS = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
 
@@ -320,7 +320,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("nanochat_requests", "API requests by route and HTTP status", ["route", "status"], registry=r)
         self.in_flight = Gauge("nanochat_requests_in_flight", "chat completions admitted and not finished (queued or generating)", registry=r)
-        self.queue_depth = Gauge("nanochat_queue_depth", "chat completions waiting for a free engine replica", registry=r)
+        self.queue_depth = Gauge("nanochat_queue_depth", "chat completions waiting for a free engine replica, or for "
+                                 "free rows in its continuous batch", registry=r)
         self.batch_rows = Gauge("nanochat_batch_rows_in_use", "rows of the continuous batches decoding a request (all replicas)", registry=r)
         self.ttft = Histogram("nanochat_time_to_first_token_seconds", "request arrival to the first generated token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
@@ -394,7 +395,6 @@ class Job:
             server.free.put_nowait(replica)
             return
         server.waiting -= 1
-        server.metrics.queue_depth.set(server.waiting)
         self.state = "running"
         server.executor.submit(self._run, replica)
 
@@ -422,7 +422,6 @@ class Job:
             return
         if self.state == "queued":
             server.waiting -= 1
-            server.metrics.queue_depth.set(server.waiting)
         if self.state in ("queued", "running"):
             server.metrics.abandoned.inc()
         self.cancel.set()
@@ -485,6 +484,7 @@ class ServeState:
         self.executor = ThreadPoolExecutor(max_workers=len(devices) * batch_rows, thread_name_prefix=self.thread_prefix)
         self.replicas: list[Replica] = []
         self.waiting = self.in_flight = 0
+        self.metrics.queue_depth.set_function(self.queued)
         self.jobs: set[Job] = set()
         self.created = int(time.time())
 
@@ -495,6 +495,9 @@ class ServeState:
             replicas, self.info = self.loader(self.devices)
             self.tokenizer = replicas[0].tokenizer
             self.context_len = replicas[0].model.config.sequence_len
+            if self.batch_rows > 1 and not all(batchable(r.engine) for r in replicas):
+                log.warning("continuous batching needs a nanochat GPT: one request at a time per replica instead")
+                self.batch_rows = 1
             if self.batch_rows > 1:
                 for r in replicas:
                     r.batcher = Batcher(r.engine, self.batch_rows)
@@ -511,6 +514,11 @@ class ServeState:
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
+
+    def queued(self) -> int:
+        """Requests admitted but not decoding yet: waiting for a replica, or inside one for rows of its batch (a request
+        of n samples waits there until n rows are free)."""
+        return self.waiting + sum(len(r.batcher.pending) for r in self.replicas if r.batcher)
 
     def release_threadsafe(self, replica: Replica):
         try:
@@ -569,7 +577,6 @@ class ServeState:
         job = Job(self, prompt, sampling)
         self.waiting += 1
         self.in_flight += 1
-        self.metrics.queue_depth.set(self.waiting)
         self.metrics.in_flight.set(self.in_flight)
         self.jobs.add(job)
         return job
@@ -870,7 +877,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require `Authorization: Bearer KEY` on /v1 (env NANOCHAT_API_KEY)")
     p.add_argument("--batch-rows", type=positive_int, default=DEFAULT_BATCH_ROWS, metavar="N",
                    help="continuous batching: each replica decodes N rows at once, one per request (n samples take n), "
-                        "new requests joining at the next token (default 1: one request at a time)")
+                        "new requests joining at the next token; each replica holds an N-row KV cache as long as the context "
+                        f"(default {DEFAULT_BATCH_ROWS}; 1: one request at a time, no batching)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait for a replica; more get 429")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, help="seconds in-flight streams get to finish on shutdown")
     for name, value in asdict(Limits()).items():

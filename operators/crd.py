@@ -140,7 +140,7 @@ def spec_schema() -> dict:
             "memory": _quantity("memory per serving pod"),
             "tmpSize": _quantity("size limit of the /tmp emptyDir the checkpoint is downloaded into (unset: no limit)"),
             "batchRows": _s("integer", "requests each pod decodes together, one row each (nanochat serve --batch-rows)",
-                            minimum=1, maximum=256, default=1),
+                            minimum=1, maximum=256, default=8),
             "ingressHost": _s("string", "create an Ingress for this host"),
             "ingressClassName": _s("string"),
         }, default={}),

@@ -204,7 +204,7 @@ def values_schema() -> dict:
                            "limits": {"type": "object", "additionalProperties": quantity}}),
         "tmpSize": quantity,
         "drainSeconds": _int(0, 3600),
-        "batchRows": _int(1, 256, "rows each pod decodes at once (nanochat serve --batch-rows; 1: one request at a time)"),
+        "batchRows": _int(1, 256, "rows each pod decodes at once (nanochat serve --batch-rows, default 8; 1: one request at a time)"),
         "preStopSeconds": _int(0, 600),
         "apiKey": _obj({"secretName": _str(), "key": _str(minLength=1)}),
         "service": _obj({"type": {"type": "string", "enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": _int(1, 65535)}),

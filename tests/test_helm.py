@@ -516,7 +516,7 @@ def test_chart_commands_parse_with_the_real_clis(rendered):
             command = spec["containers"][0]["command"]
             if command[:2] == ["nanochat", "serve"]:
                 args = serve_parser().parse_args(command[2:])
-                assert args.host == "0.0.0.0" and args.store.startswith("s3://") and args.batch_rows == 1
+                assert args.host == "0.0.0.0" and args.store.startswith("s3://") and args.batch_rows == 8
             elif command[0] == "nanochat-k8s":
                 args = k8s_parser().parse_args(command[1:])
                 assert args.cmd == "operator" and args.metrics_port == 8080

@@ -379,9 +379,9 @@ def test_fallback_serving_probes_answer_on_nanochat_serve():
     from nanochat.serve import build_parser, create_app
     c = children.serving_objects(d20_run(), "chat_sft/000700")[0]["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(c["command"][2:])
-    assert args.port == c["ports"][0]["containerPort"] and args.drain_timeout == children.DRAIN_S and args.batch_rows == 1
-    batched = children.serving_objects(d20_run(serving={"enabled": True, "batchRows": 8}), "x")[0]["spec"]["template"]["spec"]
-    assert build_parser().parse_args(batched["containers"][0]["command"][2:]).batch_rows == 8
+    assert args.port == c["ports"][0]["containerPort"] and args.drain_timeout == children.DRAIN_S and args.batch_rows == 8
+    single = children.serving_objects(d20_run(serving={"enabled": True, "batchRows": 1}), "x")[0]["spec"]["template"]["spec"]
+    assert build_parser().parse_args(single["containers"][0]["command"][2:]).batch_rows == 1
     gate = threading.Event()
 
     def loader(devices):  # still loading while the probes are checked

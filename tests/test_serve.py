@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
-from nanochat.serve import (BackgroundServer, Limits, Replica, StopMatcher, create_app, split_tool_calls)
+from nanochat.serve import (DEFAULT_BATCH_ROWS, BackgroundServer, Limits, Replica, StopMatcher, create_app, split_tool_calls)
 from nanochat.store import open_store
 from nanochat.tasks import LETTERS, render_mc
 from tests.fixtures import make_base_checkpoint, make_tokenizer
@@ -577,6 +577,26 @@ def test_batched_requests_answer_as_the_engine_does(batched_server, engine, toke
     wait_until(lambda: idle(batched_server, replicas=3), what="every slot back")
     assert metrics_of(batched_server.url)[("nanochat_batch_rows_in_use", frozenset())] == 0
     assert httpx.get(f"{batched_server.url}/readyz").json()["batch_rows"] == 3
+
+
+def test_batching_is_the_default_for_a_nanochat_gpt_only(gpt_server, slow_server):
+    """A checkpoint's GPT decodes in a continuous batch of DEFAULT_BATCH_ROWS; a model without the static decode step
+    (the scripted one here) falls back to one request at a time instead of failing to load."""
+    assert httpx.get(f"{gpt_server.url}/readyz").json()["batch_rows"] == DEFAULT_BATCH_ROWS > 1
+    assert gpt_server.app.state.serve.replicas[0].batcher.rows == DEFAULT_BATCH_ROWS
+    assert httpx.get(f"{slow_server.url}/readyz").json()["batch_rows"] == 1
+    assert slow_server.app.state.serve.replicas[0].batcher is None
+
+
+def test_a_request_waiting_for_rows_counts_as_queued(batched_server, tokenizer):
+    """nanochat_queue_depth counts a request that holds a replica slot but waits inside the batch for rows (here: held
+    back by the batch's lock, as n samples would be by busy rows), not only those waiting for a slot."""
+    batcher = batched_server.app.state.serve.replicas[0].batcher
+    with batcher.cond:  # the scheduler cannot take arrivals while this is held
+        stream = batcher.generate(tokenizer.encode("hi"), max_tokens=2)
+        assert metrics_of(batched_server.url)[("nanochat_queue_depth", frozenset())] == 1
+    assert len(list(stream)) == 2
+    assert metrics_of(batched_server.url)[("nanochat_queue_depth", frozenset())] == 0
 
 
 def test_batched_server_refuses_more_samples_than_rows(batched_server):

@@ -102,7 +102,8 @@ def sample_groups(engine, groups, cfg):
     ended the row included (stopping is an action the policy takes too); mask 1 = sampled by the policy, 0 = prompt or
     forced tool output. The groups decode together in a continuous batch of cfg.generate_rows rows (nanochat.batching)
     when the model allows, each with its own seed: the same samples as one group at a time."""
-    from nanochat.chat_eval_lib import batchable, batched_streams
+    from nanochat.batching import batchable
+    from nanochat.chat_eval_lib import batched_streams
     sampling = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
     widest = max(n for _, n, _ in groups)
     if cfg.generate_rows > 1 and batchable(engine):
