@@ -6,8 +6,10 @@ Continuous batching: concurrent requests decode together in one static decoder, 
         ...
 
 `generate` takes Engine.generate's arguments and streams the same (column, mask) per step; many threads may call it at
-once (nanochat.serve: one per request). One scheduler thread owns a StaticDecoder of `rows` rows whose cache is as
-long as the model's context (or max_len), and every step forwards one token in every row in use:
+once (nanochat.serve: one per request). A scheduler thread, alive while there is work, owns a StaticDecoder of `rows`
+rows whose cache is as long as the model's context (or max_len), and every step forwards one token in every row in use
+(Engine.batcher keeps one batch per engine for chat_eval and chat_rl; each busy period starts by refreshing the
+engine's DecodeWeights from the parameters, so a model trained between batches decodes with its current values):
 
 - a request joins at the next step: its prompt is prefilled into a free row (GPT.forward at batch 1 over that row's
   cache) and copied to the rows of its other samples; the rows already decoding wait for that one prefill;
@@ -114,8 +116,8 @@ class Batcher:
         self.cond = threading.Condition()  # guards pending and closed; held by a caller, it holds arrivals back
         self.pending: deque[Request] = deque()
         self.closed = False
-        self.thread = None
-        self.decoder = None
+        self.thread = None  # the scheduler, while there is work
+        self.decoder, self.weights = None, None
         self.active: list[Request] = []  # the scheduler thread's own from here down
         self.free = list(range(rows))
         self.steps = 0  # decode steps run: one token for every live row
@@ -138,49 +140,68 @@ class Batcher:
             if self.closed:
                 raise RuntimeError("the batcher is closed")
             self.pending.append(request)
-            if self.thread is None:
+            if self.thread is None:  # the scheduler runs while there is work: an idle batch holds no thread
                 self.thread = threading.Thread(target=self._run, name="nanochat-batcher", daemon=True)
-                self.thread.start()
                 atexit.register(self.close)  # a torch thread still alive while the interpreter ends can abort it
-            self.cond.notify()
+                self.thread.start()
         return Stream(request)
 
     def close(self):
         """Stop the scheduler; requests still queued or decoding end with an error."""
         with self.cond:
-            self.closed = True
-            self.cond.notify()
-        if self.thread is not None:
-            self.thread.join()
-            atexit.unregister(self.close)
+            self.closed, thread = True, self.thread
+        if thread is not None:
+            thread.join()
 
-    # -- the scheduler thread ------------------------------------------------------------------
+    # -- the scheduler thread: one per busy period ---------------------------------------------
 
     @torch.inference_mode()
     def _run(self):
+        fresh = broken = False
         try:
-            while self._wait_for_work():
-                with decode_threads(self.model):  # held while busy only: it limits the whole process's threads
-                    while (self.active or self.pending) and not self.closed:
-                        with self.cond:
-                            arrivals = self._take_arrivals()
-                        try:
-                            self._iteration(arrivals)
-                        except Exception as e:  # noqa: BLE001 - the batch's requests hear of it; the next ones retry
-                            log.exception("batched decoding failed")
-                            self._fail(list(dict.fromkeys(arrivals + self.active)),
-                                       RuntimeError(f"batched decoding failed: {type(e).__name__}: {e}"))
+            with decode_threads(self.model):  # held while busy only: it limits the whole process's threads
+                while self._more_work():
+                    with self.cond:
+                        arrivals = self._take_arrivals()
+                    try:
+                        fresh = fresh or self._sync_weights()
+                        self._iteration(arrivals)
+                    except Exception as e:  # noqa: BLE001 - the batch's requests hear of it; the next ones retry
+                        log.exception("batched decoding failed")
+                        self._fail(list(dict.fromkeys(arrivals + self.active)),
+                                   RuntimeError(f"batched decoding failed: {type(e).__name__}: {e}"))
+        except BaseException:
+            broken = True
+            raise
         finally:  # closed, or the scheduler itself broke: nobody may wait on a stream that will never end
             with self.cond:
-                self.closed = True
-                self._fail(self.active + list(self.pending), RuntimeError("the batcher was closed"))
-                self.pending.clear()
+                if broken or self.closed:
+                    self.closed = True
+                    self._fail(self.active + list(self.pending), RuntimeError("the batcher was closed"))
+                    self.pending.clear()
+                if self.thread is threading.current_thread():
+                    self._end_thread()
 
-    def _wait_for_work(self):
+    def _more_work(self):
+        """Whether a request is decoding or queued; if none is, this thread ends (under the lock: the next generate()
+        starts another)."""
         with self.cond:
-            while not (self.pending or self.active or self.closed):
-                self.cond.wait()
-            return not self.closed
+            if (self.active or self.pending) and not self.closed:
+                return True
+            self._end_thread()
+            return False
+
+    def _end_thread(self):
+        self.thread = None
+        atexit.unregister(self.close)
+
+    def _sync_weights(self):
+        """At the start of a busy period: the engine's DecodeWeights refreshed from the parameters (chat_rl trains
+        between batches), the decoder rebuilt if they are not the ones it was built over (parameters replaced)."""
+        self.weights = self.engine.shared_weights()
+        if self.decoder is not None and self.decoder.weights is not self.weights:
+            self.decoder = None
+        return True
 
     def _take_arrivals(self):
         """Queued requests that fit the free rows, first come first served, each given its rows."""
@@ -262,7 +283,7 @@ class Batcher:
             self._build_mode("static")
 
     def _build_mode(self, mode):
-        d = self.decoder = StaticDecoder(self.model, DecodeWeights(self.model), self.rows, self.max_len, mode)
+        d = self.decoder = StaticDecoder(self.model, self.weights, self.rows, self.max_len, mode)
         self.next_ids = torch.zeros_like(d.ids)
         self.graphs = {self.rows: d.run}
         if d.graphed:

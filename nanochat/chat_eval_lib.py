@@ -20,7 +20,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from nanochat.batching import Batcher, batchable
+from nanochat.batching import batchable
 from nanochat.engine import Engine
 
 GENERATE_ROWS = 16  # completions decoded together by generative tasks (chat_eval --generate-rows); 1 = one at a time
@@ -119,9 +119,9 @@ def generative_outcomes(task, tokenizer, engine: Engine, indices, num_samples: i
 
 
 def batched_streams(engine: Engine, requests, in_flight: int, rows: int):
-    """Yield each request's stream, in order, from one Batcher that keeps `in_flight` of them decoding at once: the
-    next request joins as the caller finishes reading one."""
-    batcher = Batcher(engine, rows=rows, max_len=max(len(p) + kw["max_tokens"] for p, kw in requests))
+    """Yield each request's stream, in order, from the engine's Batcher (Engine.batcher: kept for the next call) that
+    keeps `in_flight` of them decoding at once: the next request joins as the caller finishes reading one."""
+    batcher = engine.batcher(rows, max(len(p) + kw["max_tokens"] for p, kw in requests))
     pending, window = iter(requests), deque()
     try:
         while True:
@@ -133,7 +133,6 @@ def batched_streams(engine: Engine, requests, in_flight: int, rows: int):
     finally:
         for stream in window:
             stream.close()
-        batcher.close()
 
 
 def pass_at_k(outcomes: list[list[int]], k: int) -> int:

@@ -146,6 +146,7 @@ class Engine:
             raise ValueError(f"decode={self.decode!r}: use one of auto, {', '.join(DECODE_MODES)}")
         self._weights = None  # DecodeWeights of the static paths, built on first use
         self._idle = []       # StaticDecoders free for the next request, oldest first
+        self._batcher = None  # the continuous batch batcher() hands out, kept for the next call
         self.tokenizer = tokenizer  # for the special tokens and the tools' text
         special = tokenizer.encode_special
         self.python_start = special("<|python_start|>")
@@ -272,11 +273,28 @@ class Engine:
 
     # -- static decoders: built once per (batch, cache length, mode), reused by later requests ---------------------
 
-    def _acquire(self, batch, max_len, mode):
+    def shared_weights(self):
+        """The static paths' DecodeWeights (one set per engine: its decoders and batches share it), rebuilt if the
+        parameters were replaced and refreshed from their current values (chat_rl trains between requests)."""
         gpt = getattr(self.model, "_orig_mod", self.model)
         if self._weights is None or not self._weights.matches(gpt):
             self._weights, self._idle = DecodeWeights(gpt), []
-        self._weights.refresh()  # the parameters may have changed since the last request (chat_rl trains between)
+        self._weights.refresh()
+        return self._weights
+
+    def batcher(self, rows, max_len):
+        """A continuous batch (nanochat.batching.Batcher) of `rows` rows whose cache holds max_len tokens per row, kept
+        for the next call: chat_eval's tasks and chat_rl's steps reuse its cache and CUDA graphs instead of building
+        them per call. A kept batch with up to twice the cache needed serves; otherwise a new one replaces it."""
+        from nanochat.batching import Batcher
+        kept, needed = self._batcher, -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        if kept is None or kept.closed or kept.rows != rows or not needed <= kept.max_len <= 2 * needed:
+            self._batcher = Batcher(self, rows, needed)
+        return self._batcher
+
+    def _acquire(self, batch, max_len, mode):
+        gpt = getattr(self.model, "_orig_mod", self.model)
+        self.shared_weights()
         for i, d in enumerate(self._idle):
             if d.key == (batch, max_len, mode):
                 return self._idle.pop(i)

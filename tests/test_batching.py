@@ -191,3 +191,36 @@ def test_arguments_are_checked_at_the_call(model):
     assert batcher.thread is None  # nothing was queued
     with pytest.raises(TypeError, match="nanochat GPT"):
         Batcher(Engine(torch.nn.Linear(2, 2), TOK))
+
+
+def test_an_idle_batch_holds_no_thread_and_decodes_with_the_current_weights(model):
+    """The scheduler thread lives while there is work; the next busy period refreshes the weights from the parameters
+    (chat_rl trains between batches), so a changed model decodes as a fresh engine over it would."""
+    engine = Engine(model, TOK)
+    batcher = engine.batcher(rows=2, max_len=len(PROMPT) + 20)
+    kwargs = dict(max_tokens=20, temperature=0.0)
+    before = alone(model, PROMPT, kwargs)
+    assert run(batcher.generate(PROMPT, **kwargs)) == before
+    wait_until(lambda: batcher.thread is None)
+    decoder = batcher.decoder
+    with torch.no_grad():  # as an optimizer step would: in place, the query/key/value weights the decoder stacks
+        for block in model.transformer.h:
+            block.attn.c_q.weight.mul_(-1.5)
+            block.attn.c_v.weight.add_(0.05)
+    changed = alone(model, PROMPT, kwargs)
+    assert run(batcher.generate(PROMPT, **kwargs)) == changed != before
+    assert batcher.decoder is decoder  # the same cache and steps, refreshed weights
+    wait_until(lambda: batcher.thread is None)
+
+
+def test_the_engine_keeps_its_batch_for_the_next_call_of_the_same_shape(model):
+    engine = Engine(model, TOK)
+    batcher = engine.batcher(rows=4, max_len=600)
+    assert batcher.max_len == 768  # rounded up to the cache bucket
+    assert engine.batcher(4, 700) is batcher and engine.batcher(4, 300) is batcher  # needs 512: 768 is within 2x
+    assert engine.batcher(4, 200) is not batcher  # needs 256: 768 slots would be more than twice that
+    assert engine.batcher(4, 800).max_len == 1024  # more than it holds
+    assert engine.batcher(2, 800) is not engine.batcher(4, 800)
+    kept = engine.batcher(4, 800)
+    kept.close()
+    assert engine.batcher(4, 800) is not kept
