@@ -38,7 +38,7 @@ import torch
 
 from nanochat import engine as engine_mod
 from nanochat.engine import RowState, StaticDecoder, check_request, decode_threads, sample_with, uniforms
-from nanochat.gpt import GPT, DecodeWeights
+from nanochat.gpt import GPT
 from nanochat.kv_cache import device_index
 
 log = logging.getLogger("nanochat.batching")
@@ -157,25 +157,25 @@ class Batcher:
 
     @torch.inference_mode()
     def _run(self):
-        fresh = broken = False
+        fresh = finished = False
         try:
             with decode_threads(self.model):  # held while busy only: it limits the whole process's threads
                 while self._more_work():
                     with self.cond:
                         arrivals = self._take_arrivals()
                     try:
-                        fresh = fresh or self._sync_weights()
+                        if not fresh:
+                            self._sync_weights()
+                            fresh = True
                         self._iteration(arrivals)
                     except Exception as e:  # noqa: BLE001 - the batch's requests hear of it; the next ones retry
                         log.exception("batched decoding failed")
                         self._fail(list(dict.fromkeys(arrivals + self.active)),
                                    RuntimeError(f"batched decoding failed: {type(e).__name__}: {e}"))
-        except BaseException:
-            broken = True
-            raise
+            finished = True
         finally:  # closed, or the scheduler itself broke: nobody may wait on a stream that will never end
             with self.cond:
-                if broken or self.closed:
+                if self.closed or not finished:
                     self.closed = True
                     self._fail(self.active + list(self.pending), RuntimeError("the batcher was closed"))
                     self.pending.clear()
@@ -201,7 +201,6 @@ class Batcher:
         self.weights = self.engine.shared_weights()
         if self.decoder is not None and self.decoder.weights is not self.weights:
             self.decoder = None
-        return True
 
     def _take_arrivals(self):
         """Queued requests that fit the free rows, first come first served, each given its rows."""

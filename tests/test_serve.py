@@ -599,6 +599,16 @@ def test_a_request_waiting_for_rows_counts_as_queued(batched_server, tokenizer):
     assert metrics_of(batched_server.url)[("nanochat_queue_depth", frozenset())] == 0
 
 
+def test_a_batch_is_warmed_up_before_the_server_is_ready(store_uri):
+    """/readyz says ready only after each batch decoded a warm-up request (cache allocated; on CUDA, graphs captured),
+    which no metric counts as a request."""
+    with BackgroundServer(create_app(store_uri, devices=["cpu"], batch_rows=2)) as server:
+        batcher = server.app.state.serve.replicas[0].batcher
+        assert batcher.decoder is not None and batcher.steps == 1  # 2 tokens: the second needs one step
+        m = metrics_of(server.url)
+        assert m[("nanochat_generated_tokens_total", frozenset())] == 0 and m[("nanochat_batch_rows_in_use", frozenset())] == 0
+
+
 def test_batched_server_refuses_more_samples_than_rows(batched_server):
     r = chat(batched_server.url, {"messages": user("hi"), "n": 4}, KEY)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--batch-rows" in r.json()["error"]["message"]
