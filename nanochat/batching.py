@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat import engine as engine_mod
-from nanochat.engine import RowState, StaticDecoder, check_request, decode_threads, sample_with, uniforms
+from nanochat.engine import (RowState, StaticDecoder, check_request, decode_threads, prefill_logits, sample_with,
+                             uniforms)
 from nanochat.gpt import GPT
 from nanochat.kv_cache import device_index
 
@@ -311,7 +312,7 @@ class Batcher:
         device = self.next_ids.device
         prompt = torch.tensor([request.tokens], dtype=torch.long, device=device)
         cache = self.decoder.cache
-        logits = self.model(prompt, kv_cache=cache.prefill_cache(request.rows[0]))[:, -1, :]
+        logits = prefill_logits(self.model, prompt, cache.prefill_cache(request.rows[0]))
         cache.place(request.rows, len(request.tokens))
         request.index = device_index(request.rows, device)
         request.logits = logits.expand(request.num_samples, -1)

@@ -385,6 +385,14 @@ class NaiveSteps(Steps):
         pass
 
 
+def prefill_logits(model, prompt, cache):
+    """(B, vocab) logits of a prompt's last position, its keys/values written into cache. A nanochat GPT computes the
+    lm_head for that position only (GPT.forward's last_only); other models (HF GPT-2, test doubles) the whole row."""
+    if isinstance(getattr(model, "_orig_mod", model), GPT):
+        return model(prompt, kv_cache=cache, last_only=True)[:, -1, :]
+    return model(prompt, kv_cache=cache)[:, -1, :]
+
+
 class CacheSteps(Steps):
     """GPT.forward with a KVCache: batch-1 prefill, the cache replicated into the rows, one token per row per step."""
 
@@ -392,7 +400,7 @@ class CacheSteps(Steps):
         self.model, self.cache, self.num_samples = model, cache, num_samples
 
     def prefill(self, prompt):
-        logits = self.model(prompt, kv_cache=self.cache)[:, -1, :]
+        logits = prefill_logits(self.model, prompt, self.cache)
         if self.num_samples > 1:
             self.cache = self.cache.replicate(self.num_samples)
         return logits
@@ -418,7 +426,7 @@ class StaticSteps(Steps):
         self.engine, self.decoder, self.pos, self.eager = engine, decoder, 0, None
 
     def prefill(self, prompt):
-        logits = self.engine.model(prompt, kv_cache=self.decoder.cache.prefill_cache())[:, -1, :]
+        logits = prefill_logits(self.engine.model, prompt, self.decoder.cache.prefill_cache())
         self.pos = prompt.size(1)
         self.decoder.cache.start(self.pos)
         return logits

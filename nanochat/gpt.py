@@ -441,14 +441,16 @@ class GPT(nn.Module):
         return KVCache(batch_size, c.n_kv_head, c.head_dim, c.n_layer, max_len or c.sequence_len,
                        device=self.get_device(), dtype=self.compute_dtype)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """fp32 logits (B, T, vocab) without targets; else the cross-entropy loss (targets -1 ignored),
-        a scalar for "mean"/"sum" and (B, T) for "none"."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """fp32 logits (B, T, vocab) without targets, or with last_only those of the last position, (B, 1, vocab): all
+        a prefill needs, without the lm_head over every prompt position (a fifth of a d20 prefill's FLOPs) and its
+        (T, vocab) fp32 output. With targets: the cross-entropy loss (targets -1 ignored), a scalar for "mean"/"sum"
+        and (B, T) for "none"."""
         varying = idx.is_cuda and not torch.is_grad_enabled()  # training shapes are fixed: cuDNN's graph pays off there
         with varying_shape_sdpa() if varying else contextlib.nullcontext():
-            return self._forward(idx, targets, kv_cache, loss_reduction)
+            return self._forward(idx, targets, kv_cache, loss_reduction, last_only)
 
-    def _forward(self, idx, targets, kv_cache, loss_reduction):
+    def _forward(self, idx, targets, kv_cache, loss_reduction, last_only=False):
         T = idx.size(1)
         dtype = self.compute_dtype
         T0 = 0 if kv_cache is None else kv_cache.pos
@@ -464,10 +466,9 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x)
         if targets is None:
-            return self._logits(x)
-        return self._loss(x, targets, loss_reduction)
+            return self._logits(norm(x[:, -1:] if last_only else x))
+        return self._loss(norm(x), targets, loss_reduction)
 
     def _logits(self, x):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()

@@ -217,6 +217,17 @@ def test_kv_cache_replicate_prefill_then_decode_rows():
     torch.testing.assert_close(torch.cat(decoded, 1), full[:, 7:], rtol=1e-4, atol=1e-4)
 
 
+def test_a_last_only_prefill_gives_the_last_positions_logits_and_the_same_cache():
+    model = make_model(depth=3, window_pattern="SL", short_window=4, n_kv_head=2)
+    prompt = tokens(2, 9)
+    caches = [model.new_kv_cache(batch_size=2, max_len=16) for _ in range(2)]
+    full, last = model(prompt, kv_cache=caches[0]), model(prompt, kv_cache=caches[1], last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    assert caches[0].pos == caches[1].pos == 9
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=0)
+
+
 def test_kv_cache_reset_and_decode_past_the_rotary_cache():
     model = make_model(depth=2, seq=4, window_pattern="SL")  # rotary cache holds 40 positions
     idx = tokens(1, 50)
