@@ -475,15 +475,22 @@ class GPT(nn.Module):
         return self.config.softcap * torch.tanh(logits / self.config.softcap)  # smoothly capped to ±softcap
 
     def _loss(self, x, targets, reduction):
-        # On CPU the loss runs in row chunks whose logits stay in cache (softcap, softmax and their
-        # backward each pass over the logits); GPUs take them in one piece
+        # On CPU the positions whose target is ignored (SFT's and RL's prompt tokens) skip the lm_head, and the rest
+        # run in row chunks whose logits stay in cache (softcap, softmax and their backward each pass over them).
+        # GPUs take every position in one piece: a data-dependent shape would cost a sync and torch.compile's graph.
         B, T, C = x.shape
         x, targets = x.reshape(-1, C), targets.reshape(-1)
+        kept = None if x.is_cuda else (targets != -1).nonzero().squeeze(1)
+        if kept is not None:
+            x, targets = x[kept], targets[kept]
         n_chunks = 1 if x.is_cuda else max(1, x.size(0) * self.config.vocab_size // LOSS_CHUNK_ELEMENTS)
         losses = [F.cross_entropy(self._logits(xc), tc, ignore_index=-1, reduction="none" if reduction == "none" else "sum")
                   for xc, tc in zip(x.chunk(n_chunks), targets.chunk(n_chunks))]
         if reduction == "none":
-            return torch.cat(losses).view(B, T)
+            loss = torch.cat(losses)
+            if kept is not None:  # 0 at the ignored positions, as cross_entropy gives them
+                loss = loss.new_zeros(B * T).index_copy(0, kept, loss)
+            return loss.view(B, T)
         loss = sum(losses)
         return loss / (targets != -1).sum() if reduction == "mean" else loss
 

@@ -91,8 +91,25 @@ def test_shapes_and_loss():
     targets[0, :7] = -1  # ignored positions
     per_token = model(idx, targets, loss_reduction="none")
     assert per_token.shape == (3, 20) and (per_token[0, :7] == 0).all() and (per_token[0, 7:] > 0).all()
+    longhand = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction="none").view(3, 20)
+    torch.testing.assert_close(per_token, longhand)  # the ignored positions skip the lm_head on CPU: same numbers
     assert torch.isclose(model(idx, targets), per_token.sum() / (targets != -1).sum())
     assert torch.isclose(model(idx, targets, loss_reduction="sum"), per_token.sum())
+
+
+def test_a_loss_skipping_ignored_positions_has_the_longhand_gradients():
+    model = make_model(window_pattern="SL", short_window=5)
+    idx, targets = tokens(3, 20), tokens(3, 20, seed=1)
+    targets[:, :12] = -1  # a prompt, as in SFT and RL
+    targets[2] = -1  # a row with nothing to learn from
+    grads = []
+    for loss_of in (lambda: model(idx, targets),
+                    lambda: F.cross_entropy(model(idx).view(-1, VOCAB), targets.view(-1), ignore_index=-1)):
+        model.zero_grad()
+        loss_of().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_cpu_loss_equals_one_piece(monkeypatch):
