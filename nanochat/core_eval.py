@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.download import DownloadError, NotFound, download_file
+from nanochat.gpt import GPT
 from nanochat.store import ObjectNotFound, StoreError, sha256_file
 
 log = logging.getLogger("nanochat")
@@ -56,7 +57,7 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337   # nanochat shuffles each task's rows once, so a prefix is a fair subset
 FEWSHOT_SEED = 1234   # few-shot examples of example i: Random(FEWSHOT_SEED + i)
 DEFAULT_DELIMITER = " "
-BATCH_TOKENS = 8192   # padded tokens per forward pass (logits are B*T*vocab floats)
+BATCH_TOKENS = 8192   # padded tokens per forward pass (an HF model's logits are B*T*vocab floats)
 PREP_CHUNK = 256      # examples rendered + tokenized at a time (bounds host memory on 10k-row tasks)
 
 # download defaults (nanochat.download does the work)
@@ -284,6 +285,15 @@ def batches(examples: list[Prepared], batch_tokens: int):
         yield batch
 
 
+def scored_logits(model, ids, at):
+    """fp32 logits (N, vocab) at at's True positions: a nanochat GPT runs its lm_head there only (continuations are a
+    few tokens of each row; the (B, T, vocab) logits were the largest tensor here); other models (HF GPT-2, the
+    tests' oracles) give every position's, and these are picked out."""
+    if isinstance(getattr(model, "_orig_mod", model), GPT):
+        return model(ids, logits_at=at).float()
+    return model(ids).float()[at]
+
+
 @torch.no_grad()
 def score_batch(model, batch: list[Prepared], pad_id: int, device) -> list[bool]:
     """One forward for every row of every example in the batch; right padding never reaches a
@@ -299,12 +309,14 @@ def score_batch(model, batch: list[Prepared], pad_id: int, device) -> list[bool]
             mask[r, s - 1:e - 1] = True
             r += 1
     ids, mask = ids.to(device), mask.to(device)
-    logits = model(ids).float()  # (B, T, V): the largest tensor here, so no sliced copies of it
-    targets = ids.roll(-1, dims=1)
-    losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), reduction="none").view_as(ids)[:, :-1]
-    mean_loss = (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
-    exact = ((logits.argmax(-1)[:, :-1] == targets[:, :-1]) | ~mask).all(1)
-    mean_loss, exact = mean_loss.cpu().tolist(), exact.cpu().tolist()
+    at = F.pad(mask, (0, 1))  # (B, T): the positions scored; the last one predicts nothing
+    logits = scored_logits(model, ids, at)  # (N, V), N = scored positions over all rows
+    targets = ids.roll(-1, dims=1)[at]
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    row = at.nonzero()[:, 0]
+    mean_loss = losses.new_zeros(len(rows)).index_add_(0, row, losses) / mask.sum(1).clamp(min=1)
+    wrong = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row, (logits.argmax(-1) != targets).long())
+    mean_loss, exact = mean_loss.cpu().tolist(), (wrong == 0).cpu().tolist()
     out, r = [], 0
     for ex in batch:
         n = len(ex.rows)

@@ -387,9 +387,9 @@ class NaiveSteps(Steps):
 
 def prefill_logits(model, prompt, cache):
     """(B, vocab) logits of a prompt's last position, its keys/values written into cache. A nanochat GPT computes the
-    lm_head for that position only (GPT.forward's last_only); other models (HF GPT-2, test doubles) the whole row."""
+    lm_head for that position only (GPT.forward's logits_at); other models (HF GPT-2, test doubles) the whole row."""
     if isinstance(getattr(model, "_orig_mod", model), GPT):
-        return model(prompt, kv_cache=cache, last_only=True)[:, -1, :]
+        return model(prompt, kv_cache=cache, logits_at="last")[:, -1, :]
     return model(prompt, kv_cache=cache)[:, -1, :]
 
 

@@ -441,16 +441,17 @@ class GPT(nn.Module):
         return KVCache(batch_size, c.n_kv_head, c.head_dim, c.n_layer, max_len or c.sequence_len,
                        device=self.get_device(), dtype=self.compute_dtype)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
-        """fp32 logits (B, T, vocab) without targets, or with last_only those of the last position, (B, 1, vocab): all
-        a prefill needs, without the lm_head over every prompt position (a fifth of a d20 prefill's FLOPs) and its
-        (T, vocab) fp32 output. With targets: the cross-entropy loss (targets -1 ignored), a scalar for "mean"/"sum"
-        and (B, T) for "none"."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
+        """Without targets, fp32 logits: (B, T, vocab); with logits_at="last", the last position's, (B, 1, vocab) (all a
+        prefill needs); with logits_at a (B, T) bool mask, those at its True positions in row-major order, (N, vocab)
+        (the positions an eval scores). The lm_head then runs on those positions only: it is a fifth of a d20 forward's
+        FLOPs, and its (B, T, vocab) fp32 output the largest tensor. With targets: the cross-entropy loss (targets -1
+        ignored), a scalar for "mean"/"sum" and (B, T) for "none"."""
         varying = idx.is_cuda and not torch.is_grad_enabled()  # training shapes are fixed: cuDNN's graph pays off there
         with varying_shape_sdpa() if varying else contextlib.nullcontext():
-            return self._forward(idx, targets, kv_cache, loss_reduction, last_only)
+            return self._forward(idx, targets, kv_cache, loss_reduction, logits_at)
 
-    def _forward(self, idx, targets, kv_cache, loss_reduction, last_only=False):
+    def _forward(self, idx, targets, kv_cache, loss_reduction, logits_at=None):
         T = idx.size(1)
         dtype = self.compute_dtype
         T0 = 0 if kv_cache is None else kv_cache.pos
@@ -467,7 +468,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         if targets is None:
-            return self._logits(norm(x[:, -1:] if last_only else x))
+            if isinstance(logits_at, str) and logits_at != "last":
+                raise ValueError(f"logits_at must be None, 'last' or a (B, T) bool mask, not {logits_at!r}")
+            return self._logits(norm(x if logits_at is None else x[:, -1:] if isinstance(logits_at, str) else x[logits_at]))
         return self._loss(norm(x), targets, loss_reduction)
 
     def _logits(self, x):

@@ -234,15 +234,20 @@ def test_kv_cache_replicate_prefill_then_decode_rows():
     torch.testing.assert_close(torch.cat(decoded, 1), full[:, 7:], rtol=1e-4, atol=1e-4)
 
 
-def test_a_last_only_prefill_gives_the_last_positions_logits_and_the_same_cache():
+def test_logits_at_the_last_or_masked_positions_only():
     model = make_model(depth=3, window_pattern="SL", short_window=4, n_kv_head=2)
     prompt = tokens(2, 9)
     caches = [model.new_kv_cache(batch_size=2, max_len=16) for _ in range(2)]
-    full, last = model(prompt, kv_cache=caches[0]), model(prompt, kv_cache=caches[1], last_only=True)
+    full, last = model(prompt, kv_cache=caches[0]), model(prompt, kv_cache=caches[1], logits_at="last")
     assert last.shape == (2, 1, model.config.vocab_size)
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     assert caches[0].pos == caches[1].pos == 9
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=0)
+    at = torch.zeros(2, 9, dtype=torch.bool)
+    at[0, [2, 5]], at[1, 8] = True, True
+    torch.testing.assert_close(model(prompt, logits_at=at), full[at], rtol=1e-5, atol=1e-5)  # (3, vocab), row-major
+    with pytest.raises(ValueError, match="logits_at"):
+        model(prompt, logits_at="first")
 
 
 def test_kv_cache_reset_and_decode_past_the_rotary_cache():
