@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from nanochat.batching import batchable
 from nanochat.engine import Engine
+from nanochat.gpt import logits_at
 
 GENERATE_ROWS = 16  # completions decoded together by generative tasks (chat_eval --generate-rows); 1 = one at a time
 
@@ -85,11 +86,13 @@ def categorical_outcomes(task, tokenizer, model, indices, batch_size: int = 8, p
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         width = max(len(p) for p in prompts)
         x = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        logits = model(x)
+        at = torch.zeros_like(x, dtype=torch.bool)
+        at[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])] = True
+        logits = logits_at(model, x, at)  # (B, vocab): each row's answer position only
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
             ids = letter_token_ids(tokenizer, letters, cache)
-            choice = logits[row, len(prompt) - 1, ids].argmax().item()
+            choice = logits[row, ids].argmax().item()
             outcomes.append(int(task.evaluate(conversation, letters[choice])))
         if progress is not None:
             progress(len(conversations))

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.download import DownloadError, NotFound, download_file
-from nanochat.gpt import GPT
+from nanochat.gpt import logits_at
 from nanochat.store import ObjectNotFound, StoreError, sha256_file
 
 log = logging.getLogger("nanochat")
@@ -285,15 +285,6 @@ def batches(examples: list[Prepared], batch_tokens: int):
         yield batch
 
 
-def scored_logits(model, ids, at):
-    """fp32 logits (N, vocab) at at's True positions: a nanochat GPT runs its lm_head there only (continuations are a
-    few tokens of each row; the (B, T, vocab) logits were the largest tensor here); other models (HF GPT-2, the
-    tests' oracles) give every position's, and these are picked out."""
-    if isinstance(getattr(model, "_orig_mod", model), GPT):
-        return model(ids, logits_at=at).float()
-    return model(ids).float()[at]
-
-
 @torch.no_grad()
 def score_batch(model, batch: list[Prepared], pad_id: int, device) -> list[bool]:
     """One forward for every row of every example in the batch; right padding never reaches a
@@ -310,7 +301,7 @@ def score_batch(model, batch: list[Prepared], pad_id: int, device) -> list[bool]
             r += 1
     ids, mask = ids.to(device), mask.to(device)
     at = F.pad(mask, (0, 1))  # (B, T): the positions scored; the last one predicts nothing
-    logits = scored_logits(model, ids, at)  # (N, V), N = scored positions over all rows
+    logits = logits_at(model, ids, at)  # (N, V), N = scored positions: the continuations, a few tokens of each row
     targets = ids.roll(-1, dims=1)[at]
     losses = F.cross_entropy(logits, targets, reduction="none")
     row = at.nonzero()[:, 0]

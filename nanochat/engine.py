@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, DecodeWeights
+from nanochat.gpt import GPT, DecodeWeights, logits_at
 from nanochat.kv_cache import StaticKVCache
 from nanochat.tools import run_tool
 
@@ -386,11 +386,9 @@ class NaiveSteps(Steps):
 
 
 def prefill_logits(model, prompt, cache):
-    """(B, vocab) logits of a prompt's last position, its keys/values written into cache. A nanochat GPT computes the
-    lm_head for that position only (GPT.forward's logits_at); other models (HF GPT-2, test doubles) the whole row."""
-    if isinstance(getattr(model, "_orig_mod", model), GPT):
-        return model(prompt, kv_cache=cache, logits_at="last")[:, -1, :]
-    return model(prompt, kv_cache=cache)[:, -1, :]
+    """(B, vocab) logits of a prompt's last position, its keys/values written into cache (the lm_head runs for that
+    position only)."""
+    return logits_at(model, prompt, "last", cache)[:, -1, :]
 
 
 class CacheSteps(Steps):

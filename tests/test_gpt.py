@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, attention, compute_dtype_for, layer_windows
+from nanochat.gpt import GPT, GPTConfig, attention, compute_dtype_for, layer_windows, logits_at
 from nanochat.kv_cache import KVCache
 
 VOCAB = 97  # not a multiple of 64: exercises the padded, cropped vocab
@@ -248,6 +248,15 @@ def test_logits_at_the_last_or_masked_positions_only():
     torch.testing.assert_close(model(prompt, logits_at=at), full[at], rtol=1e-5, atol=1e-5)  # (3, vocab), row-major
     with pytest.raises(ValueError, match="logits_at"):
         model(prompt, logits_at="first")
+
+
+def test_logits_at_picks_the_same_positions_from_a_model_that_computes_them_all():
+    model = make_model(depth=2, window_pattern="L")
+    whole = lambda idx: model(idx)  # noqa: E731 - the interface of HF GPT-2 and the tests' doubles
+    idx = tokens(2, 7)
+    at = torch.rand(2, 7, generator=torch.Generator().manual_seed(0)) < 0.4
+    torch.testing.assert_close(logits_at(whole, idx, at), logits_at(model, idx, at), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_at(whole, idx, "last"), logits_at(model, idx, "last"), rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_reset_and_decode_past_the_rotary_cache():
