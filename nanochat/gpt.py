@@ -480,10 +480,11 @@ class GPT(nn.Module):
     def _loss(self, x, targets, reduction):
         # On CPU the positions whose target is ignored (SFT's and RL's prompt tokens) skip the lm_head, and the rest
         # run in row chunks whose logits stay in cache (softcap, softmax and their backward each pass over them).
-        # GPUs take every position in one piece: a data-dependent shape would cost a sync and torch.compile's graph.
+        # GPUs, and torch.compile anywhere, take every position in one piece: a data-dependent shape would cost a sync
+        # and a graph break (a recompile per count of kept positions).
         B, T, C = x.shape
         x, targets = x.reshape(-1, C), targets.reshape(-1)
-        kept = None if x.is_cuda else (targets != -1).nonzero().squeeze(1)
+        kept = None if x.is_cuda or torch.compiler.is_compiling() else (targets != -1).nonzero().squeeze(1)
         if kept is not None:
             x, targets = x[kept], targets[kept]
         n_chunks = 1 if x.is_cuda else max(1, x.size(0) * self.config.vocab_size // LOSS_CHUNK_ELEMENTS)
