@@ -39,7 +39,7 @@ import torch
 from nanochat import engine as engine_mod
 from nanochat.engine import (RowState, StaticDecoder, check_request, decode_threads, prefill_logits, sample_with,
                              uniforms)
-from nanochat.gpt import GPT
+from nanochat.gpt import as_gpt
 from nanochat.kv_cache import device_index
 
 log = logging.getLogger("nanochat.batching")
@@ -54,7 +54,7 @@ def row_buckets(rows):
 
 def batchable(engine) -> bool:
     """Whether the engine's model can decode in a continuous batch (a nanochat GPT: the static decode step)."""
-    return isinstance(getattr(engine.model, "_orig_mod", engine.model), GPT)
+    return as_gpt(engine.model) is not None
 
 
 @dataclass(eq=False)
@@ -107,13 +107,13 @@ class Batcher:
         longest prompt + max_tokens a request may have (default: the model's context, sequence_len)."""
         if not batchable(engine):
             raise TypeError("continuous batching needs a nanochat GPT: it runs the static decode step")
-        gpt = getattr(engine.model, "_orig_mod", engine.model)
+        gpt = as_gpt(engine.model)
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
         mode = engine.decode_mode()
         self.mode = mode if mode in engine_mod.STATIC_STEP_MODES else "static"
         self.engine, self.model, self.rows = engine, gpt, rows
-        self.max_len = -(-(max_len or gpt.config.sequence_len) // engine_mod.CACHE_BUCKET) * engine_mod.CACHE_BUCKET
+        self.max_len = engine_mod.cache_len(max_len or gpt.config.sequence_len)
         self.cond = threading.Condition()  # guards pending and closed; held by a caller, it holds arrivals back
         self.pending: deque[Request] = deque()
         self.closed = False

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, DecodeWeights, logits_at
+from nanochat.gpt import DecodeWeights, as_gpt, logits_at
 from nanochat.kv_cache import StaticKVCache
 from nanochat.tools import run_tool
 
@@ -74,6 +74,11 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     return sample_with(logits, uniforms(logits.size(0), rng, logits.device), temperature, top_k, top_p)
+
+
+def cache_len(tokens):
+    """Static cache slots for `tokens`: rounded up to CACHE_BUCKET, so one decoder (and its graph) serves many lengths."""
+    return -(-tokens // CACHE_BUCKET) * CACHE_BUCKET
 
 
 def uniforms(n, rng, device):
@@ -208,8 +213,8 @@ class Engine:
 
     def decode_mode(self):
         """The path the next request takes (see the module docstring)."""
-        gpt = getattr(self.model, "_orig_mod", self.model)
-        if not isinstance(gpt, GPT):
+        gpt = as_gpt(self.model)
+        if gpt is None:
             return "eager"
         if self.decode == "auto":
             return AUTO_DECODE_CUDA if gpt.get_device().type == "cuda" else "eager"
@@ -261,7 +266,7 @@ class Engine:
             cache = self.model.new_kv_cache(1, prompt.size(1) + (max_tokens or DECODE_RESERVE))
             return CacheSteps(self.model, cache, num_samples)
         needed = prompt.size(1) + (max_tokens or DECODE_RESERVE)
-        max_len = -(-needed // CACHE_BUCKET) * CACHE_BUCKET
+        max_len = cache_len(needed)
         try:
             return StaticSteps(self, self._acquire(num_samples, max_len, mode))
         except Exception as e:  # noqa: BLE001 - chosen by default (auto): a capture that fails must not stop decoding
@@ -276,7 +281,7 @@ class Engine:
     def shared_weights(self):
         """The static paths' DecodeWeights (one set per engine: its decoders and batches share it), rebuilt if the
         parameters were replaced and refreshed from their current values (chat_rl trains between requests)."""
-        gpt = getattr(self.model, "_orig_mod", self.model)
+        gpt = as_gpt(self.model)
         if self._weights is None or not self._weights.matches(gpt):
             self._weights, self._idle = DecodeWeights(gpt), []
         self._weights.refresh()
@@ -287,18 +292,17 @@ class Engine:
         for the next call: chat_eval's tasks and chat_rl's steps reuse its cache and CUDA graphs instead of building
         them per call. A kept batch with up to twice the cache needed serves; otherwise a new one replaces it."""
         from nanochat.batching import Batcher
-        kept, needed = self._batcher, -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        kept, needed = self._batcher, cache_len(max_len)
         if kept is None or kept.closed or kept.rows != rows or not needed <= kept.max_len <= 2 * needed:
             self._batcher = Batcher(self, rows, needed)
         return self._batcher
 
     def _acquire(self, batch, max_len, mode):
-        gpt = getattr(self.model, "_orig_mod", self.model)
-        self.shared_weights()
+        weights = self.shared_weights()
         for i, d in enumerate(self._idle):
             if d.key == (batch, max_len, mode):
                 return self._idle.pop(i)
-        return StaticDecoder(gpt, self._weights, batch, max_len, mode)
+        return StaticDecoder(as_gpt(self.model), weights, batch, max_len, mode)
 
     def _release(self, decoder):
         if decoder.weights is self._weights:  # not from weights that were replaced meanwhile

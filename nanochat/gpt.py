@@ -499,11 +499,17 @@ class GPT(nn.Module):
         return loss / (targets != -1).sum() if reduction == "mean" else loss
 
 
+def as_gpt(model):
+    """The nanochat GPT behind `model` (itself, or under torch.compile's wrapper), else None (HF GPT-2, test doubles)."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, GPT) else None
+
+
 def logits_at(model, idx, at, kv_cache=None):
     """fp32 logits of model(idx) at `at`: "last" gives (B, 1, vocab), a (B, T) bool mask (N, vocab) in row-major order.
     A nanochat GPT (or its torch.compile wrapper) runs its lm_head at those positions only; other models with the same
     interface (HF GPT-2, the tests' doubles) give every position's, and these are picked out."""
-    if isinstance(getattr(model, "_orig_mod", model), GPT):
+    if as_gpt(model) is not None:
         return model(idx, kv_cache=kv_cache, logits_at=at)
     logits = (model(idx) if kv_cache is None else model(idx, kv_cache=kv_cache)).float()
     return logits[:, -1:] if isinstance(at, str) else logits[at]
