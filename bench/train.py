@@ -4,7 +4,9 @@ Pretraining throughput: forward + backward + MuonAdamW step on random tokens, on
     python bench/train.py                          CPU rows of shared/ANCHORS.md (d2/d4/d6, seq 512,
                                                    batch 4x512, vocab 8192, head dim 64, full attention,
                                                    fp32), torch.compile (cold + warm cache) and eager
-    python bench/train.py --dtypes float32,bfloat16   also bf16 compute (NANOCHAT_DTYPE; AVX-512 bf16)
+    python bench/train.py --dtypes float32,bf16-mixed,bfloat16
+                                                   also bf16 matmuls under autocast (the default on CPUs
+                                                   with AVX-512 BF16 / AMX) and all-bf16 compute
     python bench/train.py --device cuda            d12 (batch 32) and d20 (batch 16) at seq 2048, bf16,
                                                    with/without compile and fp8, MFU vs the GPU's peak
 
@@ -12,6 +14,7 @@ Each config runs in its own process so peak memory and first-step (compile) time
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,6 +35,7 @@ GPU_CONFIG = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL")
 def worker(args):
     """One config: build, time the first step and then `--steps` more, print a JSON line."""
     import torch
+    from nanochat import common
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.training import peak_flops
 
@@ -46,9 +50,11 @@ def worker(args):
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = common.autocast_dtype(device)  # NANOCHAT_DTYPE=bf16-mixed (or auto on a CPU with native bf16)
 
     def step():
-        loss = step_model(x, y)
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = step_model(x, y)
         loss.backward()
         opt.step()
         model.zero_grad(set_to_none=True)
@@ -76,7 +82,7 @@ def worker(args):
     peak = peak_flops(device)
     print(json.dumps(dict(cpu_share=cpu_share, ms=ms, tok_s=tokens / (ms / 1000), first_s=first, peak_gb=peak_mem / 1e9,
                           tflops=flops / 1e12, mfu=flops / peak if peak else None, gpu=gpu,
-                          dtype=str(model.compute_dtype).replace("torch.", ""), width=cfg.n_embd,
+                          dtype=common.precision_name(model.compute_dtype, autocast), width=cfg.n_embd,
                           params=sum(p.numel() for p in model.parameters()))))
 
 
@@ -172,7 +178,7 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--depths", type=lambda s: [int(d) for d in s.split(",")], default=None)
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first (median reported)")
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="CPU: NANOCHAT_DTYPE values, e.g. float32,bfloat16")
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="CPU: NANOCHAT_DTYPE values, e.g. float32,bf16-mixed,bfloat16")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["compile", "eager"], help="CPU: compile,eager")
     p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True, help="also time the first step with an empty inductor cache")
     p.add_argument("--cache-dir", default=None, help="inductor cache root (default: a fresh temp dir)")

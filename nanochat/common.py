@@ -51,26 +51,55 @@ def autodetect_device(requested: str = "auto") -> torch.device:
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+MIXED = "bf16-mixed"  # fp32 weights and activations, matmuls in bf16 under torch.autocast (Lightning's name for it)
 PG_TIMEOUT_S = 1800  # collectives wait this long for a slow rank (NANOCHAT_PG_TIMEOUT_S overrides)
 
 
-def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """bf16 on CUDA SM80+, fp32 elsewhere. An explicit `requested` wins, then NANOCHAT_DTYPE.
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX): ~3x fp32's matmul rate on 2 Zen 5 cores.
+    Without it oneDNN emulates bf16, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private, so guarded)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
-    float16 is refused: training has no loss scaling, and every GPU without bf16 runs fp32 instead."""
+
+def _requested_precision(requested: str) -> str:
+    """--dtype, else NANOCHAT_DTYPE, else auto; float16 refused, unknown names listed."""
     if not requested or requested == "auto":
         requested = os.environ.get("NANOCHAT_DTYPE", "").strip().lower() or "auto"
+    if requested in ("float16", "fp16"):
+        raise ValueError(f"dtype {requested!r} (--dtype / NANOCHAT_DTYPE) is not supported: training has no loss scaling; "
+                         f"use bfloat16 (SM80+ GPUs), {MIXED} or float32")
+    if requested != "auto" and requested != MIXED and requested not in DTYPES:
+        raise ValueError(f"unknown dtype {requested!r} (--dtype / NANOCHAT_DTYPE); accepted: auto, {', '.join(DTYPES)}, {MIXED}")
+    return requested
+
+
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The model's compute dtype: bf16 on CUDA SM80+, fp32 elsewhere (and under bf16-mixed). An explicit `requested`
+    wins, then NANOCHAT_DTYPE.
+
+    float16 is refused: training has no loss scaling, and every GPU without bf16 runs fp32 instead."""
+    requested = _requested_precision(requested)
     if requested == "auto":
         device = torch.device(device)
         if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
             return torch.bfloat16
         return torch.float32
-    if requested in ("float16", "fp16"):
-        raise ValueError(f"dtype {requested!r} (--dtype / NANOCHAT_DTYPE) is not supported: training has no loss scaling; "
-                         "use bfloat16 (SM80+ GPUs) or float32")
-    if requested not in DTYPES:
-        raise ValueError(f"unknown dtype {requested!r} (--dtype / NANOCHAT_DTYPE); accepted: auto, {', '.join(DTYPES)}")
-    return DTYPES[requested]
+    return torch.float32 if requested == MIXED else DTYPES[requested]
+
+
+def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype | None:
+    """The dtype training forwards autocast their matmuls to, or None: bf16 under bf16-mixed, and by default (auto)
+    on a CPU with native bf16 (the weights, the residual stream and evaluation stay fp32)."""
+    requested = _requested_precision(requested)
+    if requested == MIXED or (requested == "auto" and torch.device(device).type == "cpu" and native_bf16_cpu()):
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype, autocast: torch.dtype | None) -> str:
+    """How a stage's start line names its precision: float32, bfloat16 or bf16-mixed."""
+    return MIXED if autocast is not None else str(dtype).replace("torch.", "")
 
 
 def pg_timeout_s() -> float:

@@ -81,9 +81,9 @@ class PlainProgress:
 class StageContext:
     """What a stage body gets: config, store, device, ranks, metrics, report, stop flag."""
 
-    def __init__(self, stage, name, cfg, store, device, dtype, rank, local_rank, world_size):
+    def __init__(self, stage, name, cfg, store, device, dtype, rank, local_rank, world_size, autocast_dtype=None):
         self.stage, self.name, self.cfg, self.store = stage, name, cfg, store
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.autocast_dtype = device, dtype, autocast_dtype
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.is_master = rank == 0
         self.config_hash = config_hash(cfg)
@@ -96,6 +96,12 @@ class StageContext:
         self._graceful = 0
         self._history: list[dict] = []
         self._last_flush = 0.0
+
+    def autocast(self):
+        """Around a training forward: its matmuls in autocast_dtype under bf16-mixed, a no-op otherwise."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # --- logging and progress
     def log(self, msg: str):
@@ -208,21 +214,21 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
 
     try:
         device = common.autodetect_device(cfg.device)
-        dtype = common.compute_dtype(device, cfg.dtype)
+        dtype, autocast = common.compute_dtype(device, cfg.dtype), common.autocast_dtype(device, cfg.dtype)
         rank, local_rank, world_size = common.init_distributed(device)
     except ValueError as e:
         return _fail(stage, str(e), EXIT_CONFIG)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
     common.seed_everything(cfg.seed + rank)
-    ctx = StageContext(stage, name, cfg, store, device, dtype, rank, local_rank, world_size)
+    ctx = StageContext(stage, name, cfg, store, device, dtype, rank, local_rank, world_size, autocast)
     old_handlers = {s: signal.signal(s, ctx._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         ctx.metrics.serve(cfg.metrics_port + local_rank if cfg.metrics_port else 0)
     except OSError as e:
         return _fail(stage, f"--metrics-port {cfg.metrics_port}: {e}", EXIT_CONFIG)
     started = time.time()
-    ctx.log(f"start: profile={cfg.profile} store={store.root} device={device} dtype={str(dtype).replace('torch.', '')} world_size={world_size} config={chash}")
+    ctx.log(f"start: profile={cfg.profile} store={store.root} device={device} dtype={common.precision_name(dtype, autocast)} world_size={world_size} config={chash}")
     code = 0
     try:
         metrics = run(ctx) or {}

@@ -169,7 +169,8 @@ def train(ctx: StageContext, model, optimizer, data, ckpt: CheckpointManager, lo
             loss_sum = 0.0
             for _ in range(loop.grad_accum_steps):
                 x, y = next(data)
-                loss = model(x, y)
+                with ctx.autocast():
+                    loss = model(x, y)
                 (loss / loop.grad_accum_steps).backward()
                 loss_sum += loss.detach()
             if loop.grad_clip > 0:

@@ -251,6 +251,21 @@ def test_compute_dtype_rules_are_shared_by_the_stage_and_the_model(monkeypatch):
         compute_dtype_for(cpu, torch.float16)
 
 
+def test_bf16_mixed_trains_fp32_weights_with_bf16_matmuls(prepared, tmp_path, uninterrupted):
+    """--dtype=bf16-mixed: the start line says so, the checkpoint holds fp32 weights, and training follows the fp32
+    run closely but not bit for bit (its matmuls round to bf16)."""
+    reference, reference_loss, _ = uninterrupted
+    store_dir = fresh(prepared, tmp_path / "store")
+    log = Run(store_dir, "--dtype=bf16-mixed").finish()
+    assert "dtype=bf16-mixed" in log
+    state, loss = final_weights(store_dir), losses(store_dir)
+    assert all(t.dtype == reference[name].dtype for name, t in state.items())
+    assert any(not torch.equal(t, reference[name]) for name, t in state.items())
+    late = [s for s in loss if s > N - 10]
+    mixed, fp32 = (sum(run[s] for s in late) / len(late) for run in (loss, reference_loss))
+    assert abs(mixed - fp32) < 0.05 * fp32, (mixed, fp32)
+
+
 def test_the_model_computes_in_the_stage_dtype(tmp_path, capsys):
     from nanochat.config import parse_config
     from nanochat.stages import base_train

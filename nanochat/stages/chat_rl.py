@@ -9,6 +9,7 @@ divided by the group's token count. Gradients are averaged across ranks by the o
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from dataclasses import dataclass
@@ -121,22 +122,25 @@ def completion_text(tokenizer, sequence, prompt_len, stops) -> str:
     return tokenizer.decode(tokens)
 
 
-def policy_gradient_backward(model, sequences, masks, advantages, pad: int, norm: float):
-    """Accumulate the gradient of -Σ advantage·log p(sampled token) / norm for one batch of rows."""
+def policy_gradient_backward(model, sequences, masks, advantages, pad: int, norm: float, autocast=contextlib.nullcontext):
+    """Accumulate the gradient of -Σ advantage·log p(sampled token) / norm for one batch of rows (the forward under
+    `autocast`: the stage's ctx.autocast)."""
     import torch
     device = model.get_device()
     width = max(len(s) for s in sequences)
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
     mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long, device=device)
     inputs, targets = ids[:, :-1], ids[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
-    logp = -model(inputs, targets, loss_reduction="none")  # (B, T); 0 where the target is ignored
+    with autocast():
+        logp = -model(inputs, targets, loss_reduction="none")  # (B, T); 0 where the target is ignored
     adv = torch.tensor(advantages, dtype=logp.dtype, device=device)
     loss = -(logp * adv[:, None]).sum() / norm
     loss.backward()
 
 
-def rl_step(model, engine, tokenizer, task, problems: list[int], cfg, step: int) -> dict:
-    """Sample, reward and backpropagate for this rank's problems; returns sums for the step's stats."""
+def rl_step(model, engine, tokenizer, task, problems: list[int], cfg, step: int, autocast=contextlib.nullcontext) -> dict:
+    """Sample, reward and backpropagate (forwards under `autocast`) for this rank's problems; returns sums for the
+    step's stats."""
     stops = (engine.assistant_end, engine.bos)
     stats = {"reward_sum": 0.0, "samples": 0, "completion_tokens": 0, "correct_groups": 0}
     prompts = {idx: tokenizer.render_for_completion(task[idx]) for idx in problems}
@@ -163,7 +167,8 @@ def rl_step(model, engine, tokenizer, task, problems: list[int], cfg, step: int)
         norm = max(1, sum(sum(m[1:]) for m in masks)) * len(problems)
         for b in range(0, len(sequences), cfg.device_batch_size):
             rows = slice(b, b + cfg.device_batch_size)
-            policy_gradient_backward(model, sequences[rows], masks[rows], advantages[rows], engine.assistant_end, norm)
+            policy_gradient_backward(model, sequences[rows], masks[rows], advantages[rows], engine.assistant_end, norm,
+                                     autocast)
     return stats
 
 
@@ -291,7 +296,7 @@ def run(ctx):
             problems = next(schedule)[ctx.rank::ctx.world_size]
             lrm = 1.0 - step / num_steps
             set_hyperparams(optimizer, lrm)
-            stats = rl_step(model, engine, tokenizer, train_task, problems, cfg, step)
+            stats = rl_step(model, engine, tokenizer, train_task, problems, cfg, step, ctx.autocast)
             optimizer.step()
             model.zero_grad(set_to_none=True)
             reward_sum, samples, tokens, solved = all_reduce_sum([stats["reward_sum"], stats["samples"], stats["completion_tokens"],

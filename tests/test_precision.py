@@ -1,0 +1,69 @@
+"""Precision policy: float32, bfloat16 and bf16-mixed (fp32 weights and residual stream, matmuls autocast to bf16),
+and what auto picks: bfloat16 on SM80+ GPUs, bf16-mixed for training on a CPU that multiplies bf16 in hardware."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat import common
+from nanochat.gpt import GPT, GPTConfig, compute_dtype_for
+from nanochat.stage import StageContext
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_picks_bf16_mixed_only_on_a_cpu_with_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(common, "native_bf16_cpu", lambda: native)
+    assert common.compute_dtype(CPU) == compute_dtype_for(CPU) == torch.float32  # the model's dtype: fp32 either way
+    assert common.autocast_dtype(CPU) == (torch.bfloat16 if native else None)
+    assert common.precision_name(torch.float32, common.autocast_dtype(CPU)) == ("bf16-mixed" if native else "float32")
+
+
+@pytest.mark.parametrize("requested, dtype, autocast", [
+    ("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None), ("bf16", torch.bfloat16, None),
+    ("bf16-mixed", torch.float32, torch.bfloat16)])
+def test_an_explicit_precision_wins_over_the_device_default(monkeypatch, requested, dtype, autocast):
+    monkeypatch.setattr(common, "native_bf16_cpu", lambda: True)
+    assert (common.compute_dtype(CPU, requested), common.autocast_dtype(CPU, requested)) == (dtype, autocast)
+    monkeypatch.setenv("NANOCHAT_DTYPE", requested)  # the environment stands in for an absent --dtype
+    assert (common.compute_dtype(CPU), common.autocast_dtype(CPU), compute_dtype_for(CPU)) == (dtype, autocast, dtype)
+
+
+def test_unknown_precision_lists_the_accepted_ones():
+    with pytest.raises(ValueError, match="accepted: auto, .*bf16-mixed"):
+        common.autocast_dtype(CPU, "bf17")
+
+
+def test_the_native_bf16_probe_agrees_with_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert common.native_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_tile"})
+
+
+def test_bf16_mixed_multiplies_in_bf16_and_keeps_the_residual_stream_fp32():
+    torch.manual_seed(0)
+    model = GPT.create(GPTConfig.from_depth(2, 512, 64, head_dim=64, window_pattern="L"), CPU)
+    x, y = torch.randint(0, 512, (2, 64)), torch.randint(0, 512, (2, 64))
+    seen = {}
+    for name, module in [("fc", model.transformer.h[0].mlp.c_fc), ("block", model.transformer.h[0])]:
+        module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out.dtype))
+    ctx = StageContext.__new__(StageContext)
+    ctx.device, ctx.autocast_dtype = CPU, torch.bfloat16
+    with ctx.autocast():
+        mixed = model(x, y)
+    mixed.backward()
+    mixed_grads = [p.grad.clone() for p in model.parameters()]
+    assert seen == {"fc": torch.bfloat16, "block": torch.float32}
+    assert all(g.dtype == torch.float32 for g in mixed_grads)
+    model.zero_grad()
+    fp32 = model(x, y)
+    fp32.backward()
+    assert seen == {"fc": torch.float32, "block": torch.float32}
+    assert mixed.item() != fp32.item() and abs(mixed.item() - fp32.item()) < 1e-2 * fp32.item()
+    flat = [torch.cat([g.flatten() for g in grads]) for grads in (mixed_grads, [p.grad for p in model.parameters()])]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
