@@ -41,7 +41,7 @@ class StageConfig:
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "torch device: auto, cpu, cuda", hash=False)
     dtype: str = opt("auto", "precision: auto (bfloat16 on SM80+ GPUs; bf16-mixed for training on CPUs with AVX-512 BF16 or AMX; "
-                              "else float32), float32, bfloat16, bf16-mixed (fp32 weights and activations, bf16 matmuls)",
+                              "else float32), float32, bfloat16, bf16-mixed (fp32 weights and activations, training matmuls in bf16)",
                      choices=["auto", "float32", "bfloat16", "bf16-mixed"])
     metrics_port: int = opt(0, "serve Prometheus /metrics on this port while running (0 = off; local rank is added)", hash=False)
     force: bool = opt(False, "re-run even if done.json says this exact config already finished", hash=False)
