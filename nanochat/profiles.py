@@ -8,7 +8,7 @@ from __future__ import annotations
 
 PROFILES: dict[str, dict] = {
     "tiny": {
-        "description": "CPU, ~10 minutes on 2 cores: embedded corpus, 7M-parameter depth-4 model, every stage shown working",
+        "description": "CPU, ~8 minutes on 2 cores: embedded corpus, 7M-parameter depth-4 model, every stage shown working",
         "gpus_per_node": 0,
         "nodes": 1,
         "common": {},
