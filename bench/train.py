@@ -14,7 +14,6 @@ Each config runs in its own process so peak memory and first-step (compile) time
 """
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -53,7 +52,7 @@ def worker(args):
     autocast = common.autocast_dtype(device)  # NANOCHAT_DTYPE=bf16-mixed (or auto on a CPU with native bf16)
 
     def step():
-        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+        with common.autocast(device, autocast):
             loss = step_model(x, y)
         loss.backward()
         opt.step()

@@ -1,6 +1,7 @@
 """Process-level helpers shared by all stages: distributed init, device and dtype, logging."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -95,6 +96,11 @@ def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype
     if requested == MIXED or (requested == "auto" and torch.device(device).type == "cpu" and native_bf16_cpu()):
         return torch.bfloat16
     return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The context a training forward runs in: torch.autocast to `dtype` (autocast_dtype's answer), or a no-op for None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def precision_name(dtype: torch.dtype, autocast: torch.dtype | None) -> str:

@@ -80,7 +80,8 @@ class GPTConfig:
 
 def compute_dtype_for(device, requested=None):
     """bf16 on SM80+ GPUs, fp32 elsewhere; `requested` (a torch.dtype or name, e.g. the stage's --dtype), else
-    NANOCHAT_DTYPE=float32|bfloat16, overrides. Same rules as common.compute_dtype (float16 refused)."""
+    NANOCHAT_DTYPE=float32|bfloat16|bf16-mixed (fp32 here: its bf16 is autocast's), overrides. Same rules as
+    common.compute_dtype (float16 refused)."""
     from nanochat.common import DTYPES, compute_dtype
     if isinstance(requested, torch.dtype):
         if requested not in DTYPES.values():

@@ -99,9 +99,7 @@ class StageContext:
 
     def autocast(self):
         """Around a training forward: its matmuls in autocast_dtype under bf16-mixed, a no-op otherwise."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return common.autocast(self.device, self.autocast_dtype)
 
     # --- logging and progress
     def log(self, msg: str):
