@@ -44,7 +44,6 @@ from nanochat.kv_cache import device_index
 
 log = logging.getLogger("nanochat.batching")
 _END = object()  # the scheduler's last word to a stream
-SLOT_BLOCK = 64  # an eager (not graphed) step attends the slots in use rounded up to this: fewer shapes, less work
 
 
 def row_buckets(rows):
@@ -304,9 +303,7 @@ class Batcher:
             d.ids.copy_(self.next_ids)
             return d.run()
         # run eagerly, the step computes only those rows and the slots they have reached
-        reached = max(len(request.tokens) + request.generated for request in self.active)
-        slots = min(self.max_len, -(-reached // SLOT_BLOCK) * SLOT_BLOCK)
-        return d.step(self.next_ids[:rows], d.cache.window(rows, slots), d.cos, d.sin)
+        return d.run_window(self.next_ids[:rows], max(len(request.tokens) + request.generated for request in self.active))
 
     def _prefill(self, request):
         device = self.next_ids.device

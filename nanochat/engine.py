@@ -9,10 +9,12 @@ per row. Each row runs a small state machine for tool use: when the model writes
 (forced, not sampled).
 
 Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
-  eager    GPT.forward with a growing KVCache per step: the reference, and the default on CPU
-  static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly
+  eager    GPT.forward with a growing KVCache per step: the reference
+  static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly over the slots
+           in use: the default on CPU
   graph    that step captured in a CUDA graph per (batch, cache length), replayed per token: the default on CUDA
-  compile  the same, torch.compile'd (fewer, fused kernels) before capture; costs compile time per shape
+  compile  the same, torch.compile'd (fewer, fused kernels) before capture (on CPU: compiled, not captured); costs
+           compile time per shape
   fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, ~8 per layer), in a CUDA graph
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
 every path. The graphed paths run one step ahead: the next step starts on the sampled ids while the host reads them,
@@ -45,8 +47,12 @@ SMALL_MODEL_PARAMS = 100_000_000
 DECODE_MODES = ("eager", "static", "graph", "compile", "fused")
 STATIC_STEP_MODES = ("static", "graph", "compile", "fused")
 CACHE_BUCKET = 256  # static cache lengths round up to a multiple: one captured graph serves many prompt lengths
+SLOT_BLOCK = 64  # an uncaptured static step attends the slots in use rounded up to this: fewer shapes, less work
 # auto on CUDA: the static step in a CUDA graph (bench/gpu.py 2026-11-26, H100: matches eager, d20 batch 1 4.7x faster)
 AUTO_DECODE_CUDA = "graph"
+# auto on CPU: the static step, uncaptured (bench/inference.py, 2 Zen 5 cores, d4 fp32: batch 1 ~1.6x eager; its weights
+# laid out for the CPU's GEMV, nanochat.gpt.input_major)
+AUTO_DECODE_CPU = "static"
 STEP_AHEAD = True  # graphed paths start the next step before the host has seen the sampled ids (StaticSteps)
 IDLE_DECODERS = 2  # static decoders (cache + graph) kept for reuse between requests, the oldest dropped first: each holds a cache
 
@@ -144,7 +150,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, decode=None):
         """decode: eager | static | graph | compile | fused | auto (None: $NANOCHAT_DECODE, else auto = AUTO_DECODE_CUDA for a GPT on
-        CUDA, eager otherwise). See the module docstring."""
+        CUDA, AUTO_DECODE_CPU for one on CPU, eager for other models). See the module docstring."""
         self.model = model
         self.decode = decode or os.environ.get("NANOCHAT_DECODE") or "auto"
         if self.decode not in ("auto",) + DECODE_MODES:
@@ -217,7 +223,7 @@ class Engine:
         if gpt is None:
             return "eager"
         if self.decode == "auto":
-            return AUTO_DECODE_CUDA if gpt.get_device().type == "cuda" else "eager"
+            return AUTO_DECODE_CUDA if gpt.get_device().type == "cuda" else AUTO_DECODE_CPU
         return self.decode
 
     @torch.inference_mode()
@@ -379,11 +385,11 @@ class NaiveSteps(Steps):
 
     def prefill(self, prompt):
         self.sequences = prompt.expand(self.num_samples, -1)
-        return self.model(prompt)[:, -1, :]
+        return logits_at(self.model, prompt, "last")[:, -1, :]
 
     def step(self, ids):
         self.sequences = torch.cat([self.sequences, ids], dim=1)
-        return self.model(self.sequences)[:, -1, :]
+        return logits_at(self.model, self.sequences, "last")[:, -1, :]
 
     def close(self):
         pass
@@ -438,8 +444,10 @@ class StaticSteps(Steps):
             self.eager = CacheSteps(self.engine.model, self.decoder.cache.to_kv_cache(), ids.size(0))
         if self.eager is not None:
             return self.eager.step(ids)
-        self.decoder.ids.copy_(ids)
         self.pos += 1
+        if self.decoder.key[2] == "static":
+            return self.decoder.run_window(ids, self.pos)
+        self.decoder.ids.copy_(ids)
         return self.decoder.run()
 
     def step_ahead(self, ids):
@@ -480,8 +488,15 @@ class StaticDecoder:
 
         def run():
             return step(ids, cache, cos, sin)
-        self.graphed = mode != "static" and not (mode == "fused" and device.type != "cuda")  # fused on a CPU: interpreted
+        # a graph when asked for one; compile and fused capture theirs on CUDA only (on a CPU: compiled / interpreted)
+        self.graphed = mode == "graph" or (mode != "static" and device.type == "cuda")
         self.run = CudaGraphStep(run) if self.graphed else run
+
+    def run_window(self, ids, reached):
+        """One uncaptured step for the first ids.size(0) rows (ids (rows, 1)), attending only the first `reached` slots
+        rounded up to SLOT_BLOCK: the work of the tokens present, not of the whole cache."""
+        slots = min(self.cache.max_len, -(-reached // SLOT_BLOCK) * SLOT_BLOCK)
+        return self.step(ids, self.cache.window(ids.size(0), slots), self.cos, self.sin)
 
 
 class CudaGraphStep:

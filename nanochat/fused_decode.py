@@ -25,7 +25,6 @@ Needs Triton and a CUDA device, or TRITON_INTERPRET=1 (set before this module is
 import os
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -199,10 +198,10 @@ def fused_step(weights, idx, cache, cos, sin):
     x, x0_mix = weights.embed(idx)
     for i, layer in enumerate(weights.layers):
         x = torch.addcmul(x0_mix[i], weights.resid[i], x)
-        y = attend(x, F.linear(x, layer.qkv), ids, cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
+        y = attend(x, layer.qkv(x), ids, cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
                    ve=layer.ve, gate=layer.ve_gate)
-        x = torch.addmm(x, y, layer.proj.t())
-        x = torch.addmm(x, relu2_normed(F.linear(x, layer.fc), x), layer.mlp_proj.t())
+        x = layer.proj(y, add=x)
+        x = layer.mlp_proj(relu2_normed(layer.fc(x), x), add=x)
     cache.advance()
     return weights.logits(x)
 

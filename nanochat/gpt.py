@@ -139,6 +139,12 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def softcap(logits, cap):
+    """cap * tanh(logits / cap), computed as 2 * cap * sigmoid(2 * logits / cap) - cap: the same values to fp32
+    rounding, and CPU torch's sigmoid is vectorized where its tanh is not (0.5 vs 2.6 ns per element on Zen 5)."""
+    return torch.sigmoid(logits * (2.0 / cap)) * (2.0 * cap) - cap
+
+
 def has_ve(layer_idx, n_layer):
     """Value embeddings on alternating layers, the last layer always included."""
     return layer_idx % 2 == (n_layer - 1) % 2
@@ -476,7 +482,7 @@ class GPT(nn.Module):
 
     def _logits(self, x):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        return self.config.softcap * torch.tanh(logits / self.config.softcap)  # smoothly capped to ±softcap
+        return softcap(logits, self.config.softcap)  # smoothly capped to ±softcap
 
     def _loss(self, x, targets, reduction):
         # On CPU the positions whose target is ignored (SFT's and RL's prompt tokens) skip the lm_head, and the rest
@@ -519,14 +525,57 @@ def logits_at(model, idx, at, kv_cache=None):
 # -----------------------------------------------------------------------------
 # static decode step: one token per row at a position held on the device (CUDA-graph capturable)
 
+PACK_MIN_ELEMENTS = 1 << 17  # smaller matrices lose to oneDNN's call overhead (~12 us) what its packing saves them
+PACK_ROWS = 8  # the batch size oneDNN's weight packing is chosen for (4 to 32 rows run equally fast on it)
+
+
+def input_major(device, out_features, in_features):
+    """Whether the static step stores a weight as W.T contiguous, (in, out), rather than as its parameter, (out, in).
+    On CPU a one-row decode matmul is a GEMV that streams the weight from memory, and MKL reads (in, out) at DRAM speed
+    where (out, in) runs 1.7-2.7x slower when out >= in (qkv, fc, lm_head; bench/decode_matmul.py); a wider input
+    (mlp_proj) reads faster as it is. GPUs keep the parameter's layout (cuBLAS takes the transposed view as it is)."""
+    return torch.device(device).type == "cpu" and out_features >= in_features
+
+
+def cpu_packing(device, dtype, out_features, in_features):
+    """Whether the static step also keeps a oneDNN-packed copy of an fp32 CPU weight for steps of 2+ rows: MKL's
+    small-batch GEMM runs 2-4x slower there than oneDNN on a prepacked weight (bench/decode_matmul.py)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.float32 and out_features * in_features >= PACK_MIN_ELEMENTS
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_for_cpu(w):
+    """oneDNN's prepacked form of an (out, in) fp32 weight (an opaque tensor for mkldnn._linear_pointwise)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+
+
+class DecodeMatrix:
+    """A Linear's weight W (out, in) as the static step applies it: matrix(x, add) = add + x @ W.T.
+    w is W.T, (in, out): a view of the parameter, or a copy laid out (in, out) where input_major() says so. Where
+    cpu_packing() says so, `source` gives W and steps of 2+ rows run on oneDNN's packing of it, made at the first such
+    step after each refresh (one-row decoding never pays for it; torch.compile traces the w path)."""
+
+    def __init__(self, w, source=None):
+        self.w, self.source, self.packed = w, source, None
+
+    def __call__(self, x, add=None):
+        if self.source is not None and x.size(0) > 1 and not torch.compiler.is_compiling():
+            if self.packed is None:
+                with torch.no_grad():
+                    self.packed = pack_for_cpu(self.source())
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return y if add is None else y.add_(add)
+        return x @ self.w if add is None else torch.addmm(add, x, self.w)
+
+
 @dataclass
 class DecodeLayer:
-    qkv: torch.Tensor       # c_q, c_k, c_v stacked: one matmul instead of three
-    proj: torch.Tensor
-    fc: torch.Tensor
-    mlp_proj: torch.Tensor
+    qkv: DecodeMatrix       # c_q, c_k, c_v stacked: one matmul instead of three
+    proj: DecodeMatrix
+    fc: DecodeMatrix
+    mlp_proj: DecodeMatrix
     ve: torch.Tensor | None = None
-    ve_gate: torch.Tensor | None = None
+    ve_gate: torch.Tensor | None = None  # (n_kv_head, gate channels), as the parameter: the fused kernel reads it
 
 
 class DecodeWeights:
@@ -540,15 +589,16 @@ class DecodeWeights:
 
     def __init__(self, model):
         self.config, self.windows, self.dtype = model.config, list(model.windows), model.compute_dtype
-        # Tensors already in the compute dtype are used as they are; the rest (fp32 master weights, the stacked qkv)
-        # are copies that refresh() renews from the parameters at every request: the model's parameters are never
-        # cast, and a model being trained (chat_rl samples from it) is decoded with its current weights.
-        self._copies = []
+        # Tensors already in the compute dtype and layout are used as they are; the rest (fp32 master weights, the
+        # stacked qkv, the input-major and packed matrices) are copies that refresh() renews from the parameters at
+        # every request: the model's parameters are never cast, and a model being trained (chat_rl samples from it) is
+        # decoded with its current weights.
+        self._copies, self._matrices = [], []
         self.params = list(model.parameters())
         self._storage = [p.data_ptr() for p in self.params]  # .to() / .cuda() swap a parameter's data, not the object
         h = model.transformer.h
         self.wte = self._use(model.transformer.wte.weight)
-        self.lm_head = self._use(model.lm_head.weight)
+        self.lm_head = self._matrix(model.lm_head.weight)
         self.resid = self._use(model.resid_lambdas)
         self.x0 = self._use(model.x0_lambdas)
         self.layers = []
@@ -556,18 +606,40 @@ class DecodeWeights:
             a, m = block.attn, block.mlp
             ve = model.value_embeds[str(i)].weight if str(i) in model.value_embeds else None
             self.layers.append(DecodeLayer(
-                qkv=self._use(a.c_q.weight, a.c_k.weight, a.c_v.weight), proj=self._use(a.c_proj.weight),
-                fc=self._use(m.c_fc.weight), mlp_proj=self._use(m.c_proj.weight),
+                qkv=self._matrix(a.c_q.weight, a.c_k.weight, a.c_v.weight), proj=self._matrix(a.c_proj.weight),
+                fc=self._matrix(m.c_fc.weight), mlp_proj=self._matrix(m.c_proj.weight),
                 ve=None if ve is None else self._use(ve), ve_gate=None if a.ve_gate is None else self._use(a.ve_gate.weight)))
         self.gate_channels = h[0].attn.ve_gate_channels
 
+    def _value(self, params):
+        """The parameters stacked along dim 0 in the compute dtype (a lone one already in it: itself, detached)."""
+        return (params[0] if len(params) == 1 else torch.cat(params)).detach().to(self.dtype)
+
+    @torch.no_grad()
+    def _tracked(self, fresh, layout=None):
+        """A tensor the step reads, made from the parameters by fresh() (then laid out by layout(), e.g. contiguous),
+        which refresh() renews in place from fresh() (copy_ lays the values out as the copy is)."""
+        copy = fresh() if layout is None else layout(fresh())
+        self._copies.append((copy, fresh))
+        return copy
+
     def _use(self, *params):
+        """What the step reads for these parameters: the parameter itself, or a tracked copy (cast, stacked)."""
         if len(params) == 1 and params[0].dtype == self.dtype:
             return params[0].detach()
-        with torch.no_grad():
-            copy = torch.cat([p.detach() for p in params]).to(self.dtype)
-        self._copies.append((copy, params))
-        return copy
+        return self._tracked(lambda: self._value(params))
+
+    def _matrix(self, *params):
+        """A DecodeMatrix for these Linear weights (stacked along dim 0 if several), laid out for the device."""
+        out, inn, device = sum(p.size(0) for p in params), params[0].size(1), params[0].device
+        value = lambda: self._value(params)  # noqa: E731
+        if input_major(device, out, inn):
+            w = self._tracked(lambda: value().t(), lambda t: t.contiguous())
+        else:
+            w = self._use(*params).t()
+        matrix = DecodeMatrix(w, value if cpu_packing(device, self.dtype, out, inn) else None)
+        self._matrices.append(matrix)
+        return matrix
 
     def matches(self, model):
         """Whether these weights still point at the model's parameters (not replaced by .to() or a load with assign)."""
@@ -578,8 +650,10 @@ class DecodeWeights:
     @torch.no_grad()
     def refresh(self):
         """Copy the current parameter values into the cast/stacked copies (in place: captured graphs stay valid)."""
-        for copy, params in self._copies:
-            copy.copy_(params[0] if len(params) == 1 else torch.cat(params))
+        for copy, fresh in self._copies:
+            copy.copy_(fresh())
+        for matrix in self._matrices:
+            matrix.packed = None  # packed again from the new values when a step needs it
 
     def step(self, idx, cache, cos, sin):
         """fp32 logits (B, vocab) for idx (B, 1), each row at its position cache.pos[b]; writes this step's K/V and
@@ -595,8 +669,8 @@ class DecodeWeights:
         x, x0_mix = self.embed(idx)
         for i, layer in enumerate(self.layers):
             x = torch.addcmul(x0_mix[i], self.resid[i], x)
-            x = torch.addmm(x, self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]]), layer.proj.t())
-            x = torch.addmm(x, F.relu(F.linear(norm(x), layer.fc)).square(), layer.mlp_proj.t())  # residual add in the GEMM
+            x = layer.proj(self._attention(i, layer, norm(x), idx, cos, sin, cache, bias[self.windows[i]]), add=x)
+            x = layer.mlp_proj(F.relu(layer.fc(norm(x))).square(), add=x)  # residual add in the GEMM
         cache.advance()
         return self.logits(x)
 
@@ -612,14 +686,14 @@ class DecodeWeights:
 
     def logits(self, x):
         """The final norm, lm_head and softcap: fp32 logits (B, vocab) for the last layer's x (B, C)."""
-        logits = F.linear(norm(x), self.lm_head)[:, :self.config.vocab_size].float()
-        return self.config.softcap * torch.tanh(logits / self.config.softcap)
+        logits = self.lm_head(norm(x))[:, :self.config.vocab_size].float()
+        return softcap(logits, self.config.softcap)
 
     def _attention(self, i, layer, x, idx, cos, sin, cache, bias):
         """The attention's output before its projection, (B, H * D), for the normed input x (B, C)."""
         c = self.config
         B, H, Hkv, D = x.size(0), c.n_head, c.n_kv_head, c.head_dim
-        qkv = F.linear(x, layer.qkv)
+        qkv = layer.qkv(x)
         qk = qkv[:, :(H + Hkv) * D].view(B, 1, H + Hkv, D)  # q and k side by side: one rotary and one norm for both
         v = qkv[:, (H + Hkv) * D:].view(B, 1, Hkv, D)
         if layer.ve is not None:

@@ -107,7 +107,7 @@ def test_greedy_equals_naive_sliding_window_and_cache_growth(monkeypatch):
         caches.append(new_kv_cache(batch_size, max_len=len(PROMPT) + 2))
         return caches[-1]
 
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, decode="eager")  # GPT.forward's growing KVCache (auto on CPU is the static step)
     slow = run(engine.generate_naive(PROMPT, num_samples=2, max_tokens=40, temperature=0.0))
     monkeypatch.setattr(model, "new_kv_cache", small_cache)
     fast = run(engine.generate(PROMPT, num_samples=2, max_tokens=40, temperature=0.0))
@@ -131,9 +131,12 @@ def test_cache_is_in_the_model_compute_dtype(monkeypatch):
     caches = []
     new_kv_cache = model.new_kv_cache
     monkeypatch.setattr(model, "new_kv_cache", lambda *a, **k: caches.append(new_kv_cache(*a, **k)) or caches[-1])
-    columns, _ = run(Engine(model, TOK).generate(PROMPT, num_samples=2, max_tokens=5, temperature=0.0))
+    columns, _ = run(Engine(model, TOK, decode="eager").generate(PROMPT, num_samples=2, max_tokens=5, temperature=0.0))
     assert len(columns) == 5
     assert caches[0].dtype == torch.bfloat16
+    static = Engine(model, TOK, decode="static")
+    run(static.generate(PROMPT, num_samples=2, max_tokens=5, temperature=0.0))
+    assert static._idle[0].cache.k[0].dtype == torch.bfloat16
 
 
 def test_same_seed_same_samples_different_seed_different_samples():
