@@ -2,8 +2,8 @@
 Inference benchmark: the KV-cache engine vs naive generation (full recompute every step).
 
     python bench/inference.py                  # CPU: depths 2/4/6 (the ANCHORS.md "Inference" rows:
-                                               # 13-token prompt, 128 new tokens, fp32, eager, head dim 64)
-                                               # plus 256 new tokens at batch 1/8/32
+                                               # 13-token prompt, 128 new tokens, fp32, head dim 64; the Engine's
+                                               # path and eager) plus 256 new tokens at batch 1/8/32
     python bench/inference.py --device cuda    # GPU: d20-sized random weights, prompt 2048, decode 256
 
 Columns: TTFT = time to the first token (cache allocation, prefill, first sample); decode tok/s =
@@ -19,9 +19,11 @@ mode engine = one request of `batch` samples (Engine.generate: one prompt, prefi
 requests, each its own prompt (5 tokens shorter per request, so rows stand at different positions), decoded together
 by nanochat.batching's Batcher (continuous batching, as `nanochat serve --batch-rows`) of `rows` rows (default:
 `batch`); naive = no KV cache.
-decode = the Engine's path (nanochat/engine.py): eager (GPT.forward + KVCache per step, the reference; the CPU rows),
-graph (the static step in a CUDA graph; the CUDA default), compile (torch.compile'd, then graphed), fused (the
-Triton kernels of nanochat/fused_decode.py, graphed). CUDA rows also
+decode = the Engine's path (nanochat/engine.py): eager (GPT.forward + KVCache per step, the reference), static (the
+static step run uncaptured over the slots in use, its weights laid out for the CPU: the CPU default), graph (the static
+step in a CUDA graph; the CUDA default), compile (torch.compile'd, then graphed on CUDA), fused (the Triton kernels of
+nanochat/fused_decode.py, graphed). The anchor column (ANCHORS.md: nanochat's eager engine) stands beside every row of
+its configuration, whichever path ran it. CUDA rows also
 profile 16 decode steps: kernels per step and GPU-busy ms per step against the wall ms per step (launch-bound or not).
 
     python bench/inference.py --chat-diag '{"variant": "eager"}' --device cuda
@@ -59,8 +61,10 @@ def hbm_bytes_per_s(gpu_name):
 def cpu_rows(args):
     rows = []
     for depth in args.depths:
-        for batch in (1, 4):  # the anchor configurations
+        for batch in (1, 4):  # the anchor configurations: the Engine's path, and GPT.forward per step (the reference)
             rows.append(dict(depth=depth, mode="engine", batch=batch, new_tokens=128))
+            if args.decode != "eager":
+                rows.append(dict(depth=depth, mode="engine", batch=batch, new_tokens=128, decode="eager"))
         rows.append(dict(depth=depth, mode="naive", batch=1, new_tokens=128))
         for batch in (1, 8, 32):
             rows.append(dict(depth=depth, mode="engine", batch=batch, new_tokens=256))
@@ -121,6 +125,8 @@ def measure(row, device, repeats, threads):
         model.to(torch.bfloat16)  # inference keeps no fp32 master weights
     model.eval()
     engine = Engine(model, SpecialsOnlyTokenizer(row["vocab"]), decode=row.get("decode", "eager"))
+    if row["mode"] != "naive":
+        row["decode"] = engine.decode_mode()  # auto resolved: the path that ran
     prompt = torch.randint(0, row["vocab"], (row["prompt"],), generator=torch.Generator().manual_seed(1)).tolist()
     if row["mode"] == "batched":
         from nanochat.batching import Batcher
@@ -341,7 +347,7 @@ def print_table(results, device):
     for r in results:
         anchor = (ANCHOR_ENGINE.get((r["depth"], r["batch"])) if r["mode"] == "engine" else
                   ANCHOR_NAIVE.get(r["depth"]) if r["batch"] == 1 else None)
-        anchor = anchor if r["new_tokens"] == 128 and device == "cpu" and r.get("decode", "eager") == "eager" else None
+        anchor = anchor if r["new_tokens"] == 128 and device == "cpu" else None
         base = naive.get((r["depth"], r["new_tokens"], r["batch"]))  # naive at the same batch
         speedup = f"{r['tok_s'] / base:.1f}×" if base and r["mode"] == "engine" else "—"
         line = (f"| {r['depth']} | {r['mode']} | {r.get('decode', '—') if r['mode'] != 'naive' else '—'} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['ttft_ms']:.1f} "
@@ -365,9 +371,10 @@ def main():
     p.add_argument("--only", default="", help="comma-separated modes to run: engine,batched,naive")
     p.add_argument("--naive-batches", default="1,8", help="batch sizes for naive generation at 256 new tokens "
                    "(CPU: at the smallest depth; batches > 1 run once)")
-    p.add_argument("--decode", default="eager", choices=["eager", "static", "graph", "compile", "fused"],
-                   help="the Engine's decode path for the CPU rows (CUDA rows: graph and fused at batch 1/8/32, eager and "
-                        "compile at batch 1)")
+    p.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph", "compile", "fused"],
+                   help="the Engine's decode path for the CPU rows (default auto: the static step on CPU; the anchor "
+                        "configurations also run eager, the reference). CUDA rows: graph and fused at batch 1/8/32, eager "
+                        "and compile at batch 1")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     p.add_argument("--chat-diag", help=argparse.SUPPRESS)  # internal: one chat_eval diagnostic variant, print JSON
     args = p.parse_args()

@@ -216,6 +216,25 @@ def test_cpu_packed_matrices_run_steps_of_several_rows(monkeypatch):
     assert bf16.layers[1].fc.source is None
 
 
+def test_refresh_copies_only_after_a_parameter_changed():
+    """refresh() reads the parameters' version counters: untouched parameters cost nothing per request, an in-place
+    update (an optimizer step) renews the copies, and force=True renews them whatever the counters say."""
+    model = make_model(depth=2)
+    weights = DecodeWeights(model)
+    lm_head = weights.lm_head.w
+    want = lm_head.clone()
+    lm_head.fill_(7.0)  # stands in for stale values: only a real refresh overwrites it
+    weights.refresh()
+    assert (lm_head == 7.0).all()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_q.weight.mul_(1.0)  # any parameter: a new version
+    weights.refresh()
+    assert torch.equal(lm_head, want)
+    lm_head.fill_(7.0)
+    weights.refresh(force=True)
+    assert torch.equal(lm_head, want)
+
+
 def test_gpu_layout_keeps_every_parameter_as_it_is():
     """Elsewhere than the CPU every matrix is a transposed view (cuBLAS reads the parameter as it is)."""
     from nanochat.gpt import input_major
