@@ -445,7 +445,7 @@ class StaticSteps(Steps):
         if self.eager is not None:
             return self.eager.step(ids)
         self.pos += 1
-        if self.decoder.key[2] == "static":
+        if self.decoder.mode == "static":
             return self.decoder.run_window(ids, self.pos)
         self.decoder.ids.copy_(ids)
         return self.decoder.run()
@@ -470,7 +470,7 @@ class StaticDecoder:
     def __init__(self, model, weights, batch, max_len, mode):
         assert mode in STATIC_STEP_MODES, mode
         c, device = model.config, model.get_device()
-        self.key, self.weights = (batch, max_len, mode), weights
+        self.key, self.mode, self.weights = (batch, max_len, mode), mode, weights
         self.cache = StaticKVCache(batch, c.n_kv_head, c.head_dim, c.n_layer, max_len, device=device, dtype=model.compute_dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cos, self.sin = model.rotary_tables(max_len)
