@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from nanochat.cli import add_store_flags, error, store_uri
+from nanochat.cli import HelpFormatter, add_store_flags, error, store_uri
 
 QUIT_WORDS = ("quit", "exit")
 # tool-use special tokens: (the kind of part that follows, how the token looks on screen)
@@ -22,20 +22,27 @@ TOOL_TOKENS = {"<|python_start|>": ("python", "[tool "), "<|python_end|>": ("tex
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+def answer_stops(tokenizer) -> set[int]:
+    """Ids that end an answer: <|assistant_end|>, <|bos|> and every other special token but the tool markers
+    (a model inventing the next turn writes <|user_end|><|assistant_start|>...: that never reaches the user)."""
+    return {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens() if name not in TOOL_TOKENS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nanochat chat", description="Chat with a trained model in the terminal.",
-        epilog="Type `clear` to start a new conversation, `quit`, `exit`, Ctrl-D or Ctrl-C to leave; Ctrl-C during "
-               "an answer stops it. With -i base there is no chat format: each prompt is continued as raw text, without history.")
+        prog="nanochat chat", description="Chat with a trained model in the terminal.", formatter_class=HelpFormatter,
+        epilog="Type `clear` to start a new conversation, `quit`, `exit`, Ctrl-D or Ctrl-C to leave; Ctrl-C during\n"
+               "an answer stops it. With -i base there is no chat format: each prompt is continued as raw text,\n"
+               "without history.")
     add_store_flags(p)
     p.add_argument("-i", "--source", choices=("base", "mid", "sft", "rl"), help="which model (default: the most trained one in the store: rl, sft, mid, base); "
                    "base has no chat format: the prompt is continued as raw text")
     p.add_argument("-s", "--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("-p", "--prompt", help="answer this one prompt, print the answer and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed; turn n uses seed + n")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs (default: cuda when available)")
     return p
@@ -53,7 +60,7 @@ def stream_answer(engine, tokens, out, color=False, **sampling) -> list[dict]:
     from nanochat.engine import Utf8StreamDecoder
     tok = engine.tokenizer
     tool_tokens = {tok.encode_special(name): v for name, v in TOOL_TOKENS.items()}
-    stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    stops = answer_stops(tok)
     decoder, parts, kind, ids = Utf8StreamDecoder(tok), [], "text", []
 
     def end_part():
@@ -126,9 +133,9 @@ def main(argv=None) -> int:
         tokenizer = get_tokenizer(store)
         source = args.source or newest_source(store)
         model, step, _ = load_model(store, source, device=args.device, step=args.step)
+        engine = Engine(model, tokenizer)
     except (StoreError, ValueError) as e:
         error(str(e))
-    engine = Engine(model, tokenizer)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
     what = "raw text continuation, no history" if source == "base" else "chat"
     banner = f"nanochat chat: {source} model, step {step}, from {store.root} ({what})"

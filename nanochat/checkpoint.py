@@ -72,6 +72,23 @@ def _all_gather_object(obj):
     return out
 
 
+def check_device(device):
+    """ValueError for a device this machine cannot use: a usage error, never blamed on a checkpoint."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(0, device=d)  # any other device type: does this build and machine have it?
+    except Exception as e:
+        reason = str(e).strip().split(". ")[0][:100]  # torch's first sentence; the rest lists every backend
+        raise ValueError(f"device {str(device)!r} is not available on this machine ({reason})") from None
+
+
 def _all_agree(ok: bool) -> bool:
     """True only if every rank says ok (so all ranks load the same step)."""
     rank, world = _dist()
@@ -100,6 +117,11 @@ class CheckpointManager:
             if len(parts) == 2 and parts[1] == META and parts[0].isdigit():
                 out.add(int(parts[0]))
         return sorted(out)
+
+    def no_such_step(self, step: int) -> ObjectNotFound:
+        """The error for an asked-for step without a complete checkpoint: it names the steps there are."""
+        there = ", ".join(str(s) for s in self.steps()) or "none"
+        return ObjectNotFound(f"no checkpoint step {step} under {self.store.uri(self.prefix + '/')}: available steps {there}")
 
     def latest(self) -> int | None:
         s = self.steps()
@@ -164,8 +186,12 @@ class CheckpointManager:
         """(step, model_state, rank_state, meta) of the newest loadable checkpoint (or the given step).
 
         Collective under torch.distributed: all ranks settle on the same step. Returns None if there
-        is no complete checkpoint. Torn or tampered checkpoints are skipped with a warning."""
+        is no complete checkpoint (or no such step). Torn or tampered checkpoints are skipped with a warning."""
         rank, world = _dist()
+        if isinstance(map_location, (str, torch.device)):
+            check_device(map_location)  # before reading: a bad device must not look like a corrupt checkpoint
+        if step is not None and step not in self.steps():
+            return None  # absent, not unusable: nothing to warn about
         candidates = [step] if step is not None else list(reversed(self.steps()))
         for s in candidates:
             model_state = rank_state = doc = None
@@ -179,7 +205,8 @@ class CheckpointManager:
                                          f"this run has {world}; optimizer shards cannot be reused")
                     rank_state = self._fetch(s, f"optim_rank{rank}.pt", doc, map_location)
             except (DigestMismatch, ObjectNotFound, EOFError, RuntimeError, ValueError, StoreError) as e:
-                log.warning("checkpoint %s unusable (%s); trying an older one", self.store.uri(self.step_prefix(s)), str(e).splitlines()[0])
+                log.warning("checkpoint %s unusable (%s)%s", self.store.uri(self.step_prefix(s)), str(e).splitlines()[0],
+                            "" if step is not None else "; trying an older one")
                 ok = False
             if _all_agree(ok):
                 return s, model_state, rank_state, doc["meta"]
@@ -191,7 +218,14 @@ class CheckpointManager:
 def load_model_state(store: Store, source: str, step: int | None = None, map_location="cpu"):
     """(step, model_state, meta) for a model source (base|mid|sft|rl or a stage name), no optimizer state."""
     stage = SOURCES.get(source, source)
-    got = CheckpointManager(store, stage).load(step, map_location=map_location, load_rank_state=False)
+    mgr = CheckpointManager(store, stage)
+    got = mgr.load(step, map_location=map_location, load_rank_state=False)
+    if got is None and step is not None and mgr.steps():  # the stage ran: the asked-for step is what is wrong
+        if step not in mgr.steps():
+            raise mgr.no_such_step(step)
+        others = ", ".join(str(s) for s in mgr.steps() if s != step) or "none"
+        raise StoreError(f"checkpoint {store.uri(mgr.step_prefix(step))} is torn or corrupted (see the warning above); "
+                         f"other steps: {others}")
     if got is None:
         producer = stage
         raise ObjectNotFound(f"no complete checkpoint under {store.uri(f'checkpoints/{stage}/')}: it is produced by stage {producer} "

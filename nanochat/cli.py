@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
+from pathlib import Path
+from urllib.parse import urlparse
 
 # subcommands implemented in their own modules: (module, function, what it does)
 DELEGATED = {
@@ -15,13 +18,66 @@ DELEGATED = {
 }
 
 
+# `s3//bucket`, `file//dir`, `s3:bucket`: otherwise taken as a local folder named `s3` or `file:`
+MISTYPED_SCHEME = re.compile(r"(s3|file)(//|:(?!//))", re.IGNORECASE)
+
+
 def store_uri(args) -> str:
     from nanochat.store import default_store_uri
     uri = getattr(args, "store", None) or os.environ.get("NANOCHAT_STORE")
+    if uri and (m := MISTYPED_SCHEME.match(uri)):
+        scheme = m.group(1).lower()
+        fixed = f"{scheme}://{'/' if scheme == 'file' else ''}{uri[m.end():].lstrip('/')}"
+        error(f"store URI {uri!r} has a mistyped scheme; did you mean {fixed!r}?")
     run = getattr(args, "run", None)
     if uri and run:
         return uri.rstrip("/") + "/" + run
     return uri or default_store_uri(run or "default")
+
+
+def local_dir(uri: str) -> Path | None:
+    """The folder of a file:// (or bare path) store URI, as nanochat.store.LocalStore reads it; None for s3://."""
+    if urlparse(uri).scheme not in ("", "file"):
+        return None
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri)
+
+
+def open_run(uri: str):
+    """(store, None) when a run is there; (store or None, why not) otherwise. Creates no folder."""
+    from nanochat.runner import STATE_KEY
+    from nanochat.store import open_store
+    path = local_dir(uri)
+    if path is not None and not path.is_dir():
+        return None, "no such folder"
+    store = open_store(uri)
+    if not store.list("stages/") and not store.exists(STATE_KEY):
+        return store, "no stages/ in it"
+    return store, None
+
+
+def no_run(uri: str, why: str) -> str:
+    return f"no run at {uri} ({why}): start one with `{command_name()} speedrun --store {uri}`"
+
+
+class NoStore:
+    """Stands in for a store folder that does not exist yet (dry run): empty, and nothing gets created."""
+
+    def __init__(self, path: Path):
+        self.root = "file://" + str(path.resolve())
+
+    def get_json_or(self, key: str, default=None):
+        return default
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; "(default: X)" after every flag that has a default worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default in (None, []) or action.default is False or action.default is argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def add_store_flags(p: argparse.ArgumentParser):
@@ -43,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
-    sp = sub.add_parser("speedrun", help="run the whole pipeline (resumes where it stopped)",
+    sp = sub.add_parser("speedrun", help="run the whole pipeline (resumes where it stopped)", formatter_class=HelpFormatter,
                         description="Run every stage in order through the local runner; re-running resumes.")
     sp.add_argument("--profile", default="auto", help=f"one of {', '.join(profiles.names())} (auto: tiny without a GPU, d20 with)")
     add_store_flags(sp)
     sp.add_argument("--from", dest="from_step", metavar="STAGE", help="re-run from this stage on (earlier stages must be done)")
     sp.add_argument("--only", action="append", metavar="STAGE", help="re-run only this stage (repeatable)")
-    sp.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override a stage flag (repeatable); KEY=VALUE applies to all stages")
+    sp.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="override a stage flag (repeatable); a bare KEY=VALUE applies to every stage that has --KEY (an error if none has it)")
     sp.add_argument("--config", help="YAML/JSON config file passed to every stage")
     sp.add_argument("--rl", action=argparse.BooleanOptionalAction, default=None, help="run chat_rl (default: on for CPU profiles, off for GPU ones)")
     sp.add_argument("--max-retries", type=int, default=1, help="retries per failed stage")
@@ -60,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", nargs="?", help="stage name")
     st.add_argument("rest", nargs=argparse.REMAINDER)
 
-    s = sub.add_parser("status", help="table of stage states, durations and key metrics")
+    s = sub.add_parser("status", help="table of stage states, durations and key metrics", formatter_class=HelpFormatter)
     add_store_flags(s)
-    r = sub.add_parser("report", help="generate the report card and copy it to ./report.md")
+    r = sub.add_parser("report", help="generate the report card and copy it to ./report.md", formatter_class=HelpFormatter)
     add_store_flags(r)
     r.add_argument("-o", "--output", default="report.md", help="where to copy the report (figures go next to it)")
     for name, (_, _, help_text) in DELEGATED.items():
@@ -91,10 +148,15 @@ def cmd_speedrun(args) -> int:
     from nanochat.report import Report
     from nanochat.runner import LOCK_KEY, STATE_KEY, PipelineError, Runner, parse_overrides, status_rows
     from nanochat.store import StoreError, check_reachable, open_store
+    uri, why = store_uri(args), None
     try:
         profile = resolve_profile(args.profile)
-        store = open_store(store_uri(args))
-        check_reachable(store)
+        if args.dry_run:  # look, but create nothing: a new store stays uncreated
+            store, why = open_run(uri)
+            store = store or NoStore(local_dir(uri))
+        else:
+            store = open_store(uri)
+            check_reachable(store)
         steps = steps_for(profile, rl=args.rl)
         overrides = parse_overrides(args.set, steps)
         if args.config:
@@ -112,8 +174,10 @@ def cmd_speedrun(args) -> int:
     if gpus:
         print_budget(profile, overrides, gpus, store)
     if args.dry_run:
-        for s, a, name, h, forced in plan:
-            print(f"  {s.name:<14} {'done' if runner.is_done(name, h) and not forced else 'to run':<7} nproc={s.nproc(profile)} {' '.join(a)}")
+        if why:
+            print(f"no run at {uri} yet ({why}): every stage would run", file=sys.stderr)
+        for s, a, reason in runner.preview(plan):  # the runner's own decisions, so the two cannot drift
+            print(f"  {s.name:<14} {f'to run ({reason})' if reason else 'done':<40} nproc={s.nproc(profile)} {' '.join(a)}")
         return 0
     if not store.exists(STATE_KEY) and not store.exists(LOCK_KEY):
         Report(store).reset(extra={"profile": profile, "store": store.root})
@@ -137,7 +201,6 @@ def cmd_speedrun(args) -> int:
 def command_name() -> str:
     """How the user can type this command: `nanochat` when it is on PATH, else the venv's script (after `make speedrun`)."""
     import shutil
-    from pathlib import Path
     if shutil.which("nanochat"):
         return "nanochat"
     script = Path(sys.executable).parent / "nanochat"
@@ -177,9 +240,13 @@ def print_table(rows: list[dict]):
 def cmd_status(args) -> int:
     from nanochat.pipeline import steps_for
     from nanochat.runner import STATE_KEY, status_rows
-    from nanochat.store import StoreError, open_store
+    from nanochat.store import StoreError
+    uri = store_uri(args)
     try:
-        store = open_store(store_uri(args))
+        store, why = open_run(uri)
+        if why:
+            print(no_run(uri, why))
+            return 0
         state = store.get_json_or(STATE_KEY) or {}
         steps = steps_for(state["profile"]) if state.get("profile") else None
         rows = status_rows(store, steps)
@@ -191,12 +258,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
     from nanochat.pipeline import STEPS
     from nanochat.report import Report
-    from nanochat.store import StoreError, open_store
+    from nanochat.store import StoreError
+    uri = store_uri(args)
     try:
-        store = open_store(store_uri(args))
+        store, why = open_run(uri)
+        if why:
+            error(no_run(uri, why), 1)
         text = Report(store).generate(stage_order=[s.name for s in STEPS])
         out = Path(args.output)
         fig_dir = out.parent / (out.stem + "_figures")

@@ -35,7 +35,7 @@ def opt(default, help: str = "", choices=None, hash: bool = True):
 @dataclass
 class StageConfig:
     """Keys every stage accepts."""
-    store: str = opt("", "artifact store URI: file:///dir or s3://bucket/prefix (default: ~/.cache/nanochat/runs/default)", hash=False)
+    store: str = opt("", "artifact store URI: file:///dir or s3://bucket/prefix ('' = ~/.cache/nanochat/runs/default)", hash=False)
     profile: str = opt("auto", "named flag set for all stages: " + ", ".join(profiles.names()) + " (auto: tiny without a GPU)", hash=False)
     config: str = opt("", "YAML/JSON config file: top-level common keys and per-stage sections", hash=False)
     seed: int = opt(42, "random seed")
@@ -114,12 +114,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The stage's docstring as written (its example commands stay on their own lines), defaults shown."""
+
+
 def build_parser(cls, stage: str, defaults: dict | None = None) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-    p = _Parser(prog=f"nanochat stage {stage}", description=doc, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog=f"nanochat stage {stage}", description=doc, allow_abbrev=False, formatter_class=_HelpFormatter,
                 epilog="Every key can also come from a config file (--config), the profile (--profile) or an env var "
-                       f"{ENV_PREFIX}<KEY>; flags win. Precedence: defaults < profile < config file < env < flags.")
+                       f"{ENV_PREFIX}<KEY>; flags win.\nPrecedence: defaults < profile < config file < env < flags.")
     defaults = defaults or {}
     for name, f in _fields(cls).items():
         dash = name.replace("_", "-")

@@ -650,59 +650,87 @@ def _store(args):
     return open_store(store_uri(args))
 
 
+def _checked(tp, ok, need: str):
+    """An argparse type: a bad value is one usage error naming the flag and what it accepts, not a traceback."""
+    def parse(text: str):
+        try:
+            value = tp(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'} {need}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v > 0, "> 0")
+COUNT = _checked(int, lambda v: v >= 0, ">= 0")
+POSITIVE = _checked(float, lambda v: v > 0, "> 0")
+FRACTION = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _depths(text: str) -> list[int]:
+    return [POSITIVE_INT(d) for d in text.split(",")]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nanochat.cli import HelpFormatter
     p = argparse.ArgumentParser(prog="nanochat data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    def add(name, help):
+        return sub.add_parser(name, help=help, formatter_class=HelpFormatter)
 
     def store_flags(sp, name="--store"):
         sp.add_argument(name, dest="store", help="artifact store: file:///dir or s3://bucket/prefix (env NANOCHAT_STORE)")
         sp.add_argument("--run", help="run name (a sub-prefix of the store)")
 
-    r = sub.add_parser("recipe", help="params → tokens → chars → shards → wall time for a depth")
-    r.add_argument("--depth", default="20", help="model depth, or a comma-separated list (20,24,26)")
-    r.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="tokens per scaling parameter")
-    r.add_argument("--gpus", type=int, default=8, help="H100s for the wall-time estimate")
-    r.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilization for the estimate")
-    r.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    r.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
-    r.add_argument("--chars-per-token", type=float, help=f"override (default: tok_eval's measurement in --store, else {DEFAULT_CHARS_PER_TOKEN})")
-    r.add_argument("--margin", type=float, default=0.1, help="extra shards as a fraction")
+    r = add("recipe", help="params → tokens → chars → shards → wall time for a depth")
+    r.add_argument("--depth", type=_depths, default="20", help="model depth, or a comma-separated list (20,24,26)")
+    r.add_argument("--ratio", type=POSITIVE, default=DEFAULT_RATIO, help="tokens per scaling parameter")
+    r.add_argument("--gpus", type=POSITIVE_INT, default=8, help="H100s for the wall-time estimate")
+    r.add_argument("--mfu", type=_checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=DEFAULT_MFU,
+                   help="model FLOPs utilization for the estimate")
+    r.add_argument("--vocab-size", type=POSITIVE_INT, default=DEFAULT_VOCAB_SIZE, help="tokenizer vocabulary")
+    r.add_argument("--seq-len", type=POSITIVE_INT, default=DEFAULT_SEQ_LEN, help="training sequence length")
+    r.add_argument("--chars-per-token", type=POSITIVE, help=f"override (default: tok_eval's measurement in --store, else {DEFAULT_CHARS_PER_TOKEN})")
+    r.add_argument("--margin", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.1, help="extra shards as a fraction")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     store_flags(r)
 
-    d = sub.add_parser("download", help="fetch pretraining shards into the store (parallel, resumable, verified)")
-    d.add_argument("--dataset", default="fineweb-edu", choices=list(DATASETS))
-    d.add_argument("-n", "--num-shards", type=int, default=8, help="train shards: upstream shards [start, n) (+ the val shard)")
-    d.add_argument("--start", type=int, default=0, help="first train shard (the speedrun's second phase starts after the first)")
+    d = add("download", help="fetch pretraining shards into the store (parallel, resumable, verified)")
+    d.add_argument("--dataset", default="fineweb-edu", choices=list(DATASETS), help="upstream dataset")
+    d.add_argument("-n", "--num-shards", type=COUNT, default=8, help="train shards: upstream shards [start, n) (+ the val shard)")
+    d.add_argument("--start", type=COUNT, default=0, help="first train shard (the speedrun's second phase starts after the first)")
     d.add_argument("--no-val", action="store_true", help="skip the val shard (the dataset's last)")
-    d.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    d.add_argument("--workers", type=POSITIVE_INT, default=8, help="parallel downloads")
     d.add_argument("--base-url", help="mirror base URL (env NANOCHAT_DATA_BASE_URL); shards are <base>/shard_XXXXX.parquet")
-    d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES)
-    d.add_argument("--timeout", type=float, default=DOWNLOAD_TIMEOUT_S, help="seconds without data before a retry")
+    d.add_argument("--retries", type=COUNT, default=DOWNLOAD_RETRIES, help="attempts per shard after the first")
+    d.add_argument("--timeout", type=POSITIVE, default=DOWNLOAD_TIMEOUT_S, help="seconds without data before a retry")
     d.add_argument("--sha256-manifest", help="expected digests: JSON {name: sha256} or sha256sum lines")
     d.add_argument("--verify", action="store_true", help="re-hash shards already in the store; re-fetch mismatches")
     d.add_argument("--background", action="store_true", help="run detached and return now (log file printed)")
     d.add_argument("--log-file", help="with --background: where the detached process logs")
     store_flags(d)
 
-    pr = sub.add_parser("prepare", help="repackage local .txt/.jsonl/.parquet into shards")
+    pr = add("prepare", help="repackage local .txt/.jsonl/.parquet into shards")
     pr.add_argument("--input", nargs="+", required=True, help="files or directories")
-    pr.add_argument("--shard-chars", type=int, default=CHARS_PER_SHARD)
-    pr.add_argument("--row-group-rows", type=int, default=1024)
+    pr.add_argument("--shard-chars", type=POSITIVE_INT, default=CHARS_PER_SHARD, help="characters per shard")
+    pr.add_argument("--row-group-rows", type=POSITIVE_INT, default=1024, help="documents per parquet row group")
     pr.add_argument("--text-field", default=TEXT_COLUMN, help="JSONL field / parquet column holding the text")
     pr.add_argument("--txt-split", default="file", choices=["file", "paragraph", "line"], help="documents in .txt files")
-    pr.add_argument("--val-fraction", type=float, default=0.01, help="held out when everything fits in one shard")
+    pr.add_argument("--val-fraction", type=FRACTION, default=0.01, help="held out when everything fits in one shard")
     store_flags(pr, "--out-store")
 
-    e = sub.add_parser("embedded", help="write the embedded corpus (stdlib docs + synthetic tasks) into the store")
-    e.add_argument("--max-chars", type=int, default=0, help="cap on prose characters (0 = all)")
-    e.add_argument("--synthetic-fraction", type=float, default=EMBEDDED_SYNTHETIC_FRACTION)
-    e.add_argument("--shard-chars", type=int, default=EMBEDDED_SHARD_CHARS)
-    e.add_argument("--row-group-rows", type=int, default=EMBEDDED_ROW_GROUP_ROWS)
-    e.add_argument("--seed", type=int, default=0)
+    e = add("embedded", help="write the embedded corpus (stdlib docs + synthetic tasks) into the store")
+    e.add_argument("--max-chars", type=COUNT, default=0, help="cap on prose characters (0 = all)")
+    e.add_argument("--synthetic-fraction", type=FRACTION, default=EMBEDDED_SYNTHETIC_FRACTION, help="share of synthetic task text")
+    e.add_argument("--shard-chars", type=POSITIVE_INT, default=EMBEDDED_SHARD_CHARS, help="characters per shard")
+    e.add_argument("--row-group-rows", type=POSITIVE_INT, default=EMBEDDED_ROW_GROUP_ROWS, help="documents per parquet row group")
+    e.add_argument("--seed", type=int, default=0, help="shuffle seed")
     store_flags(e)
 
-    i = sub.add_parser("info", help="list the store's shards")
+    i = add("info", help="list the store's shards")
     store_flags(i)
     return p
 
@@ -715,8 +743,8 @@ def cli(argv=None) -> int:
     try:
         if args.cmd == "recipe":
             store = _store(args) if (args.store or args.run) else None
-            rows = [recipe(int(d), args.ratio, args.vocab_size, args.seq_len, args.gpus, args.mfu, args.chars_per_token, store, args.margin)
-                    for d in str(args.depth).split(",")]
+            rows = [recipe(d, args.ratio, args.vocab_size, args.seq_len, args.gpus, args.mfu, args.chars_per_token, store, args.margin)
+                    for d in args.depth]
             print(json.dumps(rows, indent=2) if args.json else format_recipe(rows))
         elif args.cmd == "download":
             if args.background:

@@ -57,6 +57,15 @@ STEP_AHEAD = True  # graphed paths start the next step before the host has seen 
 IDLE_DECODERS = 2  # static decoders (cache + graph) kept for reuse between requests, the oldest dropped first: each holds a cache
 
 
+def requested_decode(decode=None):
+    """The decode mode asked for (the argument, else $NANOCHAT_DECODE, else auto); ValueError naming its source if unknown."""
+    mode = decode or os.environ.get("NANOCHAT_DECODE") or "auto"
+    if mode not in ("auto",) + DECODE_MODES:
+        given = f"decode={decode!r}" if decode else f"NANOCHAT_DECODE={mode!r}"
+        raise ValueError(f"{given}: use one of auto, {', '.join(DECODE_MODES)}")
+    return mode
+
+
 @contextlib.contextmanager
 def decode_threads(model):
     """Limit torch's intra-op threads while a small model decodes on CPU; restore them after."""
@@ -152,9 +161,7 @@ class Engine:
         """decode: eager | static | graph | compile | fused | auto (None: $NANOCHAT_DECODE, else auto = AUTO_DECODE_CUDA for a GPT on
         CUDA, AUTO_DECODE_CPU for one on CPU, eager for other models). See the module docstring."""
         self.model = model
-        self.decode = decode or os.environ.get("NANOCHAT_DECODE") or "auto"
-        if self.decode not in ("auto",) + DECODE_MODES:
-            raise ValueError(f"decode={self.decode!r}: use one of auto, {', '.join(DECODE_MODES)}")
+        self.decode = requested_decode(decode)
         self._weights = None  # DecodeWeights of the static paths, built on first use
         self._idle = []       # StaticDecoders free for the next request, oldest first
         self._batcher = None  # the continuous batch batcher() hands out, kept for the next call

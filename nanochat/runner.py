@@ -7,6 +7,7 @@ still-running stage process instead of starting a duplicate, and never redoes fi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -53,9 +54,9 @@ def plan_step(step: Step, args: list[str], env=None) -> tuple[str, str]:
 
 
 def parse_overrides(items: list[str], steps: list[Step]) -> dict[str, list[str]]:
-    """`--set base_train.depth=4` → {"base_train": ["--depth=4"]}; `--set seed=1` → all stages."""
+    """`--set base_train.depth=4` → {"base_train": ["--depth=4"]}; `--set compile=false` → every stage that has --compile."""
     out: dict[str, list[str]] = {}
-    modules = {s.module for s in steps}
+    modules = {s.module: s for s in steps}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE or KEY=VALUE")
@@ -63,8 +64,17 @@ def parse_overrides(items: list[str], steps: list[Step]) -> dict[str, list[str]]
         stage, _, key = key.rpartition(".")
         if stage and stage not in modules:
             raise ConfigError(f"--set {item!r}: unknown stage {stage!r}; stages in this run: {', '.join(sorted(modules))}")
-        out.setdefault(stage or "*", []).append(f"--{key.replace('_', '-')}={value}")
+        targets = [stage] if stage else [m for m, s in modules.items() if key.replace("-", "_") in config_keys(s)]
+        if not targets:
+            raise ConfigError(f"--set {item!r}: no stage in this run has --{key.replace('_', '-')}; "
+                              f"set it for one stage as STAGE.{key}={value} (stages: {', '.join(modules)})")
+        for m in targets:
+            out.setdefault(m, []).append(f"--{key.replace('_', '-')}={value}")
     return out
+
+
+def config_keys(step: Step) -> set[str]:
+    return {f.name for f in dataclasses.fields(stage_module(step).Config)}
 
 
 # ----------------------------------------------------------------------------- executor
@@ -103,8 +113,7 @@ class LocalExecutor:
     """Launches each stage as `python -m MODULE` or `torchrun --standalone` for nproc > 1."""
 
     def __init__(self, log_dir: str | Path, env: dict | None = None, echo=True):
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = Path(log_dir)  # created at the first launch: a dry run creates nothing
         self.env = env
         self.echo = echo
 
@@ -115,6 +124,7 @@ class LocalExecutor:
         return [sys.executable, "-m", step.module_path, *args]
 
     def launch(self, step: Step, args: list[str], nproc: int, attempt: int) -> Handle:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{step.name}.attempt{attempt}.log"
         env = dict(self.env if self.env is not None else os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -256,6 +266,35 @@ class Runner:
         done = self.store.get_json_or(f"stages/{name}/done.json")
         return bool(done) and done.get("config_hash") == h
 
+    def reason_to_run(self, step: Step, args: list[str], name: str, h: str, forced: bool,
+                      rerun: set[str]) -> tuple[str | None, list[str]]:
+        """Why run() starts this step, with the args it starts it with; None when it is done and current.
+        `rerun`: the steps this run started before it. The dry run asks the same question (preview)."""
+        if forced:
+            return "forced by --from/--only", args
+        done = self.store.get_json_or(f"stages/{name}/done.json")
+        if not done:
+            return "not run yet", args
+        stale = next((f"upstream {d} re-runs" for d in step.depends_on if d in rerun), None)
+        if not stale and (newer := self.newer_upstream(step, name)):
+            stale = f"{newer} finished after it last ran"
+        if stale:  # same config: the stage itself would skip, so force it
+            return stale, [*args, "--force"]
+        if done.get("config_hash") != h:
+            return "config changed", args
+        return None, args
+
+    def preview(self, plan) -> list[tuple[Step, list[str], str | None]]:
+        """What run() will do with this plan, running nothing: (step, args, why it runs or None if skipped)."""
+        rerun: set[str] = set()
+        out = []
+        for step, args, name, h, forced in plan:
+            why, args = self.reason_to_run(step, args, name, h, forced, rerun)
+            if why:
+                rerun.add(step.name)
+            out.append((step, args, why))
+        return out
+
     def newer_upstream(self, step: Step, name: str) -> str | None:
         """A dependency that finished after this step's last run (make's rule): its output is stale."""
         done = self.store.get_json_or(f"stages/{name}/done.json")
@@ -291,6 +330,7 @@ class Runner:
         self.save_state()
         background: dict[str, threading.Thread] = {}
         results: dict[str, bool] = {}
+        started: set[str] = set()
 
         for step, args, name, h, forced in plan:
             for dep in step.depends_on:
@@ -303,17 +343,17 @@ class Runner:
             else:
                 if self.stop.is_set():
                     break
-                newer = self.newer_upstream(step, name)
-                if newer and not forced:
-                    self.on_event(f"{step.name}: {newer} finished after it last ran, re-running")
-                    args, forced = [*args, "--force"], True
-                if not forced and self.is_done(name, h):
+                why, args = self.reason_to_run(step, args, name, h, forced, started)
+                if why is None:
                     st = self.step_state(step.name)
                     if st.get("state") != "succeeded":
                         self.set_state(step.name, state="succeeded", config_hash=h)
                     self.on_event(f"{step.name}: done (config {h}), skipping")
                     results[step.name] = True
                     continue
+                if not forced and why != "not run yet":
+                    self.on_event(f"{step.name}: {why}, re-running")
+                started.add(step.name)
                 if step.background:
                     t = threading.Thread(target=lambda s=step, a=args, n=name, hh=h: results.__setitem__(s.name, self._run_step(s, a, n, hh)), daemon=True)
                     t.start()

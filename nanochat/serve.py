@@ -8,7 +8,8 @@ slot of a replica, its generation runs in a worker thread, and the text streams 
 through an asyncio.Queue. A replica has --batch-rows N slots (default 8) whose requests decode together, one token
 each per step (continuous batching, nanochat.batching); with --batch-rows 1 it runs one request at a time. The model loads
 in the background: /healthz answers at once, /readyz and the API say 503 until the weights are in and each
-batch has decoded a warm-up request (its cache allocated, its CUDA graphs captured).
+batch has decoded a warm-up request (its cache allocated, its CUDA graphs captured). A load that fails stops
+`nanochat serve` with one error line and exit status 1 (Kubernetes restarts it with backoff).
 
 Tool calls appear in the text between the tokenizer's own markers,
 `<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>`; assistant messages sent back
@@ -41,7 +42,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.batching import Batcher, batchable
-from nanochat.engine import Engine, Utf8StreamDecoder
+from nanochat.chat_cli import answer_stops
+from nanochat.engine import Engine, Utf8StreamDecoder, requested_decode
+from nanochat.store import StoreError
 
 log = logging.getLogger("nanochat.serve")
 
@@ -460,7 +463,7 @@ class Job:
     def _generate(self, replica: Replica):
         s = self.sampling
         engine = replica.engine  # one per replica: its static decoders (CUDA graphs) serve every request
-        terminals = {engine.assistant_end, engine.bos}
+        terminals = answer_stops(replica.tokenizer)  # <|assistant_end|>, and a made-up next turn's <|user_end|>...
         samples = [SampleText(replica.tokenizer, s.stop, terminals) for _ in range(s.n)]
         decoder = replica.batcher or engine  # the same stream either way
         stream = decoder.generate(self.prompt, num_samples=s.n, max_tokens=s.max_tokens, temperature=s.temperature,
@@ -486,6 +489,7 @@ class ServeState:
         self.api_key, self.max_queue, self.limits, self.model_name = api_key, max_queue, limits, model_name
         self.metrics = Metrics()
         self.ready, self.load_error = False, None
+        self.on_load_error = None  # called after a failed load (`nanochat serve`: stop the process)
         self.tokenizer, self.info = None, {}
         self.context_len = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -524,7 +528,12 @@ class ServeState:
                      ", ".join(self.devices), self.batch_rows)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading the model failed")
+            if isinstance(e, (StoreError, ValueError)):  # a known cause says it all; anything else needs its traceback
+                log.error("loading the model failed: %s", self.load_error)
+            else:
+                log.exception("loading the model failed")
+            if self.on_load_error:
+                self.on_load_error()
 
     def queued(self) -> int:
         """Requests admitted but not decoding yet: waiting for a replica, or inside one for rows of its batch (a request
@@ -767,7 +776,7 @@ def create_app(store_uri: str | None = None, *, source: str | None = None, step:
 
     @app.get("/healthz")
     async def healthz():
-        # a failed load is fatal for the process: the liveness probe restarts it (and retries the load)
+        # a failed load is fatal: `nanochat serve` exits; an app embedded elsewhere fails its liveness probe instead
         if state.load_error:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=500)
         return {"status": "ok"}
@@ -815,10 +824,14 @@ def pick_devices(device: str | None = None, num_workers: int | None = None) -> l
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError("--device cuda: no CUDA device is available")
         n = num_workers or count
         if not 1 <= n <= count:
             raise ValueError(f"--num-workers {n}: this machine has {count} GPU(s)")
         return [f"cuda:{i}" for i in range(n)]
+    from nanochat.checkpoint import check_device
+    check_device(device)  # a usage error now, not a load failure after startup
     return [device] * (num_workers or 1)
 
 
@@ -876,25 +889,28 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nanochat.cli import add_store_flags
-    p = argparse.ArgumentParser(prog="nanochat serve", description="Web chat UI and OpenAI-compatible API for a trained model.")
+    from nanochat.cli import HelpFormatter, add_store_flags
+    p = argparse.ArgumentParser(prog="nanochat serve", description="Web chat UI and OpenAI-compatible API for a trained model.",
+                                formatter_class=HelpFormatter)
     add_store_flags(p)
     p.add_argument("-i", "--source", choices=["sft", "rl", "mid", "base"], help="which model (default: the most trained one: rl → sft → mid → base)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--device", help="cuda, cpu, mps, cuda:1... (default: cuda if available)")
     p.add_argument("--num-workers", type=int, help="engine replicas (default: one per GPU, or one on CPU)")
-    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require `Authorization: Bearer KEY` on /v1 (env NANOCHAT_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 (default: env NANOCHAT_API_KEY)")  # never print the key
     p.add_argument("--batch-rows", type=positive_int, default=DEFAULT_BATCH_ROWS, metavar="N",
                    help="continuous batching: each replica decodes N rows at once, one per request (n samples take n), "
                         "new requests joining at the next token; each replica holds an N-row KV cache as long as the context "
-                        f"(default {DEFAULT_BATCH_ROWS}; 1: one request at a time, no batching)")
+                        "(default: %(default)s; 1: one request at a time, no batching)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait for a replica; more get 429")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, help="seconds in-flight streams get to finish on shutdown")
     for name, value in asdict(Limits()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, metavar="N", help=f"per-request limit (default {value})")
-    p.add_argument("--log-level", default="info")
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, metavar="N", help="per-request limit")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log verbosity")
     return p
 
 
@@ -902,16 +918,23 @@ def main(argv=None) -> int:
     import uvicorn
     from nanochat.checkpoint import SOURCES, CheckpointManager, newest_source
     from nanochat.cli import error, store_uri
-    from nanochat.store import StoreError, open_store
+    from nanochat.store import open_store
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uri = store_uri(args)
-    try:  # fail fast on a store without a model; the weights themselves load in the background
+    try:
+        devices = pick_devices(args.device, args.num_workers)
+        requested_decode()  # a bad NANOCHAT_DECODE is a usage error now, not a failed load later
+    except ValueError as e:
+        error(str(e))  # a usage error, as `nanochat chat --device` reports it
+    try:  # fail fast on a store without the model asked for; the weights themselves load in the background
         store = open_store(uri)
         source = args.source or newest_source(store)
-        if CheckpointManager(store, SOURCES[source]).latest() is None:
+        checkpoints = CheckpointManager(store, SOURCES[source])
+        if checkpoints.latest() is None:
             error(f"no {source} checkpoint in {store.root}; run `nanochat speedrun --store {store.root}` first", 1)
-        devices = pick_devices(args.device, args.num_workers)
+        if args.step is not None and args.step not in checkpoints.steps():
+            raise checkpoints.no_such_step(args.step)
     except (StoreError, ValueError) as e:
         error(str(e), 1)
     limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
@@ -919,8 +942,17 @@ def main(argv=None) -> int:
                      max_queue=args.max_queue, limits=limits, batch_rows=args.batch_rows)
     print(f"nanochat serve: {source} model from {store.root} on {', '.join(devices)}; "
           f"open http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout))
+    state = app.state.serve
+    state.on_load_error = lambda: setattr(server, "should_exit", True)  # no model, no server: exit, Kubernetes restarts it
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raised the Ctrl-C
+        pass
+    if state.load_error:
+        error(f"the model did not load: {state.load_error}", 1)
+    return 0 if server.started else 3  # 3: uvicorn's "startup failed" (the port is taken...)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 from nanochat import profiles
 
 from operators import crd, validate
-from operators.pytorchjob import SpecError, new_run, render_run
+from operators.pytorchjob import OverrideError, SpecError, new_run, render_run
 
 
 def _spec_from_args(args) -> dict:
@@ -59,6 +59,10 @@ def read_manifests(path: str) -> list[dict]:
             raise ManifestError(f"{path}: document {i} is a {type(doc).__name__}, not a Kubernetes object (a mapping)")
         if not isinstance(doc.get("metadata", {}), dict):
             raise ManifestError(f"{path}: document {i}: metadata is a {type(doc['metadata']).__name__}, not a mapping")
+        for field in ("apiVersion", "kind"):
+            if not doc.get(field) or not isinstance(doc[field], str):
+                what = "missing" if doc.get(field) in (None, "") else f"not a string ({doc[field]!r})"
+                raise ManifestError(f"{path}: document {i}: {field} is {what}; every Kubernetes object needs apiVersion and kind")
     return docs
 
 
@@ -71,7 +75,7 @@ def render(args) -> int:
         if not runs:
             return _fail(f"no {crd.KIND} in {args.file}")
         run = runs[0]
-        errors = validate.nanochatrun_errors(run)
+        errors = validate.nanochatrun_errors(run, stages=False)  # stage flags: render_run, one line
         if errors:
             return _fail("invalid NanochatRun:\n  " + "\n  ".join(errors))
         if args.namespace:
@@ -82,13 +86,24 @@ def render(args) -> int:
         if missing:
             return _fail(f"{', '.join(missing)} required (or -f run.yaml)")
         run = new_run(args.name, _spec_from_args(args), namespace=args.namespace)
-        errors = validate.nanochatrun_errors(run)
+        errors = validate.nanochatrun_errors(run, stages=False)
         if errors:
             return _fail("invalid settings:\n  " + "\n  ".join(errors))
     try:
-        rendered = render_run(run)
+        rendered = render_run(run)  # every stage parses its flags here, as `nanochat speedrun` does before any work
+    except OverrideError as e:
+        return _fail(str(e) if args.file else f"--set {e.item!r}: {e.detail}")
     except SpecError as e:
-        return _fail(str(e))
+        return _fail(str(e) if args.file else str(e).removeprefix("spec.overrides: "))
+    uri = run["spec"]["store"]["uri"]
+    if uri.startswith("file://"):
+        where = f"spec.store.uri {uri}" if args.file else f"--store {uri}"
+        msg = (f"{where}: each pod would write to its own ephemeral filesystem, so no stage would see another's outputs; "
+               f"on Kubernetes a file:// store must be a shared (ReadWriteMany) volume mounted at {uri.removeprefix('file://')} "
+               f"in every pod, which render does not add")
+        if not args.allow_file_store:
+            return _fail(f"{msg}: use an s3:// store, or add that volume to the jobs yourself and pass --allow-file-store")
+        print(f"nanochat-k8s: warning: {msg}: add that volume to every job before applying them", file=sys.stderr)
     if not rendered:
         return _fail("no stages are available in this install")
     docs = []
@@ -185,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip", action="append", metavar="STEP", help="leave this step out (repeatable)")
     r.add_argument("--gpus-per-node", type=int, help="GPUs per pod for GPU stages")
     r.add_argument("--nodes", type=int, help="pods per GPU stage")
+    r.add_argument("--allow-file-store", action="store_true",
+                   help="accept a file:// store (you mount a shared volume at its path in every job yourself)")
     r.add_argument("-o", "--out", metavar="DIR", help="write one numbered file per step into DIR instead of stdout")
     r.set_defaults(func=render)
     c = sub.add_parser("crd", help="print the NanochatRun CustomResourceDefinition")

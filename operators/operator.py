@@ -29,7 +29,7 @@ from nanochat.report import Report, load_done_markers
 
 from operators import children, crd, validate
 from operators.metrics import OperatorMetrics
-from operators.pytorchjob import LABEL_RUN, SpecError, parse_overrides, plan_steps, stage_args
+from operators.pytorchjob import LABEL_RUN, SpecError, plan_steps, stage_configs
 from operators.reconcile import (CreateJob, DeleteJob, Event, InitReport, Observed, PatchStatus, RollServing, WriteReport,
                                  final_model_stage, finalize, reconcile)
 
@@ -177,18 +177,7 @@ def latest_checkpoint(store, steps: list[Step]) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _expected(spec_json: str, steps: tuple[Step, ...]) -> tuple[tuple[str, str, str], ...]:
-    from nanochat.config import ConfigError
-    from nanochat.runner import plan_step
-    spec = json.loads(spec_json)
-    overrides = parse_overrides(spec, list(steps))
-    out = []
-    for step in steps:
-        try:
-            name, h = plan_step(step, stage_args(step, spec, overrides), env={})
-        except ConfigError as e:
-            raise SpecError(f"stage {step.name}: {e}") from None
-        out.append((step.name, name, h))
-    return tuple(out)
+    return tuple((step.name, name, h) for step, name, h in stage_configs(json.loads(spec_json), list(steps)))
 
 
 def expected_hashes(spec: dict, steps: list[Step]) -> dict[str, tuple[str, str]]:

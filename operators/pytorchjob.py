@@ -57,6 +57,14 @@ class SpecError(ValueError):
     """A NanochatRun spec that cannot be rendered (unknown step, bad override...)."""
 
 
+class OverrideError(SpecError):
+    """spec.overrides[index] (`item`, as written) is rejected by a stage's config parser; `detail` is the stage's error."""
+
+    def __init__(self, index: int, item: str, detail: str):
+        self.index, self.item, self.detail = index, item, detail
+        super().__init__(f"spec.overrides[{index}] {item!r}: {detail}")
+
+
 # ----------------------------------------------------------------------------- steps and flags
 
 def plan_steps(spec: dict, steps: list[Step] | None = None) -> list[Step]:
@@ -88,6 +96,44 @@ def parse_overrides(spec: dict, steps: list[Step]) -> dict[str, list[str]]:
         return runner_parse(list(spec.get("overrides") or []), steps)
     except ConfigError as e:
         raise SpecError(f"spec.overrides: {e}") from None
+
+
+def stage_configs(spec: dict, steps: list[Step], overrides: dict[str, list[str]] | None = None) -> list[tuple[Step, str, str]]:
+    """(step, instance name, config hash) of each step, from the stage's own config parser, exactly as
+    `nanochat speedrun` checks every stage before any work (nanochat.runner.plan_step): an unknown key (with
+    "did you mean"), a bad value or a failed cross-check raises SpecError (OverrideError when an override
+    causes it). Imports the stage modules: torch and nanochat's core dependencies, none of a stage's own."""
+    from nanochat.runner import plan_step
+    spec = crd.apply_defaults(spec)
+    if overrides is None:
+        overrides = parse_overrides(spec, steps)
+    out = []
+    for step in steps:
+        try:
+            name, h = plan_step(step, stage_args(step, spec, overrides), env={})
+        except ConfigError as e:
+            raise _blame(spec, steps, step, e) from None
+        out.append((step, name, h))
+    return out
+
+
+def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> SpecError:
+    """The override that breaks `step`'s config: apply them one at a time until the parser fails."""
+    from nanochat.runner import parse_overrides as runner_parse
+    from nanochat.runner import plan_step
+    base = stage_args(step, spec, {})
+    flags: list[str] = []
+    for i, item in enumerate(spec.get("overrides") or []):
+        parsed = runner_parse([item], steps)
+        mine = [*parsed.get(step.module, []), *parsed.get("*", [])]
+        if not mine:
+            continue
+        flags += mine
+        try:
+            plan_step(step, base + flags, env={})
+        except ConfigError as e:
+            return OverrideError(i, item, f"stage {step.name}: {e}")
+    return SpecError(f"stage {step.name}: {error}")
 
 
 def stage_args(step: Step, spec: dict, overrides: dict[str, list[str]]) -> list[str]:
@@ -285,6 +331,8 @@ def render_run(run: dict, steps: list[Step] | None = None) -> list[tuple[Step, d
     spec = crd.apply_defaults(run.get("spec"))
     planned = plan_steps(spec, steps)
     overrides = parse_overrides(spec, planned)
+    if spec.get("overrides"):  # a bad override fails here, before any job, as it does for `nanochat speedrun`
+        stage_configs(spec, planned, overrides)
     return [(s, render_stage_job(run, s, 1, overrides)) for s in planned]
 
 

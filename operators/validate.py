@@ -177,7 +177,9 @@ def check_pytorchjob(job: dict, strict: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------- NanochatRun
 
-def nanochatrun_errors(run: dict, strict: bool = True) -> list[str]:
+def nanochatrun_errors(run: dict, strict: bool = True, stages: bool = True) -> list[str]:
+    """Schema, metadata and (strict) unknown fields; with `stages`, also what the stages themselves would
+    reject (stage_errors), checked once the schema passes."""
     from operators import crd
     errors = schema_errors(nanochatrun_schema(), run)
     if run.get("apiVersion") != crd.API_VERSION or run.get("kind") != crd.KIND:
@@ -185,7 +187,27 @@ def nanochatrun_errors(run: dict, strict: bool = True) -> list[str]:
     errors += metadata_errors(run.get("metadata") or {})
     if strict:
         errors += unknown_fields(nanochatrun_schema(), run)
+    if stages and not errors:
+        errors += stage_errors(run)
     return errors
+
+
+def stage_errors(run: dict) -> list[str]:
+    """What `nanochat speedrun` checks before any work, for the spec of a (schema-valid) NanochatRun:
+    spec.stages names real steps, and every spec.overrides item is accepted by the stage's own config
+    parser (unknown key with "did you mean", bad value). The stage modules are imported only when
+    there are overrides."""
+    from operators import crd
+    from operators.pytorchjob import SpecError, parse_overrides, plan_steps, stage_configs
+    spec = crd.apply_defaults(run.get("spec"))
+    try:
+        steps = plan_steps(spec)
+        overrides = parse_overrides(spec, steps)
+        if spec.get("overrides"):
+            stage_configs(spec, steps, overrides)
+    except SpecError as e:
+        return [str(e)]
+    return []
 
 
 def check_nanochatrun(run: dict, strict: bool = True) -> dict:

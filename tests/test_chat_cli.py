@@ -77,11 +77,12 @@ class ScriptedEngine:
     """Engine.generate's interface, streaming a fixed answer and recording every prompt it gets."""
 
     def __init__(self, tokenizer, answer_ids):
-        self.tokenizer, self.answer_ids, self.prompts = tokenizer, answer_ids, []
+        self.tokenizer, self.answer_ids, self.prompts, self.sent = tokenizer, answer_ids, [], []
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         self.prompts.append(list(tokens))
         for t in self.answer_ids[:max_tokens]:
+            self.sent.append(t)  # what the consumer asked for: it stops asking at the end of the answer
             yield [t], [1]
 
 
@@ -107,6 +108,18 @@ def test_stream_answer_shows_tool_calls_and_returns_parts_that_rerender_exactly(
     colored = io.StringIO()
     chat_cli.stream_answer(ScriptedEngine(tokenizer, stream), prompt, colored, color=True, max_tokens=100)
     assert f"{chat_cli.DIM}[tool 12*7 → 84]{chat_cli.RESET}" in colored.getvalue()
+
+
+@pytest.mark.parametrize("marker", ["<|user_end|>", "<|user_start|>", "<|assistant_start|>"])
+def test_a_made_up_next_turn_ends_the_answer_and_is_never_shown(tokenizer, marker):
+    s, enc = tokenizer.encode_special, tokenizer.encode
+    answer = [*enc("Sure?"), s(marker), s("<|assistant_start|>"), *enc("The packs hold"), s("<|assistant_end|>")]
+    engine, out = ScriptedEngine(tokenizer, answer), io.StringIO()
+    parts = chat_cli.stream_answer(engine, [tokenizer.get_bos_token_id()], out, max_tokens=100)
+    assert out.getvalue() == "Sure?\n" and parts == [{"type": "text", "text": "Sure?"}]
+    assert engine.sent[-1] == s(marker)  # generation stopped there: not one token more was asked for
+    tool_markers = {"<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"}
+    assert chat_cli.answer_stops(tokenizer) == {s(n) for n in tokenizer.get_special_tokens() if n not in tool_markers}
 
 
 def test_loop_keeps_history_clears_it_and_quits(tokenizer):
@@ -160,7 +173,8 @@ def test_newest_source_is_chosen_and_steps_are_selectable(store_uri, capsys):
     code, base, err = run_chat(capsys, "--store", store_uri, "-i", "base", "-p", "hi", *GREEDY)
     assert code == 0 and "base model, step 1" in err and "raw text continuation" in err and base != newest
     code, _, err = run_chat(capsys, "--store", store_uri, "-s", "7", "-p", "hi")
-    assert code == 2 and "chat_sft" in err
+    # one line naming the steps there are: no "unusable ... trying an older one", no advice to re-train
+    assert code == 2 and err == f"nanochat: error: no checkpoint step 7 under {store_uri}/checkpoints/chat_sft/: available steps 1\n"
 
 
 def test_one_shot_prompt_through_the_installed_command(store_uri, tmp_path, capsys):

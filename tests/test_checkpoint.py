@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import CheckpointManager, load_model_state, rng_state, set_rng_state
-from nanochat.store import ObjectNotFound, open_store
+from nanochat.store import ObjectNotFound, StoreError, open_store
 
 
 def small_state(seed):
@@ -99,3 +100,31 @@ def test_delete_other_configs_leaves_only_this_configs_checkpoints(tmp_path):
     step, model_state, _, meta = mgr.load()
     assert step == 3 and meta == {"config_hash": "mine"} and torch.equal(model_state["w"], torch.full((2,), 3.0))
     assert mgr.delete_other_configs("mine") == []
+
+
+def test_a_missing_step_names_the_steps_there_are_and_warns_of_nothing(tmp_path, caplog):
+    store = open_store(f"file://{tmp_path}/st")
+    mgr = CheckpointManager(store, "chat_rl", keep=5)
+    for step in (20, 40):
+        mgr.save(step, {"w": torch.full((2,), float(step))}, {}, {})
+    with pytest.raises(ObjectNotFound) as e:
+        load_model_state(store, "rl", step=99999)
+    assert str(e.value) == f"no checkpoint step 99999 under file://{tmp_path}/st/checkpoints/chat_rl/: available steps 20, 40"
+    assert not caplog.records  # nothing is corrupt: no "unusable ... trying an older one"
+    # a step that is there but corrupted: named as such, no fallback to an older one, no advice to re-train
+    data = store.get_bytes("checkpoints/chat_rl/000040/model.pt")
+    store.put_bytes("checkpoints/chat_rl/000040/model.pt", data[:100])
+    with pytest.raises(StoreError, match=r"chat_rl/000040 is torn or corrupted .*other steps: 20$"):
+        load_model_state(store, "rl", step=40)
+    assert "unusable" in caplog.text and "older" not in caplog.text
+    assert load_model_state(store, "rl")[0] == 20  # the newest usable one, as before
+
+
+@pytest.mark.parametrize("device, says", [("foo", "unknown device 'foo'"), ("cuda:99", "cuda:99")])
+def test_an_unusable_device_is_a_usage_error_not_a_corrupt_checkpoint(tmp_path, caplog, device, says):
+    store = open_store(f"file://{tmp_path}/st")
+    CheckpointManager(store, "base_train").save(1, {"w": torch.zeros(2)}, {}, {})
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_model_state(store, "base", map_location=device)
+    assert not caplog.records
+    assert load_model_state(store, "base")[0] == 1

@@ -127,3 +127,13 @@ def test_logging_follows_sys_stderr_after_the_stream_it_started_on_closes(monkey
     logging.getLogger("nanochat.test").info("after the swap")
     assert "after the swap" in second.getvalue()
     assert "Logging error" not in second.getvalue()
+
+
+def test_stage_help_keeps_the_docstrings_example_lines():
+    out = subprocess.run([sys.executable, "-m", "nanochat.stages.chat_eval", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    example = "    nanochat stage chat_eval --source=sft -a 'ARC-Easy|GSM8K' --max-problems=100"
+    assert example in out.stdout.splitlines()  # on its own line, not run into the paragraph
+    options = out.stdout[out.stdout.index("options:"):]
+    store_help = options[options.index("--store"):options.index("--profile")]
+    assert store_help.count("(default:") == 1

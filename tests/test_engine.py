@@ -494,3 +494,12 @@ def test_stream_decoder_over_engine_output():
     pieces.append(decoder.flush())
     assert "".join(pieces) == ("¡Olé! 🎉 <|python_start|>2*21<|python_end|>"
                                "<|output_start|>42<|output_end|><|assistant_end|>")
+
+
+def test_a_bad_decode_mode_names_where_it_came_from(monkeypatch):
+    model = random_gpt()
+    monkeypatch.setenv("NANOCHAT_DECODE", "foo")
+    with pytest.raises(ValueError, match=r"^NANOCHAT_DECODE='foo': use one of auto, eager"):
+        Engine(model, TOK)
+    with pytest.raises(ValueError, match=r"^decode='bar': use one of"):
+        Engine(model, TOK, decode="bar")

@@ -190,12 +190,13 @@ class RunningOperator:
         assert not self.thread.is_alive(), "kopf did not stop"
 
 
-def create_run(api: MockAPI, name: str, spec: dict) -> dict:
+def create_run(api: MockAPI, name: str, spec: dict, check: bool = True) -> dict:
     body = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
             "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "resourceVersion": "1", "generation": 1,
                          "creationTimestamp": rfc3339(time.time())},
             "spec": spec}
-    assert validate.nanochatrun_errors(body) == []
+    if check:  # (a run meant to be invalid skips it: the operator must reject it on its own)
+        assert validate.nanochatrun_errors(body, stages=False) == []
     k8s.CustomObjectsApi(api.api_client()).create_namespaced_custom_object(crd.GROUP, crd.VERSION, NS, crd.PLURAL, body)
     return body
 
@@ -340,9 +341,25 @@ def test_invalid_override_fails_the_run_before_any_job(api, tmp_path):
     steps = [Step("a", ECHO, args=("--label=a",))]
     spec = {"profile": "tiny", "image": "nanochat:test", "store": {"uri": f"file://{tmp_path / 'store'}"}, "overrides": ["bogus_flag=1"]}
     with RunningOperator(api, steps):
-        create_run(api, "bad", spec)
+        create_run(api, "bad", spec, check=False)
         run = wait_for("phase Failed", lambda: (r := get_run(api, "bad")) and r.get("status", {}).get("phase") == "Failed" and r)
     assert "bogus" in run["status"]["message"] and list_jobs(api) == {}
+
+
+def test_override_with_a_bad_value_fails_the_run_naming_the_override(api, tmp_path):
+    """The stage's own parser checks every override up front (as `nanochat speedrun` does): the Failed
+    condition names the override and the stage's error, and no job is created to fail on the cluster."""
+    steps = [Step("a", ECHO, args=("--label=a",)), Step("b", ECHO, args=("--label=b",), depends_on=("a",))]
+    spec = {"profile": "tiny", "image": "nanochat:test", "store": {"uri": f"file://{tmp_path / 'store'}"},
+            "overrides": ["seed=3", f"{ECHO}.value=abc"]}
+    with RunningOperator(api, steps):
+        create_run(api, "badval", spec, check=False)
+        run = wait_for("phase Failed", lambda: (r := get_run(api, "badval")) and r.get("status", {}).get("phase") == "Failed" and r)
+    want = f"spec.overrides[1] '{ECHO}.value=abc': stage a: --value: expected an integer, got 'abc'"
+    assert run["status"]["message"] == want
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["message"] == want
+    assert list_jobs(api) == {}
 
 
 def test_observe_reads_markers_from_s3_with_the_runs_secret(api, moto_server, monkeypatch):

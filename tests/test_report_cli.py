@@ -93,7 +93,8 @@ def test_cli_help_status_report(tmp_path):
     assert out.returncode == 0 and "speedrun" in out.stdout and "status" in out.stdout
     uri = f"file://{tmp_path}/st"
     empty = nanochat("status", "--store", uri)
-    assert empty.returncode == 0 and "no stages have run" in empty.stdout
+    assert empty.returncode == 0 and empty.stdout.startswith(f"no run at {uri} (no such folder)")
+    assert not (tmp_path / "st").exists()  # looking does not create the store
     assert run_echo(uri, "--label=base", "--steps=2") == 0
     st = nanochat("status", "--store", uri)
     assert st.returncode == 0 and "echo_base" in st.stdout and "succeeded" in st.stdout
@@ -107,6 +108,7 @@ def test_cli_help_status_report(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["speedrun", "--profile", "nope"], "unknown profile 'nope'"),
     (["speedrun", "--store", "gs://bucket/x"], "unsupported store URI"),
+    (["speedrun", "--store", "s3//bucket/x"], "mistyped scheme; did you mean 's3://bucket/x'?"),
     (["stage", "nope"], "unknown stage 'nope'"),
     (["speedrun", "--bogus"], "unrecognized arguments: --bogus"),
 ])

@@ -89,6 +89,42 @@ def test_upstream_rerun_makes_dependents_stale_across_invocations(tmp_path):
     assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [2, 2, 1]
 
 
+def fabricate_done(store, runner):
+    """Mark every planned step done with its current config, finished in pipeline order (as a real run leaves them)."""
+    for i, (_, _, name, h, _) in enumerate(runner.plan()):
+        store.put_json(f"stages/{name}/done.json", {"config_hash": h, "started": 1000.0 + i, "ended": 1000.5 + i})
+
+
+def test_dry_run_preview_lists_exactly_what_the_run_starts(tmp_path):
+    """A changed upstream config: the preview (what `speedrun --dry-run` prints) lists it and every dependent,
+    with the reason, and the real run then starts exactly those steps and no other."""
+    store = open_store(f"file://{tmp_path}/st")
+
+    def pipeline(value):
+        return [Step("echo_a", ECHO, args=("--label=a", f"--value={value}")),
+                Step("echo_b", ECHO, args=("--label=b",), depends_on=("echo_a",)),
+                Step("echo_c", ECHO, args=("--label=c",), depends_on=("echo_b",)),
+                Step("echo_d", ECHO, args=("--label=d",)),
+                Step("echo_e", ECHO, args=("--label=e",), depends_on=("echo_d",)),
+                Step("echo_f", ECHO, args=("--label=f",), depends_on=("echo_c", "echo_e"))]
+    fabricate_done(store, make_runner(store, pipeline(1), tmp_path))
+    unchanged = make_runner(store, pipeline(1), tmp_path)
+    assert [why for _, _, why in unchanged.preview(unchanged.plan())] == [None] * 6
+
+    runner = make_runner(store, pipeline(2), tmp_path)
+    preview = {s.name: why for s, _, why in runner.preview(runner.plan())}
+    assert preview == {"echo_a": "config changed", "echo_b": "upstream echo_a re-runs", "echo_c": "upstream echo_b re-runs",
+                       "echo_d": None, "echo_e": None, "echo_f": "upstream echo_c re-runs"}
+    events = []
+    runner.on_event = events.append
+    assert runner.run()
+    started = [e.split(":")[0] for e in events if ": started (attempt" in e]
+    assert started == [name for name, why in preview.items() if why]
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c", "echo_d", "echo_e", "echo_f")] == [1, 1, 1, 0, 0, 1]
+    after = make_runner(store, pipeline(2), tmp_path)
+    assert [why for _, _, why in after.preview(after.plan())] == [None] * 6  # and then everything is current
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     store = open_store(f"file://{tmp_path}/st")
     steps = [Step("echo_a", ECHO, args=("--label=a",)), Step("echo_b", ECHO, args=("--label=b", "--steps=oops"))]
@@ -97,7 +133,17 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert executions(store, "echo_a") == 0
     with pytest.raises(ConfigError, match="unknown stage 'zzz'"):
         parse_overrides(["zzz.depth=3"], steps)
-    assert parse_overrides(["tests.fake_stages.echo.value=3", "seed=1"], steps) == {ECHO: ["--value=3"], "*": ["--seed=1"]}
+    assert parse_overrides(["tests.fake_stages.echo.value=3", "seed=1"], steps) == {ECHO: ["--value=3", "--seed=1"]}
+
+
+def test_bare_set_key_goes_to_the_stages_that_have_it(tmp_path):
+    steps = [Step("echo_a", ECHO, args=("--label=a",)), Step("allreduce", "tests.fake_stages.allreduce")]
+    assert parse_overrides(["scale=3", "steps=2", "seed=1"], steps) == {
+        "tests.fake_stages.allreduce": ["--scale=3", "--seed=1"], ECHO: ["--steps=2", "--seed=1"]}
+    runner = make_runner(open_store(f"file://{tmp_path}/st"), steps, tmp_path, overrides=parse_overrides(["scale=3"], steps))
+    assert [name for _, _, name, _, _ in runner.plan()] == ["echo_a", "allreduce"]  # echo_a is not handed --scale
+    with pytest.raises(ConfigError, match=r"--set 'nosuch=1': no stage in this run has --nosuch; set it for one stage as STAGE.nosuch=1"):
+        parse_overrides(["nosuch=1"], steps)
 
 
 def test_background_step_and_dependency(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from nanochat.chat_cli import answer_stops
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
 from nanochat.serve import (DEFAULT_BATCH_ROWS, BackgroundServer, Limits, Replica, StopMatcher, create_app, split_tool_calls)
@@ -186,9 +187,14 @@ def openai_client(server):
 
 
 def generated_text(engine, tokenizer, messages, **kwargs):
+    """The engine's answers as the server gives them: each ends at its first turn-ending special token."""
     prompt = tokenizer.render_for_completion({"messages": messages})
     rows, masks = engine.generate_batch(prompt, **kwargs)
-    return [tokenizer.decode(row[len(prompt):]) for row in rows], prompt
+    stops = answer_stops(tokenizer)
+
+    def answer(ids):
+        return ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+    return [tokenizer.decode(answer(row[len(prompt):])) for row in rows], prompt
 
 
 # -----------------------------------------------------------------------------
@@ -214,10 +220,10 @@ def test_openai_client_non_streaming_matches_the_engine(gpt_server, engine, toke
 def test_openai_client_streaming(gpt_server, engine, tokenizer):
     client = openai_client(gpt_server)
     messages = user("Tell me a story.")
-    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=24, seed=11, stream=True,
+    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=24, seed=10, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
-    (expected,), prompt = generated_text(engine, tokenizer, messages, max_tokens=24, seed=11, temperature=1.0)
+    (expected,), prompt = generated_text(engine, tokenizer, messages, max_tokens=24, seed=10, temperature=1.0)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
@@ -378,6 +384,27 @@ def test_stop_sequences(tool_server):
     assert text == TOOL_ANSWER[:TOOL_ANSWER.index("84")]
     r = chat(tool_server.url, {"messages": user("hi"), "max_tokens": 3})
     assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_made_up_next_turn_ends_the_answer(tokenizer):
+    """A model writing the user's next turn (...?<|user_end|><|assistant_start|>...) is cut at the first turn marker:
+    the tool markers stay, the marker's text never reaches the client, finish_reason is "stop", decoding stops there."""
+    import json
+    s = tokenizer.encode_special
+    model = ScriptedChat(tokenizer)
+    model.tail = tokenizer.encode(" Sure?") + [s("<|user_end|>"), s("<|assistant_start|>")] + tokenizer.encode(" The packs hold")
+    expected = TOOL_ANSWER.replace(" The answer is 84.", " Sure?")
+    with BackgroundServer(create_app(model=model, tokenizer=tokenizer, limits=LIMITS)) as server:
+        calls = model.calls
+        r = chat(server.url, {"messages": user("hi"), "max_tokens": 80})
+        choice, usage = r.json()["choices"][0], r.json()["usage"]
+        assert choice["message"]["content"] == expected and choice["finish_reason"] == "stop"
+        assert model.calls - calls <= usage["completion_tokens"] + 1 < 80  # no forward pass after <|user_end|>
+        body = {"messages": user("hi"), "max_tokens": 80, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+            chunks = [json.loads(p)["choices"] for p in sse_lines(r) if p != "[DONE]"]
+    assert "".join(c[0]["delta"].get("content", "") for c in chunks if c) == expected
+    assert [c[0]["finish_reason"] for c in chunks if c and c[0]["finish_reason"]] == ["stop"]
 
 
 def test_stop_matcher_and_tool_split_units():

@@ -1,6 +1,6 @@
 """Supervised finetuning: one conversation per row, only the assistant's tokens trained.
 
-Starts from the midtrained model, small learning rates (init_lr_frac ~0.02 of the base ones) decaying
+Starts from the midtrained model, scaled-down learning rates (init_lr_frac: 0.02 by default, 0.5 in the CPU profiles) decaying
 linearly to zero, rows padded to the longest conversation of the batch. Periodic masked val loss
 and a quick accuracy check on a few examples of some tasks (categorical: argmax over the answer
 letters' logits; generative: greedy sampling with the engine, graded by task.evaluate). The full

@@ -1,0 +1,139 @@
+"""The `nanochat` CLI on user mistakes and missing runs: one clear line, nothing created, a dry run that tells the truth."""
+from __future__ import annotations
+
+import pytest
+
+from nanochat.cli import main
+from nanochat.pipeline import steps_for
+from nanochat.runner import Runner
+from nanochat.store import open_store
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        rc = main(list(argv)) or 0
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without argparse's usage block (its first line and the indented continuation lines)."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+
+
+def dry_run_rows(out: str) -> dict[str, str]:
+    """`  stage  done | to run (why)  nproc=..` rows → {stage: status}."""
+    return {line.split()[0]: line.split(None, 1)[1].split(" nproc=")[0].strip() for line in out.splitlines() if line.startswith("  ")}
+
+
+def finished_tiny_store(tmp_path):
+    """A store where every tiny stage is done with its current config, finished in pipeline order."""
+    uri = f"file://{tmp_path / 'store'}"
+    store = open_store(uri)
+    runner = Runner(store, steps_for("tiny"), "tiny")
+    for i, (_, _, name, h, _) in enumerate(runner.plan()):
+        store.put_json(f"stages/{name}/done.json", {"config_hash": h, "started": 1000.0 + i, "ended": 1000.5 + i})
+    return uri
+
+
+# ----------------------------------------------------------------------------- 1. the dry run predicts the re-runs
+
+def test_dry_run_shows_downstream_reruns(tmp_path, capsys):
+    uri = finished_tiny_store(tmp_path)
+    rc, out, _ = cli(capsys, "speedrun", "--profile", "tiny", "--store", uri, "--dry-run")
+    assert rc == 0 and set(dry_run_rows(out).values()) == {"done"}
+    rc, out, _ = cli(capsys, "speedrun", "--profile", "tiny", "--store", uri, "--set", "base_train.num_iterations=400", "--dry-run")
+    rows = dry_run_rows(out)
+    assert rc == 0 and rows["base_train"] == "to run (config changed)"
+    assert [n for n, st in rows.items() if st == "done"] == ["data", "tok_train", "tok_eval"]
+    assert rows["base_eval"] == "to run (upstream base_train re-runs)" and rows["chat_eval_rl"] == "to run (upstream chat_rl re-runs)"
+    rc, out, _ = cli(capsys, "speedrun", "--profile", "tiny", "--store", uri, "--set", "chat_rl.task=synthetic_mc", "--dry-run")
+    rows = dry_run_rows(out)
+    assert {n: st for n, st in rows.items() if st != "done"} == {"chat_rl": "to run (config changed)",
+                                                               "chat_eval_rl": "to run (upstream chat_rl re-runs)"}
+
+
+# ----------------------------------------------------------------------------- 2. --set KEY=VALUE
+
+def test_bare_set_key_applies_to_the_stages_that_have_it(tmp_path, capsys):
+    rc, out, err = cli(capsys, "speedrun", "--profile", "tiny", "--store", f"file://{tmp_path / 'st'}", "--set", "compile=false", "--dry-run")
+    assert rc == 0, err
+    args = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "--compile=false" in args["base_train"] and "--compile=false" in args["mid_train"]
+    assert "--compile" not in args["data"] and "--compile" not in args["tok_train"]
+
+
+def test_bare_set_key_no_stage_has_is_one_line(tmp_path, capsys):
+    rc, _, err = cli(capsys, "speedrun", "--profile", "tiny", "--store", f"file://{tmp_path / 'st'}", "--set", "compiel=false", "--dry-run")
+    assert rc == 2
+    assert error_lines(err) == [err.strip()] and "no stage in this run has --compiel" in err and "STAGE.compiel=false" in err
+
+
+def test_speedrun_help_says_what_a_bare_key_does_and_shows_defaults(capsys):
+    rc, out, _ = cli(capsys, "speedrun", "--help")
+    text = " ".join(out.split())
+    assert rc == 0 and "a bare KEY=VALUE applies to every stage that has --KEY" in text
+    assert "retries per failed stage (default: 1)" in text and "(default: auto)" in text
+
+
+# ----------------------------------------------------------------------------- 3. nanochat data flags
+
+@pytest.mark.parametrize("argv, says", [
+    (["recipe", "--depth", "abc"], "argument --depth: expected an integer > 0, got 'abc'"),
+    (["recipe", "--depth", "20,0"], "argument --depth: expected an integer > 0, got '0'"),
+    (["recipe", "--gpus", "0"], "argument --gpus: expected an integer > 0, got '0'"),
+    (["recipe", "--mfu", "x"], "argument --mfu: expected a number in (0, 1], got 'x'"),
+    (["download", "--workers", "0"], "argument --workers: expected an integer > 0, got '0'"),
+    (["embedded", "--synthetic-fraction", "1"], "argument --synthetic-fraction: expected a number in [0, 1), got '1'"),
+])
+def test_bad_data_flag_is_one_argparse_error(capsys, argv, says):
+    rc, _, err = cli(capsys, "data", *argv)
+    assert rc == 2 and "Traceback" not in err
+    assert error_lines(err) == [f"nanochat data {argv[0]}: error: {says}"]
+
+
+def test_data_help_shows_defaults(capsys):
+    assert cli(capsys, "data", "recipe", "--depth", "12,20")[0] == 0
+    for argv, shown in [(["recipe"], ["(20,24,26) (default: 20)", "estimate (default: 8)", "(default: 32768)"]),
+                        (["download"], ["parallel downloads (default: 8)", "(default: fineweb-edu)"]),
+                        (["embedded"], ["(0 = all) (default: 0)"])]:
+        rc, out, _ = cli(capsys, "data", *argv, "--help")
+        text = " ".join(out.split())
+        assert rc == 0 and all(s in text for s in shown), text
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+# ----------------------------------------------------------------------------- 4. stores without a run
+
+def test_report_status_dry_run_on_a_missing_store_create_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nope"
+    rc, out, err = cli(capsys, "report", "--store", f"file://{missing}")
+    assert rc == 1 and out == "" and error_lines(err) == [err.strip()]
+    assert f"no run at file://{missing} (no such folder)" in err and "speedrun --store" in err
+    assert not (tmp_path / "report.md").exists()
+    rc, out, _ = cli(capsys, "status", "--store", f"file://{missing}")
+    assert rc == 0 and out.startswith(f"no run at file://{missing} (no such folder)") and len(out.splitlines()) == 1
+    rc, out, err = cli(capsys, "speedrun", "--profile", "tiny", "--store", f"file://{missing}", "--dry-run")
+    assert rc == 0 and f"no run at file://{missing} yet (no such folder)" in err
+    assert set(dry_run_rows(out).values()) == {"to run (not run yet)"}
+    assert not missing.exists() and not (tmp_path / "nanochat-base" / "logs").exists()
+
+
+def test_report_on_a_store_with_no_stages_fails(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli(capsys, "report", "--store", str(tmp_path / "empty"))
+    assert rc == 1 and "(no stages/ in it)" in err and not (tmp_path / "report.md").exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("uri, fixed", [("s3//bucket/run", "s3://bucket/run"), ("file//tmp/x", "file:///tmp/x"), ("s3:bucket", "s3://bucket")])
+@pytest.mark.parametrize("cmd", [["status"], ["report"], ["speedrun", "--dry-run"]])
+def test_mistyped_scheme_is_rejected_before_a_folder_appears(tmp_path, capsys, monkeypatch, uri, fixed, cmd):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, *cmd, "--store", uri)
+    assert rc == 2 and err.strip() == f"nanochat: error: store URI {uri!r} has a mistyped scheme; did you mean {fixed!r}?"
+    assert {p.name for p in tmp_path.iterdir()} <= {"tmp", "nanochat-base"}  # no ./s3/ or ./file/
