@@ -124,8 +124,7 @@ def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> Spe
     base = stage_args(step, spec, {})
     flags: list[str] = []
     for i, item in enumerate(spec.get("overrides") or []):
-        parsed = runner_parse([item], steps)
-        mine = [*parsed.get(step.module, []), *parsed.get("*", [])]
+        mine = runner_parse([item], steps).get(step.module, [])  # a bare KEY lands on each stage that has it
         if not mine:
             continue
         flags += mine
