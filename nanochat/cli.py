@@ -20,6 +20,8 @@ DELEGATED = {
 
 # `s3//bucket`, `file//dir`, `s3:bucket`: otherwise taken as a local folder named `s3` or `file:`
 MISTYPED_SCHEME = re.compile(r"(s3|file)(//|:(?!//))", re.IGNORECASE)
+# `s3/bucket/prefix`: a relative folder `s3/`, almost always a missing `://`; `./s3/...` opts out
+S3_WITHOUT_SCHEME = re.compile(r"s3/(?=[a-z0-9])", re.IGNORECASE)
 
 
 def store_uri(args) -> str:
@@ -29,6 +31,8 @@ def store_uri(args) -> str:
         scheme = m.group(1).lower()
         fixed = f"{scheme}://{'/' if scheme == 'file' else ''}{uri[m.end():].lstrip('/')}"
         error(f"store URI {uri!r} has a mistyped scheme; did you mean {fixed!r}?")
+    if uri and S3_WITHOUT_SCHEME.match(uri) and not Path(uri).exists():
+        error(f"store URI {uri!r} has no scheme; did you mean 's3://{uri[3:]}'? (write './{uri}' for a local folder)")
     run = getattr(args, "run", None)
     if uri and run:
         return uri.rstrip("/") + "/" + run

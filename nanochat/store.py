@@ -140,8 +140,7 @@ class LocalStore(Store):
     def _atomic_write(self, path: Path, write):
         tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = self._mkstemp(path)
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -154,6 +153,16 @@ class LocalStore(Store):
                 cls = AccessDenied if isinstance(e, PermissionError) else StoreError
                 raise cls(f"cannot write {'file://' + str(path)}: {e.strerror or e}") from e
             raise
+
+    @staticmethod
+    def _mkstemp(path: Path):
+        for attempt in range(3):  # a concurrent delete() may drop the folder between mkdir and mkstemp
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
 
     def put_bytes(self, key, data) -> str:
         self._atomic_write(self._path(key), lambda f: f.write(data))
@@ -210,7 +219,15 @@ class LocalStore(Store):
         return sorted(out)
 
     def delete(self, key):
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:  # like S3, no empty folders: a pruned checkpoint step leaves nothing behind
+            if folder == self.base or self.base not in folder.parents:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): the folders above are not empty either
+                break
 
     def local_path(self, key: str) -> Path:
         return self._path(key)

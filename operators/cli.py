@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=print_crd)
     e = sub.add_parser("example", help="print an example NanochatRun")
     e.add_argument("--name", default="d20-first")
-    e.add_argument("--image", default="ghcr.io/example/nanochat:latest")
+    e.add_argument("--image", help="container image (default: the published nanochat-train image for GPU profiles, nanochat-cpu otherwise)")
     e.add_argument("--profile", default="d20", choices=profiles.names())
     e.add_argument("--store", default="s3://nanochat/runs/d20-first")
     e.set_defaults(func=print_example)

@@ -23,6 +23,9 @@ SINGULAR = "nanochatrun"
 SHORT_NAMES = ["ncr"]
 API_VERSION = f"{GROUP}/{VERSION}"
 CRD_PATH = Path(__file__).parent / "crds" / "nanochatrun.yaml"
+# where .github/workflows/images.yml publishes; the chart's values.yaml and manifests/ use the same names
+IMAGE_REPO = "ghcr.io/nanochat-k8s"
+IMAGE_TAG = "0.1.0"
 
 PHASES = ["Pending", "Running", "Succeeded", "Failed", "Deleting"]
 STAGE_STATES = ["Pending", "Running", "Retrying", "Succeeded", "Failed"]
@@ -129,7 +132,8 @@ def spec_schema() -> dict:
         "containerSecurityContext": _obj("replaces the default container securityContext (no privilege escalation, all "
                                          "capabilities dropped, read-only root filesystem)",
                                          **{"x-kubernetes-preserve-unknown-fields": True}),
-        "env": _s("array", "extra environment variables for every stage container",
+        "env": _s("array", "extra environment variables for every stage container; NANOCHAT_<KEY> sets a stage config key "
+                  "below spec.overrides (checked and hashed like one); variables derived from other spec fields are refused",
                   items=_obj("", {"name": _s("string", minLength=1), "value": _s("string")}, required=["name"])),
         "serving": _obj("after the run, serve the final chat model (nanochat serve) behind a Service / Ingress", {
             "enabled": _s("boolean", default=False),
@@ -242,10 +246,16 @@ def apply_defaults(obj, schema_node: dict | None = None):
     return obj
 
 
-def example(name: str = "d20-first", image: str = "ghcr.io/example/nanochat:latest", profile: str = "d20",
+def default_image(gpu: bool) -> str:
+    """The published image a profile runs on: the CUDA one for GPU profiles, the slim CPU one otherwise."""
+    return f"{IMAGE_REPO}/nanochat-{'train' if gpu else 'cpu'}:{IMAGE_TAG}"
+
+
+def example(name: str = "d20-first", image: str | None = None, profile: str = "d20",
             store: str = "s3://nanochat/runs/d20-first") -> dict:
     """A NanochatRun manifest to start from (also shown in the README)."""
     gpu = profiles.get(profile).get("gpus_per_node", 0) > 0
+    image = image or default_image(gpu)
     resources = {"cpu": {"cpu": "8", "memory": "32Gi"}}
     if gpu:
         resources["gpu"] = {"gpusPerNode": 8, "cpu": "64", "memory": "512Gi", "shmSize": "64Gi"}

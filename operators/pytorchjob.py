@@ -98,19 +98,48 @@ def parse_overrides(spec: dict, steps: list[Step]) -> dict[str, list[str]]:
         raise SpecError(f"spec.overrides: {e}") from None
 
 
+# spec.env names the operator sets from a spec field: setting them in spec.env would split the two apart
+ENV_FROM_SPEC = {
+    "NANOCHAT_METRICS_PORT": "spec.metricsPort", "NANOCHAT_PG_TIMEOUT_S": "spec.distributed.timeoutSeconds",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "spec.distributed.timeoutSeconds", "NANOCHAT_STORE": "spec.store.uri",
+    "NANOCHAT_PROFILE": "spec.profile",
+    "AWS_ENDPOINT_URL": "spec.store.endpoint", "AWS_REGION": "spec.store.region",
+    "AWS_ACCESS_KEY_ID": "spec.store.secretName", "AWS_SECRET_ACCESS_KEY": "spec.store.secretName",
+}
+
+
+def check_env(spec: dict):
+    """spec.env may not shadow what the operator derives from other fields (SpecError names the field to set)."""
+    for i, e in enumerate(spec.get("env") or []):
+        if e["name"] in ENV_FROM_SPEC:
+            raise SpecError(f"spec.env[{i}] {e['name']}: set by the operator from {ENV_FROM_SPEC[e['name']]}; set that instead")
+        if e["name"] == "NANOCHAT_CONFIG":
+            raise SpecError(f"spec.env[{i}] NANOCHAT_CONFIG: config files do not reach the pods; use spec.overrides")
+
+
+def config_env(spec: dict, user: bool = True) -> dict[str, str]:
+    """The NANOCHAT_* variables a stage pod sees: the config layer below its flags (nanochat.config.parse_config),
+    so NANOCHAT_DEPTH=12 in spec.env changes the config hash here exactly as it does in the pod."""
+    env = container_env(spec) if user else container_env({**spec, "env": []})
+    return {e["name"]: e["value"] for e in env if e["name"].startswith("NANOCHAT_") and "value" in e}
+
+
 def stage_configs(spec: dict, steps: list[Step], overrides: dict[str, list[str]] | None = None) -> list[tuple[Step, str, str]]:
     """(step, instance name, config hash) of each step, from the stage's own config parser, exactly as
-    `nanochat speedrun` checks every stage before any work (nanochat.runner.plan_step): an unknown key (with
-    "did you mean"), a bad value or a failed cross-check raises SpecError (OverrideError when an override
-    causes it). Imports the stage modules: torch and nanochat's core dependencies, none of a stage's own."""
+    `nanochat speedrun` checks every stage before any work (nanochat.runner.plan_step), with the NANOCHAT_*
+    variables of spec.env as the pods see them: an unknown key (with "did you mean"), a bad value or a failed
+    cross-check raises SpecError (OverrideError when an override causes it). Imports the stage modules: torch
+    and nanochat's core dependencies, none of a stage's own."""
     from nanochat.runner import plan_step
     spec = crd.apply_defaults(spec)
+    check_env(spec)
     if overrides is None:
         overrides = parse_overrides(spec, steps)
+    env = config_env(spec)
     out = []
     for step in steps:
         try:
-            name, h = plan_step(step, stage_args(step, spec, overrides), env={})
+            name, h = plan_step(step, stage_args(step, spec, overrides), env=env)
         except ConfigError as e:
             raise _blame(spec, steps, step, e) from None
         out.append((step, name, h))
@@ -118,10 +147,18 @@ def stage_configs(spec: dict, steps: list[Step], overrides: dict[str, list[str]]
 
 
 def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> SpecError:
-    """The override that breaks `step`'s config: apply them one at a time until the parser fails."""
+    """The spec.env variable or override that breaks `step`'s config: add them one at a time until the parser fails."""
     from nanochat.runner import parse_overrides as runner_parse
     from nanochat.runner import plan_step
     base = stage_args(step, spec, {})
+    env = config_env(spec, user=False)
+    for i, e in enumerate(spec.get("env") or []):
+        if e["name"].startswith("NANOCHAT_"):
+            env[e["name"]] = e.get("value", "")
+            try:
+                plan_step(step, base, env=env)
+            except ConfigError as err:
+                return SpecError(f"spec.env[{i}] {e['name']}={e.get('value', '')!r}: stage {step.name}: {err}")
     flags: list[str] = []
     for i, item in enumerate(spec.get("overrides") or []):
         mine = runner_parse([item], steps).get(step.module, [])  # a bare KEY lands on each stage that has it
@@ -129,7 +166,7 @@ def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> Spe
             continue
         flags += mine
         try:
-            plan_step(step, base + flags, env={})
+            plan_step(step, base + flags, env=env)
         except ConfigError as e:
             return OverrideError(i, item, f"stage {step.name}: {e}")
     return SpecError(f"stage {step.name}: {error}")
@@ -330,7 +367,7 @@ def render_run(run: dict, steps: list[Step] | None = None) -> list[tuple[Step, d
     spec = crd.apply_defaults(run.get("spec"))
     planned = plan_steps(spec, steps)
     overrides = parse_overrides(spec, planned)
-    if spec.get("overrides"):  # a bad override fails here, before any job, as it does for `nanochat speedrun`
+    if spec.get("overrides") or spec.get("env"):  # a bad override fails here, before any job, as in `nanochat speedrun`
         stage_configs(spec, planned, overrides)
     return [(s, render_stage_job(run, s, 1, overrides)) for s in planned]
 

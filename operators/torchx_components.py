@@ -28,7 +28,7 @@ from torchx.components.dist import torchrun
 
 from nanochat import pipeline, profiles
 
-IMAGE = os.environ.get("NANOCHAT_IMAGE", "ghcr.io/nanochat/nanochat:latest")
+IMAGE = os.environ.get("NANOCHAT_IMAGE", "ghcr.io/nanochat-k8s/nanochat-train:0.1.0")  # the CUDA image runs every stage
 META_NPROC = "nanochat/nproc-per-node"
 META_STAGE = "nanochat/stage"
 META_S3_SECRET = "nanochat/s3-secret"

@@ -28,7 +28,7 @@ from tests.test_engine import PROMPT, TOK, random_gpt, run  # noqa: E402
 from tests.test_static_decode import ragged_decode  # noqa: E402
 
 fd.SPLIT_SLOTS = 16
-VOCAB, PROMPT_LEN, STEPS, MAX_LEN = 80, 13, 10, 32  # positions 13..22 of a 32-slot cache: splits 0 and 1
+VOCAB, PROMPT_LEN, STEPS, MAX_LEN = 80, 13, 6, 32  # positions 13..18 of a 32-slot cache: splits 0 and 1
 
 
 def small_gpt(n_kv_head, pattern, dtype, seed=0, n_head=4):
@@ -84,8 +84,9 @@ def step_checks():
     prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (13, 3, 20)]
     forced = torch.randint(0, VOCAB, (3, STEPS), generator=g)
     (want, want_cache), (got, got_cache) = (ragged_decode(model, prompts, forced, MAX_LEN, step) for step in (static_step, fd.fused_step))
-    out["fp32 ragged rows"] = dict(logits_rel=rel(torch.cat([got[:2].flatten(), got[2, :5].flatten()]),
-                                                   torch.cat([want[:2].flatten(), want[2, :5].flatten()])),
+    live = STEPS // 2  # the last row's logits after it retired are nobody's
+    out["fp32 ragged rows"] = dict(logits_rel=rel(torch.cat([got[:2].flatten(), got[2, :live].flatten()]),
+                                                   torch.cat([want[:2].flatten(), want[2, :live].flatten()])),
                                    pos=[got_cache.pos.tolist(), want_cache.pos.tolist()])
     ref = small_gpt(2, "SL", torch.float32)
     model = small_gpt(2, "SL", torch.bfloat16)
@@ -104,15 +105,15 @@ def engine_checks():
     that outruns the static cache (the eager path takes over)."""
     fd.SPLIT_SLOTS = 64
     model = random_gpt(depth=2, window_pattern="SL")
-    greedy = dict(num_samples=2, max_tokens=10, temperature=0.0)
-    sampled = dict(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    greedy = dict(num_samples=2, max_tokens=6, temperature=0.0)
+    sampled = dict(max_tokens=6, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     fused = Engine(model, TOK, decode="fused")
     out = dict(mode=fused.decode_mode(),
                greedy_equal=run(fused.generate(PROMPT, **greedy)) == run(Engine(model, TOK, decode="eager").generate(PROMPT, **greedy)),
                sampled_equal=run(fused.generate(PROMPT, num_samples=2, **sampled)) == run(Engine(model, TOK, decode="static").generate(PROMPT, num_samples=2, **sampled)),
                decoders_kept=len(fused._idle))
     batcher = Batcher(fused, rows=3)  # continuous batching on the fused step: two requests at their own positions
-    requests = [(PROMPT, dict(num_samples=1, max_tokens=8, temperature=0.0)), (PROMPT[:4], dict(num_samples=2, **sampled))]
+    requests = [(PROMPT, dict(num_samples=1, max_tokens=5, temperature=0.0)), (PROMPT[:4], dict(num_samples=2, **sampled))]
     try:
         with batcher.cond:
             streams = [batcher.generate(p, **kw) for p, kw in requests]
@@ -135,4 +136,4 @@ def engine_checks():
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(dict(steps=step_checks(), engine=engine_checks())))
+    print(json.dumps(dict(prompt_len=PROMPT_LEN, n_steps=STEPS, steps=step_checks(), engine=engine_checks())))

@@ -261,9 +261,11 @@ def test_bf16_mixed_trains_fp32_weights_with_bf16_matmuls(prepared, tmp_path, un
     state, loss = final_weights(store_dir), losses(store_dir)
     assert all(t.dtype == reference[name].dtype for name, t in state.items())
     assert any(not torch.equal(t, reference[name]) for name, t in state.items())
-    late = [s for s in loss if s > N - 10]
+    early = [s for s in loss if s <= 5]  # before rounding compounds: step for step within 1%
+    assert early and all(abs(loss[s] - reference_loss[s]) < 0.01 * reference_loss[s] for s in early), (loss, reference_loss)
+    late = [s for s in loss if s > N - 10]  # 40 steps at this lr are chaotic: the two paths drift 5-8% apart on some CPUs
     mixed, fp32 = (sum(run[s] for s in late) / len(late) for run in (loss, reference_loss))
-    assert abs(mixed - fp32) < 0.05 * fp32, (mixed, fp32)
+    assert abs(mixed - fp32) < 0.12 * fp32, (mixed, fp32)
 
 
 def test_the_model_computes_in_the_stage_dtype(tmp_path, capsys):

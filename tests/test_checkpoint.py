@@ -70,6 +70,8 @@ def test_retention_and_torn_cleanup(tmp_path):
         mgr.save(step, {"w": torch.zeros(1)}, {}, {})
     assert mgr.steps() == [4, 6]
     assert not store.list("checkpoints/mid_train/000001/") and not store.list("checkpoints/mid_train/000002/")
+    folders = sorted(p.name for p in (tmp_path / "st" / "checkpoints" / "mid_train").iterdir())
+    assert folders == ["000004", "000006"]  # pruned and torn steps leave no empty folders behind (as on S3)
 
 
 def test_missing_model_source_names_the_producer(tmp_path):

@@ -137,3 +137,13 @@ def test_mistyped_scheme_is_rejected_before_a_folder_appears(tmp_path, capsys, m
     rc, _, err = cli(capsys, *cmd, "--store", uri)
     assert rc == 2 and err.strip() == f"nanochat: error: store URI {uri!r} has a mistyped scheme; did you mean {fixed!r}?"
     assert {p.name for p in tmp_path.iterdir()} <= {"tmp", "nanochat-base"}  # no ./s3/ or ./file/
+
+
+def test_s3_without_scheme_is_rejected_unless_the_folder_exists(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "status", "--store", "s3/bucket/run")
+    assert rc == 2 and "did you mean 's3://bucket/run'? (write './s3/bucket/run' for a local folder)" in err
+    assert not (tmp_path / "s3").exists()
+    (tmp_path / "s3" / "bucket" / "run").mkdir(parents=True)  # an existing local folder is taken as asked
+    rc, out, _ = cli(capsys, "status", "--store", "s3/bucket/run")
+    assert rc == 0 and out.startswith("no run at s3/bucket/run")

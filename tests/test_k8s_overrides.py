@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from operators import crd, validate
+from operators.pytorchjob import SpecError, container_env, plan_steps, render_run, stage_args, stage_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +19,24 @@ def run_cli(*args, prog=("-m", "operators.cli")) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *prog, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
-def local_error(tmp_path, *sets) -> str:
+def in_process(main, argv, capsys) -> subprocess.CompletedProcess:
+    """A CLI's main() in this process (its parse and checks, no interpreter start), as a finished process."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+def local_error(tmp_path, capsys, *sets) -> str:
     """The local path's one-line error: `nanochat speedrun --dry-run --set ...` (validates every stage, runs none)."""
+    from nanochat.cli import main
     argv = ["speedrun", "--dry-run", "--profile", "tiny", "--store", f"file://{tmp_path / 'local'}"]
     for s in sets:
         argv += ["--set", s]
-    p = run_cli(*argv, prog=("-c", "import sys; from nanochat.cli import main; sys.exit(main())"))
+    p = in_process(main, argv, capsys)
     assert p.returncode == 2 and p.stderr.startswith("nanochat: error: stage "), p.stderr
     return p.stderr.strip().removeprefix("nanochat: error: ")
 
@@ -49,13 +62,14 @@ def bad_run(overrides, **spec) -> dict:
     (["base_train.dept=4"], "base_train.dept=4", "(did you mean --depth?)"),
     (["seed=3", "base_train.depth=abc"], "base_train.depth=abc", "--depth: expected an integer, got 'abc'"),
 ])
-def test_render_rejects_bad_overrides_with_the_local_error(tmp_path, sets, culprit, says):
+def test_render_rejects_bad_overrides_with_the_local_error(tmp_path, capsys, sets, culprit, says):
+    from operators.cli import main
     out = tmp_path / "jobs"
     argv = ["render", "--profile", "tiny", "--image", "img:1", "--store", "s3://b/run", "--out", str(out)]
     for s in sets:
         argv += ["--set", s]
-    line = one_line(run_cli(*argv))
-    local = local_error(tmp_path, *sets)
+    line = one_line(in_process(main, argv, capsys))
+    local = local_error(tmp_path, capsys, *sets)
     assert says in local
     assert line == f"nanochat-k8s: error: --set {culprit!r}: {local}"
     assert not out.exists()  # nothing written
@@ -104,6 +118,38 @@ def test_nanochatrun_errors_include_what_the_stages_reject(change, expect):
     assert validate.nanochatrun_errors(run, stages=False) == []  # the schema alone accepts it
     with pytest.raises(validate.ValidationFailed):
         validate.check(run)
+
+
+@pytest.mark.parametrize("env, expect", [
+    ([{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NANOCHAT_DEPTH", "value": "deep"}],
+     "spec.env[1] NANOCHAT_DEPTH='deep': stage data: --depth: expected an integer, got 'deep'"),
+    ([{"name": "NANOCHAT_METRICS_PORT", "value": "9100"}],
+     "spec.env[0] NANOCHAT_METRICS_PORT: set by the operator from spec.metricsPort; set that instead"),
+    ([{"name": "AWS_ACCESS_KEY_ID", "value": "AKIA"}],
+     "spec.env[0] AWS_ACCESS_KEY_ID: set by the operator from spec.store.secretName; set that instead"),
+    ([{"name": "NANOCHAT_CONFIG", "value": "/etc/x.yaml"}],
+     "spec.env[0] NANOCHAT_CONFIG: config files do not reach the pods; use spec.overrides"),
+])
+def test_env_is_checked_like_the_pods_will_read_it(env, expect):
+    errors = validate.nanochatrun_errors(bad_run([], env=env))
+    assert errors == [expect], errors
+    with pytest.raises(SpecError, match="spec.env"):
+        render_run(bad_run([], env=env))
+
+
+def test_nanochat_env_counts_in_the_config_hash_as_in_the_pod():
+    """A pod reads NANOCHAT_DEPTH as the config layer below its flags; the operator's expected hash must
+    agree with the marker the pod writes, or the stage would re-run forever."""
+    from nanochat.runner import plan_step
+    spec = crd.apply_defaults(bad_run([], env=[{"name": "NANOCHAT_DEPTH", "value": "3"}])["spec"])
+    steps = plan_steps(spec)
+    train = next(s for s in steps if s.module == "base_train")
+    pod_env = {e["name"]: e["value"] for e in container_env(spec) if "value" in e}
+    in_pod = plan_step(train, stage_args(train, spec, {}), env=pod_env)
+    by_operator = {step.name: (name, h) for step, name, h in stage_configs(spec, steps)}
+    assert by_operator[train.name] == in_pod
+    plain = {step.name: h for step, _, h in stage_configs({**spec, "env": []}, steps)}
+    assert plain[train.name] != in_pod[1]  # the variable did change the config
 
 
 def test_stage_check_imports_no_stage_dependency():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import jsonschema
@@ -69,6 +70,21 @@ def test_apply_defaults_fills_nested_defaults_like_the_api_server():
 def test_example_run_is_valid():
     run = crd.example()
     assert validate.nanochatrun_errors(run) == []
+
+
+def test_default_images_are_the_ones_the_chart_and_manifests_publish():
+    root = Path(__file__).resolve().parents[1]
+    images = yaml.safe_load((root / "helm/nanochat-speedrun/values.yaml").read_text())["images"]
+    chart = {k: f"{v['repository']}:{v['tag']}" for k, v in images.items() if k in ("train", "cpu")}
+    assert crd.example(profile="d20")["spec"]["image"] == chart["train"]
+    assert crd.example(profile="tiny")["spec"]["image"] == chart["cpu"]
+    assert crd.example(profile="tiny", image="me/x:1")["spec"]["image"] == "me/x:1"
+    for name in ("d20-8xh100", "tiny-cpu"):
+        example = yaml.safe_load((root / f"manifests/examples/{name}.yaml").read_text())
+        assert example["spec"]["image"] in chart.values()
+    if "NANOCHAT_IMAGE" not in os.environ:
+        from operators import torchx_components
+        assert torchx_components.IMAGE == chart["train"]
 
 
 @pytest.mark.parametrize("mutate, expect", [

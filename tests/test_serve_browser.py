@@ -12,6 +12,7 @@ import time
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from nanochat import chat_cli
 from nanochat.serve import BackgroundServer, create_app
 from nanochat.store import open_store
 from tests.fixtures import make_tokenizer
@@ -79,6 +80,8 @@ def test_chat_streams_tool_calls_and_history(browser, served, tokenizer, tmp_pat
     growing = sorted(set(n for n in seen if n > 0))
     assert len(growing) >= 5, seen  # the text grew piece by piece, not all at once
     assert bodies[-1]["stream"] is True and bodies[-1]["messages"] == [{"role": "user", "content": "What is 12*7?"}]
+    cli_defaults = chat_cli.build_parser().parse_args([])  # the web page samples like `nanochat chat`
+    assert (bodies[-1]["temperature"], bodies[-1]["top_k"]) == (cli_defaults.temperature, cli_defaults.top_k)
     shot = tmp_path / "serve_ui.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 1000

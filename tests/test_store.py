@@ -155,6 +155,18 @@ def test_access_denied_is_one_clear_error(s3_env, monkeypatch):
         proxy.stop()
 
 
+def test_local_delete_drops_emptied_folders_but_not_the_store(tmp_path):
+    store = open_store(f"file://{tmp_path}/st")
+    store.put_bytes("a/b/c/one", b"1")
+    store.put_bytes("a/two", b"2")
+    store.delete("a/b/c/one")
+    assert not (tmp_path / "st" / "a" / "b").exists() and (tmp_path / "st" / "a" / "two").is_file()
+    store.delete_prefix("a/")
+    assert (tmp_path / "st").is_dir() and list((tmp_path / "st").iterdir()) == []
+    store.put_bytes("a/b/again", b"3")  # writing into a folder a delete removed recreates it
+    assert store.get_bytes("a/b/again") == b"3"
+
+
 def test_local_store_rejects_escaping_keys(tmp_path):
     s = open_store(f"file://{tmp_path}/st")
     with pytest.raises(StoreError, match="escapes"):
