@@ -94,6 +94,27 @@ def error(msg: str, code: int = 2):
     sys.exit(code)
 
 
+def version_line() -> str:
+    import platform
+
+    import torch
+
+    from nanochat import version
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    return f"nanochat-k8s {version()} (torch {torch.__version__}, {cuda}, Python {platform.python_version()})"
+
+
+class VersionAction(argparse.Action):
+    """--version without importing torch for every other command (argparse's own takes the string up front)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nanochat import profiles
     p = argparse.ArgumentParser(
@@ -101,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The nanochat LLM pipeline: tokenizer → pretraining → midtraining → SFT → RL → eval → report → chat.",
         epilog="Start with `nanochat speedrun` (tiny profile on CPU, minutes). Then `nanochat chat` or `nanochat serve`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=VersionAction, help="print the versions of nanochat-k8s, torch and Python and exit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     sp = sub.add_parser("speedrun", help="run the whole pipeline (resumes where it stopped)", formatter_class=HelpFormatter,

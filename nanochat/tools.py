@@ -8,7 +8,7 @@ The assistant's tools, called between <|python_start|> and <|python_end|>.
 
 `choice` exists because a small model can know the answer of a multiple-choice question and still not
 bind it to its letter: that is an in-context lookup (find the option, copy the letter after it), and
-at the tiny profile's size it does not form within budget (README, "Multiple choice"). Like the
+at the tiny profile's size it does not form within budget (docs/tiny-model.md). Like the
 calculator for arithmetic, the tool does the mechanical step; the model still has to name the answer.
 """
 import ast

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+import nanochat
 from nanochat import profiles
 
 from operators import crd, validate
@@ -183,6 +184,7 @@ def _fail(msg: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanochat-k8s", description="nanochat on Kubernetes: PyTorchJobs, the NanochatRun operator")
+    p.add_argument("--version", action="version", version=f"nanochat-k8s {nanochat.version()} (NanochatRun {crd.API_VERSION})")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render", help="print the ordered PyTorchJob YAMLs of a run (for clusters without the operator)")
     r.add_argument("-f", "--file", help="a NanochatRun manifest (instead of the flags below)")

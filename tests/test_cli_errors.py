@@ -1,6 +1,8 @@
 """The `nanochat` CLI on user mistakes and missing runs: one clear line, nothing created, a dry run that tells the truth."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nanochat.cli import main
@@ -147,3 +149,20 @@ def test_s3_without_scheme_is_rejected_unless_the_folder_exists(tmp_path, capsys
     (tmp_path / "s3" / "bucket" / "run").mkdir(parents=True)  # an existing local folder is taken as asked
     rc, out, _ = cli(capsys, "status", "--store", "s3/bucket/run")
     assert rc == 0 and out.startswith("no run at s3/bucket/run")
+
+
+def test_version_names_the_package_torch_and_python(capsys):
+    import platform
+    import tomllib
+
+    import torch
+
+    from operators.cli import main as k8s_main
+    package = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    rc, out, _ = cli(capsys, "--version")
+    assert rc == 0 and out.strip() == (f"nanochat-k8s {package} (torch {torch.__version__}, "
+                                       f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'}, "
+                                       f"Python {platform.python_version()})")
+    with pytest.raises(SystemExit) as e:
+        k8s_main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nanochat-k8s {package} (NanochatRun nanochat.dev/v1alpha1)"
