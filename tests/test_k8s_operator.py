@@ -447,3 +447,20 @@ def test_readiness_reports_why_it_is_not_ready(api):
     op = Operator(api.api_client(), namespaces=[NS, "other"])
     op.started.set()
     assert op.readiness() is None
+
+
+def test_nanochat_env_reaches_the_stage_and_the_run_settles(api, tmp_path):
+    """spec.env NANOCHAT_VALUE=7 is the echo stage's --value below its flags: the pod uses it, and the operator's
+    expected config hash includes it too, so the done marker matches and the stage runs once, not in a loop."""
+    store_uri = f"file://{tmp_path / 'store'}"
+    steps = [Step("e", ECHO, args=("--label=e", "--steps=2"))]
+    spec = {"profile": "tiny", "image": "nanochat:test", "store": {"uri": store_uri},
+            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NANOCHAT_VALUE", "value": "7"}]}
+    with FakeTrainingOperator(api, processes=True) as trainer, RunningOperator(api, steps):
+        create_run(api, "envrun", spec)
+        run = wait_for("phase Succeeded", lambda: (r := get_run(api, "envrun")) and r.get("status", {}).get("phase") in ("Succeeded", "Failed") and r)
+        assert run["status"]["phase"] == "Succeeded", run["status"]
+        time.sleep(1.0)  # a few more reconcile passes: nothing re-runs
+        assert trainer.launches == {"envrun-e-a1": 1} and sorted(list_jobs(api)) == ["envrun-e-a1"]
+    assert open_store(store_uri).get_bytes("outputs/echo_e.txt") == b"7"
+    assert get_run(api, "envrun")["status"]["phase"] == "Succeeded"
