@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,21 +17,11 @@ DELEGATED = {
 }
 
 
-# `s3//bucket`, `file//dir`, `s3:bucket`: otherwise taken as a local folder named `s3` or `file:`
-MISTYPED_SCHEME = re.compile(r"(s3|file)(//|:(?!//))", re.IGNORECASE)
-# `s3/bucket/prefix`: a relative folder `s3/`, almost always a missing `://`; `./s3/...` opts out
-S3_WITHOUT_SCHEME = re.compile(r"s3/(?=[a-z0-9])", re.IGNORECASE)
-
-
 def store_uri(args) -> str:
-    from nanochat.store import default_store_uri
+    from nanochat.store import default_store_uri, mistyped_store_uri
     uri = getattr(args, "store", None) or os.environ.get("NANOCHAT_STORE")
-    if uri and (m := MISTYPED_SCHEME.match(uri)):
-        scheme = m.group(1).lower()
-        fixed = f"{scheme}://{'/' if scheme == 'file' else ''}{uri[m.end():].lstrip('/')}"
-        error(f"store URI {uri!r} has a mistyped scheme; did you mean {fixed!r}?")
-    if uri and S3_WITHOUT_SCHEME.match(uri) and not Path(uri).exists():
-        error(f"store URI {uri!r} has no scheme; did you mean 's3://{uri[3:]}'? (write './{uri}' for a local folder)")
+    if uri and (why := mistyped_store_uri(uri)):
+        error(why)
     run = getattr(args, "run", None)
     if uri and run:
         return uri.rstrip("/") + "/" + run

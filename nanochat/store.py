@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -394,9 +395,28 @@ class S3Store(Store):
         return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
 
 
+# `s3//bucket`, `file//dir`, `s3:bucket`: otherwise taken as a local folder named `s3` or `file:`
+MISTYPED_SCHEME = re.compile(r"(s3|file)(//|:(?!//))", re.IGNORECASE)
+# `s3/bucket/prefix`: a relative folder `s3/`, almost always a missing `://`; `./s3/...` opts out
+S3_WITHOUT_SCHEME = re.compile(r"s3/(?=[a-z0-9])", re.IGNORECASE)
+
+
+def mistyped_store_uri(uri: str) -> str | None:
+    """Why `uri` looks like a mistyped s3:// or file:// URI (with the fix), or None when it looks as meant."""
+    if m := MISTYPED_SCHEME.match(uri):
+        scheme = m.group(1).lower()
+        fixed = f"{scheme}://{'/' if scheme == 'file' else ''}{uri[m.end():].lstrip('/')}"
+        return f"store URI {uri!r} has a mistyped scheme; did you mean {fixed!r}?"
+    if S3_WITHOUT_SCHEME.match(uri) and not Path(uri).exists():
+        return f"store URI {uri!r} has no scheme; did you mean 's3://{uri[3:]}'? (write './{uri}' for a local folder)"
+    return None
+
+
 def open_store(uri: str | None = None) -> Store:
     """Open a store by URI; a bare path is treated as file://."""
     uri = uri or os.environ.get("NANOCHAT_STORE") or default_store_uri()
+    if why := mistyped_store_uri(uri):
+        raise StoreError(why)
     scheme = urlparse(uri).scheme
     if scheme in ("", "file"):
         return LocalStore(uri)

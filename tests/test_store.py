@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,26 @@ def test_unknown_scheme_and_bad_uri():
         open_store("gs://x")
     with pytest.raises(StoreError, match="bad S3 URI"):
         open_store("s3:///nobucket")
+
+
+@pytest.mark.parametrize("uri, says", [("s3//b/run", "did you mean 's3://b/run'?"), ("file//tmp/x", "did you mean 'file:///tmp/x'?"),
+                                        ("s3/b/run", "has no scheme; did you mean 's3://b/run'?")])
+def test_mistyped_scheme_opens_nothing(uri, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=re.escape(says)):
+        open_store(uri)
+    assert not (tmp_path / "s3").exists() and not (tmp_path / "file").exists()
+    (tmp_path / "s3" / "b" / "run").mkdir(parents=True)  # a folder that really exists is taken as asked
+    if uri == "s3/b/run":
+        assert open_store(uri).root == f"file://{tmp_path}/s3/b/run"
+
+
+def test_stage_with_a_mistyped_store_is_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "tests.fake_stages.echo", "--store=s3//b/run"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "did you mean 's3://b/run'?" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "s3").exists()
 
 
 def test_missing_bucket(s3_env):
