@@ -117,11 +117,10 @@ def check_env(spec: dict):
             raise SpecError(f"spec.env[{i}] NANOCHAT_CONFIG: config files do not reach the pods; use spec.overrides")
 
 
-def config_env(spec: dict, user: bool = True) -> dict[str, str]:
+def config_env(spec: dict) -> dict[str, str]:
     """The NANOCHAT_* variables a stage pod sees: the config layer below its flags (nanochat.config.parse_config),
     so NANOCHAT_DEPTH=12 in spec.env changes the config hash here exactly as it does in the pod."""
-    env = container_env(spec) if user else container_env({**spec, "env": []})
-    return {e["name"]: e["value"] for e in env if e["name"].startswith("NANOCHAT_") and "value" in e}
+    return {e["name"]: e["value"] for e in container_env(spec) if e["name"].startswith("NANOCHAT_") and "value" in e}
 
 
 def stage_configs(spec: dict, steps: list[Step], overrides: dict[str, list[str]] | None = None) -> list[tuple[Step, str, str]]:
@@ -151,14 +150,14 @@ def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> Spe
     from nanochat.runner import parse_overrides as runner_parse
     from nanochat.runner import plan_step
     base = stage_args(step, spec, {})
-    env = config_env(spec, user=False)
-    for i, e in enumerate(spec.get("env") or []):
+    user_env = spec.get("env") or []
+    for i, e in enumerate(user_env):
         if e["name"].startswith("NANOCHAT_"):
-            env[e["name"]] = e.get("value", "")
             try:
-                plan_step(step, base, env=env)
+                plan_step(step, base, env=config_env({**spec, "env": user_env[:i + 1]}))
             except ConfigError as err:
                 return SpecError(f"spec.env[{i}] {e['name']}={e.get('value', '')!r}: stage {step.name}: {err}")
+    env = config_env(spec)
     flags: list[str] = []
     for i, item in enumerate(spec.get("overrides") or []):
         mine = runner_parse([item], steps).get(step.module, [])  # a bare KEY lands on each stage that has it

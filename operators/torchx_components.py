@@ -27,8 +27,9 @@ import torchx.specs as specs
 from torchx.components.dist import torchrun
 
 from nanochat import pipeline, profiles
+from operators.crd import default_image
 
-IMAGE = os.environ.get("NANOCHAT_IMAGE", "ghcr.io/nanochat-k8s/nanochat-train:0.1.0")  # the CUDA image runs every stage
+IMAGE = os.environ.get("NANOCHAT_IMAGE", default_image(gpu=True))  # the CUDA image runs every stage
 META_NPROC = "nanochat/nproc-per-node"
 META_STAGE = "nanochat/stage"
 META_S3_SECRET = "nanochat/s3-secret"
