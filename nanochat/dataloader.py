@@ -18,13 +18,17 @@
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
 import math
 import queue
 import threading
+import time
+import weakref
 
 import numpy as np
+import pyarrow.fs  # noqa: F401 - imported before our atexit hook so that pyarrow's S3 finalizer runs after it
 import torch
 
 from nanochat.dataset import INDEX_KEY, shard_entries
@@ -118,12 +122,14 @@ class DataLoader:
         self._thread = threading.Thread(target=reader.run, args=(self.epoch, self.pos, self.row, self._queue, self._stop),
                                         daemon=True, name=f"dataloader-{self.split}-r{self.rank}")
         self._thread.start()
+        _LIVE.add(self)
 
-    def close(self):
-        """Stop the reader thread (prefetched data is dropped; the state is unaffected)."""
+    def close(self, timeout: float | None = None):
+        """Stop the reader thread (prefetched data is dropped; the state is unaffected); wait at most `timeout` s."""
         if self._thread is not None:
             self._stop.set()
-            while self._thread.is_alive():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
                 try:
                     self._queue.get(timeout=0.05)  # unblock a put
                 except queue.Empty:
@@ -329,6 +335,19 @@ class _Reader:
             _put(out, _END, stop)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             _put(out, e, stop)
+
+
+# loaders with a reader thread; stopped at exit, before pyarrow's S3 finalizer: a reader still inside pyarrow's S3
+# client when the AWS SDK shuts down aborts the process ("terminate called without an active exception")
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+EXIT_WAIT_S = 10.0
+
+
+@atexit.register
+def _close_live_loaders():
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for loader in list(_LIVE):
+        loader.close(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _next_group(epoch: int, pos: int, n: int) -> tuple[int, int, int]:

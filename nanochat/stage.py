@@ -7,6 +7,7 @@ metrics, turns SIGTERM/SIGINT into a clean stop, and writes done.json LAST (rank
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import shutil
@@ -191,6 +192,9 @@ def _peer_died(e: BaseException) -> bool:
 def stage_main(stage: str, config_cls, run, argv=None) -> int:
     """Run one stage under the contract; returns the process exit code."""
     common.setup_logging()
+    if not faulthandler.is_enabled():  # a crash in native code (NCCL, pyarrow, a kernel) still shows each thread's stack
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr (embedded interpreters)
+            faulthandler.enable(sys.__stderr__)
     try:
         cfg = parse_config(config_cls, argv, stage)
     except ConfigError as e:

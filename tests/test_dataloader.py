@@ -281,3 +281,26 @@ def test_dropped_loader_stops_its_reader_thread(tmp_path):
             break
         threading.Event().wait(0.05)
     assert not alive()
+
+
+EXIT_CHECK = """
+import atexit, sys, threading
+import pyarrow.fs  # registers pyarrow's S3 finalizer first: atexit hooks run last-registered first
+atexit.register(lambda: print("readers at S3 finalize:", [t.name for t in threading.enumerate() if t.name.startswith("dataloader-")]))
+from nanochat.dataloader import DataLoader
+from nanochat.store import open_store
+from tests.dist_loader_check import IntTokenizer
+LOADER = DataLoader(open_store(sys.argv[1]), IntTokenizer(), "train", 2, 16, prefetch=1)  # a global: alive until exit
+next(LOADER)
+"""
+
+
+def test_reader_threads_stop_before_pyarrow_finalizes_s3_at_exit(tmp_path):
+    """A reader thread still in pyarrow's S3 client when the AWS SDK shuts down aborts the process at exit (SIGABRT
+    after a stage's clean error line): loaders still alive at exit are stopped before pyarrow's finalizer runs."""
+    store = open_store(f"file://{tmp_path}/s")
+    write_int_corpus(store, 200, max_len=20, docs_per_shard=50, row_group_rows=5)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", EXIT_CHECK, store.root], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "readers at S3 finalize: []" in proc.stdout, proc.stdout + proc.stderr[-2000:]

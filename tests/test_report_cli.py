@@ -1,6 +1,7 @@
 """Report generation, metrics endpoint and the `nanochat` CLI surface (help, status, report, errors)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -137,3 +138,22 @@ def test_the_printed_command_is_one_the_user_can_type(monkeypatch, tmp_path):
     (tmp_path / "nanochat").write_text("#!/bin/sh\n")
     (tmp_path / "nanochat").chmod(0o755)
     assert command_name() == "nanochat"
+
+
+ABORTING_STAGE = """
+import os
+from tests.fake_stages import echo
+from nanochat.stage import run_module_main
+def crash_in_native_code(ctx):
+    os.abort()
+run_module_main("echo", echo.Config, crash_in_native_code)
+"""
+
+
+def test_a_native_crash_prints_the_python_stack(tmp_path):
+    """A stage killed by a native abort (NCCL, pyarrow at exit) says where it was, not just 'exit -6'."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    proc = subprocess.run([sys.executable, "-c", ABORTING_STAGE, f"--store=file://{tmp_path}/s"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == -6, proc.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in proc.stderr and "crash_in_native_code" in proc.stderr, proc.stderr[-2000:]

@@ -57,6 +57,7 @@ def run(ctx):
         loader = DataLoader(ctx.store, tokenizer, split, cfg.device_batch_size, seq, rank=ctx.rank, world_size=ctx.world_size,
                             device=ctx.device, tokenizer_threads=cfg.tokenizer_threads)
         metrics[f"{split}_bpb"] = evaluate_bpb(model, (next(loader) for _ in range(steps)), token_bytes)
+        loader.close()
         ctx.log(f"{split} bpb: {metrics[f'{split}_bpb']:.4f}")
 
     samples = []

@@ -137,8 +137,8 @@ def run(ctx):
 
     def evaluate(m, step):
         val = loader("val")
-        batches = (next(val) for _ in range(eval_steps))
-        bpb = evaluate_bpb(m, batches, token_bytes)
+        bpb = evaluate_bpb(m, (next(val) for _ in range(eval_steps)), token_bytes)
+        val.close()
         ctx.log(f"step {step}: val bpb {bpb:.4f}")
         return {"val_bpb": bpb}
 
@@ -157,7 +157,10 @@ def run(ctx):
         initial = evaluate(model, 0)
         model.train()
         ctx.log_metrics(0, total=n, **initial)
-    metrics = train(ctx, train_model, optimizer, data, ckpt, loop, evaluate=evaluate, periodic=[core] if core else [])
+    try:
+        metrics = train(ctx, train_model, optimizer, data, ckpt, loop, evaluate=evaluate, periodic=[core] if core else [])
+    finally:
+        data.close()  # its reader thread ends here, not at interpreter exit (see dataloader._close_live_loaders)
     metrics.update({k: p[k] for k in ("params_total", "params_scaling", "num_iterations", "train_tokens", "flops_per_token")})
     summary = {**p, "final val bpb": metrics.get("val_bpb")}
     if "core_metric" in metrics:
