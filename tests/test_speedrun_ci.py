@@ -1,6 +1,7 @@
 """The main job end to end on the `ci` profile, the way a user meets it: Ctrl-C in the middle of base_train,
 `nanochat speedrun` again resumes from the checkpoint and finishes every stage and the report card, and a
-third run does nothing. One pipeline run covers all three (the suite runs the whole pipeline once)."""
+third run does nothing. One pipeline run covers all three (the suite runs the whole pipeline once), on S3 (moto on
+127.0.0.1) as on a cluster: every stage reads and writes through boto3/pyarrow; the stage tests cover file://."""
 from __future__ import annotations
 
 import os
@@ -59,8 +60,8 @@ def answer_from_final_model(store):
     assert 0 < len(completion) <= 48 and tokenizer.decode(completion).strip(), "the model produced no answer"
 
 
-def test_ci_speedrun_interrupted_resumed_then_a_no_op(tmp_path):
-    uri = f"file://{tmp_path}/run"
+def test_ci_speedrun_interrupted_resumed_then_a_no_op(tmp_path, s3_uri):
+    uri = s3_uri
     store = open_store(uri)
 
     # 1. Ctrl-C once base_train has a checkpoint: exit 130, base_train not done
