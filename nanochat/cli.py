@@ -83,14 +83,16 @@ def error(msg: str, code: int = 2):
     sys.exit(code)
 
 
+def torch_build() -> str:
+    import torch
+    return f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build")
+
+
 def version_line() -> str:
     import platform
 
-    import torch
-
     from nanochat import version
-    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
-    return f"nanochat-k8s {version()} (torch {torch.__version__}, {cuda}, Python {platform.python_version()})"
+    return f"nanochat-k8s {version()} ({torch_build()}, Python {platform.python_version()})"
 
 
 class VersionAction(argparse.Action):
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a stage flag (repeatable); a bare KEY=VALUE applies to every stage that has --KEY (an error if none has it)")
     sp.add_argument("--config", help="YAML/JSON config file passed to every stage")
     sp.add_argument("--rl", action=argparse.BooleanOptionalAction, default=None, help="run chat_rl (default: on for CPU profiles, off for GPU ones)")
+    sp.add_argument("--nproc", type=int, metavar="N",
+                    help="processes (GPUs) per GPU stage, as torchrun --nproc_per_node (default: the profile's, 8 for d20, or the "
+                         "GPUs this machine has if fewer; gradient accumulation keeps the batch). Resume with the same N")
     sp.add_argument("--max-retries", type=int, default=1, help="retries per failed stage")
     sp.add_argument("--wandb", metavar="RUN", help="log training stages to Weights & Biases under this run name")
     sp.add_argument("--dry-run", action="store_true", help="validate every stage's config and print the plan, run nothing")
@@ -166,6 +171,7 @@ def cmd_speedrun(args) -> int:
     uri, why = store_uri(args), None
     try:
         profile = resolve_profile(args.profile)
+        nproc, note = stage_processes(profile, args.nproc, args.dry_run)  # before the store: a refusal creates nothing
         if args.dry_run:  # look, but create nothing: a new store stays uncreated
             store, why = open_run(uri)
             store = store or NoStore(local_dir(uri))
@@ -178,21 +184,23 @@ def cmd_speedrun(args) -> int:
             overrides.setdefault("*", []).append(f"--config={os.path.abspath(args.config)}")
         if args.wandb:
             os.environ["NANOCHAT_WANDB_RUN"] = args.wandb  # stages with a wandb_run key pick it up from the env layer
-        runner = Runner(store, steps, profile, max_retries=args.max_retries, overrides=overrides)
+        runner = Runner(store, steps, profile, max_retries=args.max_retries, overrides=overrides, nproc=nproc)
         plan = runner.plan(args.from_step, args.only)
     except (ConfigError, StoreError, PipelineError) as e:
         error(str(e))
     if not steps:
         error("no stages are available in this install")
     print(f"nanochat speedrun: profile {profile}, store {store.root}, {len(plan)} stage(s): " + " → ".join(s.name for s, *_ in plan), file=sys.stderr)
-    gpus = profiles.get(profile)["gpus_per_node"] * profiles.get(profile)["nodes"]
-    if gpus:
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    gpus = (nproc or profiles.get(profile)["gpus_per_node"]) * profiles.get(profile)["nodes"]
+    if profiles.get(profile)["gpus_per_node"]:
         print_budget(profile, overrides, gpus, store)
     if args.dry_run:
         if why:
             print(f"no run at {uri} yet ({why}): every stage would run", file=sys.stderr)
         for s, a, reason in runner.preview(plan):  # the runner's own decisions, so the two cannot drift
-            print(f"  {s.name:<14} {f'to run ({reason})' if reason else 'done':<40} nproc={s.nproc(profile)} {' '.join(a)}")
+            print(f"  {s.name:<14} {f'to run ({reason})' if reason else 'done':<40} nproc={runner.nproc_for(s)} {' '.join(a)}")
         return 0
     if not store.exists(STATE_KEY) and not store.exists(LOCK_KEY):
         Report(store).reset(extra={"profile": profile, "store": store.root})
@@ -211,6 +219,39 @@ def cmd_speedrun(args) -> int:
     print(f"speedrun finished in {time.time() - t0:.0f}s. Talk to your model:\n"
           f"  {cmd} chat --store {store.root}\n  {cmd} serve --store {store.root}", file=sys.stderr)
     return 0
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs torch sees here (0 with a CPU build of torch or without a driver)."""
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def stage_processes(profile: str, requested: int | None, dry_run: bool) -> tuple[int | None, str | None]:
+    """(processes per GPU stage, None for the profile's; a note for the user), fitted to this machine's GPUs.
+    Refused (ConfigError) before anything runs: a GPU profile on a machine without one, more processes than GPUs."""
+    from nanochat import profiles
+    from nanochat.config import ConfigError
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--nproc: expected a positive number of processes, got {requested}")
+    sized_for = profiles.get(profile)["gpus_per_node"]
+    if not sized_for:
+        return requested, None  # a CPU profile: processes are gloo ranks, any number works
+    have = visible_gpus()
+    if requested is not None:
+        if have and requested > have:
+            raise ConfigError(f"--nproc {requested}: this machine has {have} CUDA GPU(s); pass --nproc {have} or fewer")
+        return requested, None if have else f"no CUDA GPU here: the {profile} stages run {requested} process(es) on the CPU"
+    if not have:
+        why = f"profile {profile} is sized for {sized_for} GPUs and torch sees no CUDA GPU here ({torch_build()})"
+        if dry_run:
+            return None, why + ": a real run would stop here"
+        raise ConfigError(why + "; on the CPU use --profile tiny (or force it with --nproc N)")
+    if have < sized_for:
+        fit = max(n for n in range(1, have + 1) if sized_for % n == 0)  # the profile's batch splits evenly over them
+        return fit, (f"this machine has {have} GPU(s): the GPU stages run {fit} process(es) instead of {sized_for}; "
+                     f"gradient accumulation keeps the batch, so base_train takes ~{sized_for / fit:.0f}x longer")
+    return None, None
 
 
 def command_name() -> str:
@@ -236,7 +277,7 @@ def print_budget(profile: str, overrides: dict, gpus: int, store):
     cfg = parse_config(Config, [f"--profile={profile}", *overrides.get("*", []), *overrides.get("base_train", [])], "base_train")
     r = dataset.recipe(cfg.depth, cfg.target_param_data_ratio, seq_len=cfg.max_seq_len, gpus=gpus, store=store)
     print(dataset.format_recipe([r]), file=sys.stderr)
-    print(f"plan: {r['train_flops']:.3g} training FLOPs ≈ {r['hours']:.1f} h of base_train on {gpus} GPUs "
+    print(f"plan: {r['train_flops']:.3g} training FLOPs ≈ {r['hours']:.1f} h of base_train on {gpus} GPU{'s' if gpus != 1 else ''} "
           f"≈ ${r['hours'] * gpus * DEFAULT_GPU_HOUR_COST:,.0f} at ${DEFAULT_GPU_HOUR_COST}/GPU-hour (NANOCHAT_GPU_HOUR_COST); "
           f"the chat stages add roughly a quarter", file=sys.stderr)
 

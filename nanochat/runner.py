@@ -186,8 +186,9 @@ class LocalExecutor:
 class Runner:
     def __init__(self, store: Store, steps: list[Step], profile: str, executor: LocalExecutor | None = None,
                  max_retries: int = 2, backoff_s: float = 5.0, overrides: dict | None = None, env=None,
-                 on_event=None):
+                 on_event=None, nproc: int | None = None):
         self.store, self.steps, self.profile = store, steps, profile
+        self.nproc = nproc  # processes per GPU-capable stage; None: the profile's
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.overrides = overrides or {}
         self.env = env
@@ -200,6 +201,9 @@ class Runner:
         self._lock = threading.Lock()
 
     # --- persisted state
+    def nproc_for(self, step: Step) -> int:
+        return self.nproc if self.nproc and step.gpu else step.nproc(self.profile)
+
     def load_state(self) -> dict:
         return self.store.get_json_or(STATE_KEY) or {}
 
@@ -371,7 +375,7 @@ class Runner:
 
     def _run_step(self, step: Step, args: list[str], name: str, h: str) -> bool:
         st = self.step_state(step.name)
-        nproc = step.nproc(self.profile)
+        nproc = self.nproc_for(step)
         while True:
             handle = None
             if st.get("state") == "running":

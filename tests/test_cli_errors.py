@@ -166,3 +166,42 @@ def test_version_names_the_package_torch_and_python(capsys):
     with pytest.raises(SystemExit) as e:
         k8s_main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nanochat-k8s {package} (NanochatRun nanochat.dev/v1alpha1)"
+
+
+# ----------------------------------------------------------------------------- GPU profiles fit this machine's GPUs
+
+def dry_run_nprocs(out: str) -> dict[str, int]:
+    return {line.split()[0]: int(line.split(" nproc=")[1].split()[0]) for line in out.splitlines() if line.startswith("  ")}
+
+
+@pytest.mark.parametrize("gpus, nproc_flag, expected", [(8, None, 8), (1, None, 1), (6, None, 4), (8, "2", 2)])
+def test_gpu_stages_run_one_process_per_gpu_this_machine_has(tmp_path, capsys, monkeypatch, gpus, nproc_flag, expected):
+    """d20 is sized for 8 GPUs; on fewer, each GPU stage runs one process per GPU it can split the batch over (6 GPUs: 4;
+    gradient accumulation keeps the batch) instead of torchrun asking for GPUs that are not there; --nproc picks fewer."""
+    monkeypatch.setattr("nanochat.cli.visible_gpus", lambda: gpus)
+    argv = ["speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", "--dry-run"] + (["--nproc", nproc_flag] if nproc_flag else [])
+    rc, out, err = cli(capsys, *argv)
+    rows = dry_run_nprocs(out)
+    assert rc == 0 and rows["base_train"] == rows["chat_sft"] == rows["chat_eval_sft"] == expected, out
+    assert rows["data"] == rows["tok_train"] == 1
+    assert ("gradient accumulation keeps the batch" in err) == (gpus < 8 and nproc_flag is None), err
+    assert f"base_train on {expected} GPU" in err  # the budget counts the GPUs that will run
+
+
+@pytest.mark.parametrize("argv, gpus, message", [
+    ([], 0, "torch sees no CUDA GPU here"),
+    (["--nproc", "16"], 8, "--nproc 16: this machine has 8 CUDA GPU(s)"),
+    (["--nproc", "0"], 8, "--nproc: expected a positive number"),
+])
+def test_a_gpu_profile_this_machine_cannot_run_is_refused_before_anything(tmp_path, capsys, monkeypatch, argv, gpus, message):
+    monkeypatch.setattr("nanochat.cli.visible_gpus", lambda: gpus)
+    rc, _, err = cli(capsys, "speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", *argv)
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "s").exists()
+
+
+def test_no_gpu_dry_run_previews_and_warns(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("nanochat.cli.visible_gpus", lambda: 0)
+    rc, out, err = cli(capsys, "speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", "--dry-run")
+    assert rc == 0 and dry_run_nprocs(out)["base_train"] == 8 and "a real run would stop here" in err
