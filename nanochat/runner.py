@@ -200,10 +200,10 @@ class Runner:
         self.state: dict = {}
         self._lock = threading.Lock()
 
-    # --- persisted state
     def nproc_for(self, step: Step) -> int:
         return self.nproc if self.nproc and step.gpu else step.nproc(self.profile)
 
+    # --- persisted state
     def load_state(self) -> dict:
         return self.store.get_json_or(STATE_KEY) or {}
 
