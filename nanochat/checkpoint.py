@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanochat.config import ConfigError
 from nanochat.store import DigestMismatch, ObjectNotFound, Store, StoreError
 
 log = logging.getLogger("nanochat.checkpoint")
@@ -193,16 +194,17 @@ class CheckpointManager:
         if step is not None and step not in self.steps():
             return None  # absent, not unusable: nothing to warn about
         candidates = [step] if step is not None else list(reversed(self.steps()))
+        other_world = None  # a complete checkpoint written by another number of processes
         for s in candidates:
             model_state = rank_state = doc = None
             ok = True
             try:
                 doc = self.store.get_json(f"{self.step_prefix(s)}/{META}")
+                if load_rank_state and doc.get("world_size", 1) != world:
+                    other_world = other_world or (s, doc.get("world_size", 1))
+                    raise StoreError(f"written by {doc.get('world_size', 1)} processes, this run has {world}")
                 model_state = self._fetch(s, "model.pt", doc, map_location)
                 if load_rank_state:
-                    if doc.get("world_size", 1) != world:
-                        raise StoreError(f"checkpoint {self.store.uri(self.step_prefix(s))} was written by {doc.get('world_size')} ranks, "
-                                         f"this run has {world}; optimizer shards cannot be reused")
                     rank_state = self._fetch(s, f"optim_rank{rank}.pt", doc, map_location)
             except (DigestMismatch, ObjectNotFound, EOFError, RuntimeError, ValueError, StoreError) as e:
                 log.warning("checkpoint %s unusable (%s)%s", self.store.uri(self.step_prefix(s)), str(e).splitlines()[0],
@@ -212,6 +214,12 @@ class CheckpointManager:
                 return s, model_state, rank_state, doc["meta"]
             if step is not None:
                 break
+        if other_world:  # starting over would bury hours of training under new checkpoints: the user decides
+            s, theirs = other_world
+            raise ConfigError(f"checkpoint {self.store.uri(self.step_prefix(s))} was written by {theirs} process(es) and this run "
+                              f"has {world}; optimizer and data-loader state is per process, so resume with {theirs} "
+                              f"(`nanochat speedrun --nproc {theirs}`; on Kubernetes gpusPerNode × nodes = {theirs}), "
+                              f"or delete {self.store.uri(self.prefix)}/ to start {self.stage} over")
         return None
 
 

@@ -130,3 +130,22 @@ def test_an_unusable_device_is_a_usage_error_not_a_corrupt_checkpoint(tmp_path, 
         load_model_state(store, "base", map_location=device)
     assert not caplog.records
     assert load_model_state(store, "base")[0] == 1
+
+
+def test_resuming_with_another_number_of_processes_is_refused_not_restarted(tmp_path):
+    """Checkpoints written by 8 processes hold 8 optimizer and data-loader shards; a run with 1 used to find none usable
+    and start over from step 0 (its new checkpoints then pruned under the old, newer ones). Now it stops and says how."""
+    from nanochat.config import ConfigError
+    store = open_store(f"file://{tmp_path}/st")
+    mgr = CheckpointManager(store, "base_train", keep=5)
+    for step in (10, 20):
+        mgr.save(step, {"w": torch.full((4,), float(step))}, {"s": step}, {"step": step})
+    assert mgr.load()[0] == 20
+    for step in (10, 20):  # as if 8 ranks had written them
+        key = f"checkpoints/base_train/{step:06d}/meta.json"
+        store.put_json(key, {**store.get_json(key), "world_size": 8})
+    with pytest.raises(ConfigError, match=r"000020 was written by 8 process\(es\) and this run has 1; .* resume with 8 "
+                                          r"\(`nanochat speedrun --nproc 8`.*or delete file://.*/checkpoints/base_train/ "):
+        mgr.load()
+    assert mgr.steps() == [10, 20]
+    assert mgr.load(load_rank_state=False)[0] == 20  # the weights alone (a later stage's input) load whoever wrote them
