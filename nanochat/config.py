@@ -49,9 +49,22 @@ class StageConfig:
     def validate(self):
         """Stages override to check ranges; raise ConfigError naming the flag."""
 
+    def check_world_size(self, world_size: int):
+        """Stages that split a batch across processes override: raise ConfigError when it does not split evenly
+        (checked before any work by the runner and the operator, and again by the stage itself)."""
+
     def instance_name(self, stage: str) -> str:
         """Name of this stage run in the store (stages/<name>/...); chat_eval overrides it per source."""
         return stage
+
+
+def batch_split_error(total_batch: int, device_batch_size: int, seq_len: int, world_size: int) -> str | None:
+    """Why a token batch does not split into whole micro-batches over the processes (None when it does)."""
+    per_micro = device_batch_size * seq_len * world_size
+    if total_batch > 0 and total_batch % per_micro:
+        return (f"--total-batch-size {total_batch} must be a multiple of device_batch_size × max_seq_len × processes "
+                f"({device_batch_size} × {seq_len} × {world_size} = {per_micro})")
+    return None
 
 
 COMMON_KEYS = {f.name for f in dataclasses.fields(StageConfig)}

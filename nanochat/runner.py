@@ -46,10 +46,12 @@ def step_args(step: Step, store: Store, profile: str, overrides: dict[str, list[
     return [f"--store={store.root}", f"--profile={profile}", *step.args, *overrides.get(step.module, []), *overrides.get("*", [])]
 
 
-def plan_step(step: Step, args: list[str], env=None) -> tuple[str, str]:
-    """(instance name, config hash) as the stage itself will compute them; raises ConfigError."""
+def plan_step(step: Step, args: list[str], env=None, world_size: int = 1) -> tuple[str, str]:
+    """(instance name, config hash) as the stage itself will compute them; raises ConfigError, also when the
+    stage's batch does not split over `world_size` processes (found here, not after the stages before it ran)."""
     mod = stage_module(step)
     cfg = parse_config(mod.Config, args, mod.STAGE, env=env)
+    cfg.check_world_size(world_size)
     return cfg.instance_name(mod.STAGE), config_hash(cfg)
 
 
@@ -260,7 +262,7 @@ class Runner:
             if i < start and not only:
                 continue
             try:
-                name, h = plan_step(s, args, env=self.env)
+                name, h = plan_step(s, args, env=self.env, world_size=self.nproc_for(s))
             except ConfigError as e:
                 raise ConfigError(f"stage {s.name}: {e}") from None
             plan.append((s, args, name, h, forced))

@@ -138,7 +138,7 @@ def stage_configs(spec: dict, steps: list[Step], overrides: dict[str, list[str]]
     out = []
     for step in steps:
         try:
-            name, h = plan_step(step, stage_args(step, spec, overrides), env=env)
+            name, h = plan_step(step, stage_args(step, spec, overrides), env=env, world_size=world_size(spec, step))
         except ConfigError as e:
             raise _blame(spec, steps, step, e) from None
         out.append((step, name, h))
@@ -150,11 +150,12 @@ def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> Spe
     from nanochat.runner import parse_overrides as runner_parse
     from nanochat.runner import plan_step
     base = stage_args(step, spec, {})
+    world = world_size(spec, step)
     user_env = spec.get("env") or []
     for i, e in enumerate(user_env):
         if e["name"].startswith("NANOCHAT_"):
             try:
-                plan_step(step, base, env=config_env({**spec, "env": user_env[:i + 1]}))
+                plan_step(step, base, env=config_env({**spec, "env": user_env[:i + 1]}), world_size=world)
             except ConfigError as err:
                 return SpecError(f"spec.env[{i}] {e['name']}={e.get('value', '')!r}: stage {step.name}: {err}")
     env = config_env(spec)
@@ -165,10 +166,11 @@ def _blame(spec: dict, steps: list[Step], step: Step, error: ConfigError) -> Spe
             continue
         flags += mine
         try:
-            plan_step(step, base + flags, env=env)
+            plan_step(step, base + flags, env=env, world_size=world)
         except ConfigError as e:
             return OverrideError(i, item, f"stage {step.name}: {e}")
-    return SpecError(f"stage {step.name}: {error}")
+    where = f" (spec.resources: {world} processes)" if world > 1 else ""
+    return SpecError(f"stage {step.name}{where}: {error}")
 
 
 def stage_args(step: Step, spec: dict, overrides: dict[str, list[str]]) -> list[str]:
@@ -193,6 +195,17 @@ def stage_resources(spec: dict, step: Step) -> dict:
 
 def nproc_per_node(spec: dict, step: Step, res: dict) -> int:
     return res["gpusPerNode"] if res["gpusPerNode"] > 0 else step.nproc(spec["profile"])
+
+
+def world_size(spec: dict, step: Step) -> int:
+    """Processes of the step's PyTorchJob: nodes × processes per node."""
+    res = stage_resources(crd.apply_defaults(spec), step)
+    return res["nodes"] * nproc_per_node(spec, step, res)
+
+
+def resized(spec: dict, steps: list[Step]) -> bool:
+    """spec.resources gives a stage another number of processes than its profile does (its batch may not split)."""
+    return any(world_size(spec, s) != world_size({**spec, "resources": {}}, s) for s in steps)
 
 
 # ----------------------------------------------------------------------------- names
@@ -366,7 +379,7 @@ def render_run(run: dict, steps: list[Step] | None = None) -> list[tuple[Step, d
     spec = crd.apply_defaults(run.get("spec"))
     planned = plan_steps(spec, steps)
     overrides = parse_overrides(spec, planned)
-    if spec.get("overrides") or spec.get("env"):  # a bad override fails here, before any job, as in `nanochat speedrun`
+    if spec.get("overrides") or spec.get("env") or resized(spec, planned):  # fails here, before any job, as in `nanochat speedrun`
         stage_configs(spec, planned, overrides)
     return [(s, render_stage_job(run, s, 1, overrides)) for s in planned]
 

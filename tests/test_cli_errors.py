@@ -205,3 +205,14 @@ def test_no_gpu_dry_run_previews_and_warns(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("nanochat.cli.visible_gpus", lambda: 0)
     rc, out, err = cli(capsys, "speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", "--dry-run")
     assert rc == 0 and dry_run_nprocs(out)["base_train"] == 8 and "a real run would stop here" in err
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_found_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    """--nproc 3 on d20: base_train's 524,288-token batch cannot split over 3 processes; said by the plan, not by
+    base_train after the download and the tokenizer."""
+    monkeypatch.setattr("nanochat.cli.visible_gpus", lambda: 8)
+    rc, _, err = cli(capsys, "speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", "--nproc", "3", "--dry-run")
+    assert rc == 2 and error_lines(err)[-1] == ("nanochat: error: stage base_train: --total-batch-size 524288 must be a multiple of "
+                                                "device_batch_size × max_seq_len × processes (32 × 2048 × 3 = 196608)"), err
+    rc, _, err = cli(capsys, "speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", "--nproc", "4", "--dry-run")
+    assert rc == 0, err

@@ -199,3 +199,17 @@ def test_render_refuses_a_file_store_unless_allowed(tmp_path):
     docs = list(yaml.safe_load_all(p.stdout))
     assert docs and all("--store=file:///data/run" in d["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
                         for d in docs)
+
+
+@pytest.mark.parametrize("gpus, expect", [
+    (3, "stage base_train (spec.resources: 3 processes): --total-batch-size 524288 must be a multiple of device_batch_size × "
+        "max_seq_len × processes (32 × 2048 × 3 = 196608)"),
+    (4, None),
+])
+def test_a_batch_that_does_not_split_over_the_pods_processes_is_rejected(gpus, expect):
+    """gpusPerNode × nodes is each training stage's world size: a batch it cannot split is refused at validate time,
+    not by base_train's pod after the data and tokenizer stages ran."""
+    run = crd.example("split", profile="d20", store="s3://b/runs/split")
+    run["spec"]["resources"] = {"gpu": {"gpusPerNode": gpus}}
+    errors = validate.nanochatrun_errors(run)
+    assert (expect in errors[0]) if expect else errors == [], errors

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nanochat.config import ConfigError, StageConfig, opt
+from nanochat.config import ConfigError, StageConfig, batch_split_error, opt
 from nanochat.stage import run_module_main, stage_main
 
 STAGE = "base_train"
@@ -48,6 +48,10 @@ class Config(StageConfig):
     log_every: int = opt(10, "steps between log lines", hash=False)
     wandb_run: str = opt("", "Weights & Biases run name (empty = off)", hash=False)
 
+    def check_world_size(self, world_size: int):
+        if why := batch_split_error(self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size):
+            raise ConfigError(why)
+
     def validate(self):
         for key in ("depth", "max_seq_len", "device_batch_size", "aspect_ratio", "head_dim"):
             if getattr(self, key) < 1:
@@ -74,8 +78,7 @@ def plan(cfg, model, world_size) -> dict:
     flops_per_token = model.estimate_flops()
     tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
     total_batch = tokens_per_micro if cfg.total_batch_size <= 0 else cfg.total_batch_size
-    if total_batch % tokens_per_micro:
-        raise ConfigError(f"--total-batch-size {total_batch} must be a multiple of device_batch_size × max_seq_len × world_size = {tokens_per_micro}")
+    cfg.check_world_size(world_size)
     grad_accum = total_batch // tokens_per_micro
     if cfg.num_iterations > 0:
         steps, how = cfg.num_iterations, "--num-iterations"

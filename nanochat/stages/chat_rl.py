@@ -52,6 +52,10 @@ class Config(StageConfig):
     keep_checkpoints: int = opt(2, "complete checkpoints kept in the store")
     log_every: int = opt(1, "steps between log lines")
 
+    def check_world_size(self, world_size: int):
+        if self.examples_per_step % world_size:
+            raise ConfigError(f"--examples-per-step {self.examples_per_step} must be a multiple of the processes ({world_size})")
+
     def validate(self):
         for key in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_samples", "num_epochs",
                     "generate_rows"):
@@ -244,8 +248,7 @@ def run(ctx):
     from nanochat.training import save, try_resume
 
     cfg = ctx.cfg
-    if cfg.examples_per_step % ctx.world_size:
-        raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be a multiple of the world size {ctx.world_size}")
+    cfg.check_world_size(ctx.world_size)
     ctx.require("tokenizer/tokenizer.json", "tok_train")
     tokenizer = get_tokenizer(ctx.store)
     try:

@@ -54,6 +54,11 @@ class Config(StageConfig):
     keep_checkpoints: int = opt(2, "complete checkpoints kept in the store")
     log_every: int = opt(10, "steps between log lines")
 
+    def check_world_size(self, world_size: int):
+        if self.target_examples_per_step % (self.device_batch_size * world_size):
+            raise ConfigError(f"--target-examples-per-step {self.target_examples_per_step} must be a multiple of device_batch_size × "
+                              f"processes ({self.device_batch_size} × {world_size} = {self.device_batch_size * world_size})")
+
     def validate(self):
         from nanochat.checkpoint import SOURCES
         if self.source not in SOURCES:
@@ -94,10 +99,8 @@ def run(ctx):
     ctx.log(f"{cfg.source} model from step {source_step}; train mixture {len(train_mix):,} conversations ({describe(train_mix)}); "
             f"val {len(val_mix):,}; accuracy check on {list(eval_tasks) or 'nothing'}")
 
+    cfg.check_world_size(ctx.world_size)
     examples_per_micro = cfg.device_batch_size * ctx.world_size
-    if cfg.target_examples_per_step % examples_per_micro:
-        raise ConfigError(f"--target-examples-per-step {cfg.target_examples_per_step} must be a multiple of "
-                          f"device_batch_size × world_size = {examples_per_micro}")
     grad_accum = cfg.target_examples_per_step // examples_per_micro
     n = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_mix) // cfg.target_examples_per_step * cfg.num_epochs)
 

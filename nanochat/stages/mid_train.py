@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanochat.config import ConfigError, StageConfig, opt
+from nanochat.config import ConfigError, StageConfig, batch_split_error, opt
 from nanochat.stage import run_module_main, stage_main
 
 STAGE = "mid_train"
@@ -65,6 +65,11 @@ class Config(StageConfig):
     compile: str = opt("auto", "torch.compile the model: auto (GPU only), true, false", choices=["auto", "true", "false"])
     log_every: int = opt(10, "steps between log lines")
 
+    def check_world_size(self, world_size: int):
+        if self.max_seq_len > 0:  # -1: the model's, known once it is loaded (plan checks it then)
+            if why := batch_split_error(self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size):
+                raise ConfigError(why)
+
     def validate(self):
         from nanochat.checkpoint import SOURCES
         if self.source not in SOURCES:
@@ -91,8 +96,8 @@ def estimate_tokens(tokenizer, mixture, samples: int = ESTIMATE_SAMPLES) -> int:
 def plan(cfg, model, world_size: int, seq_len: int, epoch_tokens: int | None) -> dict:
     tokens_per_micro = cfg.device_batch_size * seq_len * world_size
     total_batch = tokens_per_micro if cfg.total_batch_size <= 0 else cfg.total_batch_size
-    if total_batch % tokens_per_micro:
-        raise ConfigError(f"--total-batch-size {total_batch} must be a multiple of device_batch_size × max_seq_len × world_size = {tokens_per_micro}")
+    if why := batch_split_error(total_batch, cfg.device_batch_size, seq_len, world_size):
+        raise ConfigError(why)
     if cfg.num_iterations > 0:
         steps, how = cfg.num_iterations, "--num-iterations"
     else:
