@@ -193,9 +193,9 @@ def cmd_speedrun(args) -> int:
     print(f"nanochat speedrun: profile {profile}, store {store.root}, {len(plan)} stage(s): " + " → ".join(s.name for s, *_ in plan), file=sys.stderr)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    gpus = (nproc or profiles.get(profile)["gpus_per_node"]) * profiles.get(profile)["nodes"]
-    if profiles.get(profile)["gpus_per_node"]:
-        print_budget(profile, overrides, gpus, store)
+    sized = profiles.get(profile)
+    if sized["gpus_per_node"]:
+        print_budget(profile, overrides, (nproc or sized["gpus_per_node"]) * sized["nodes"], store)
     if args.dry_run:
         if why:
             print(f"no run at {uri} yet ({why}): every stage would run", file=sys.stderr)

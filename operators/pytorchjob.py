@@ -198,14 +198,16 @@ def nproc_per_node(spec: dict, step: Step, res: dict) -> int:
 
 
 def world_size(spec: dict, step: Step) -> int:
-    """Processes of the step's PyTorchJob: nodes × processes per node."""
-    res = stage_resources(crd.apply_defaults(spec), step)
+    """Processes of the step's PyTorchJob (spec with defaults applied): nodes × processes per node."""
+    res = stage_resources(spec, step)
     return res["nodes"] * nproc_per_node(spec, step, res)
 
 
-def resized(spec: dict, steps: list[Step]) -> bool:
-    """spec.resources gives a stage another number of processes than its profile does (its batch may not split)."""
-    return any(world_size(spec, s) != world_size({**spec, "resources": {}}, s) for s in steps)
+def needs_stage_check(spec: dict, steps: list[Step]) -> bool:
+    """Whether the stages' own config checks could refuse this spec: it has overrides or env, or spec.resources gives a
+    stage another number of processes than its profile does (a batch may not split). Otherwise no stage module is imported."""
+    resized = any(world_size(spec, s) != world_size({**spec, "resources": {}}, s) for s in steps)
+    return bool(spec.get("overrides") or spec.get("env") or resized)
 
 
 # ----------------------------------------------------------------------------- names
@@ -379,7 +381,7 @@ def render_run(run: dict, steps: list[Step] | None = None) -> list[tuple[Step, d
     spec = crd.apply_defaults(run.get("spec"))
     planned = plan_steps(spec, steps)
     overrides = parse_overrides(spec, planned)
-    if spec.get("overrides") or spec.get("env") or resized(spec, planned):  # fails here, before any job, as in `nanochat speedrun`
+    if needs_stage_check(spec, planned):  # a bad override fails here, before any job, as in `nanochat speedrun`
         stage_configs(spec, planned, overrides)
     return [(s, render_stage_job(run, s, 1, overrides)) for s in planned]
 

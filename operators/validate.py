@@ -196,15 +196,14 @@ def stage_errors(run: dict) -> list[str]:
     """What `nanochat speedrun` checks before any work, for the spec of a (schema-valid) NanochatRun:
     spec.stages names real steps, and every spec.overrides item and NANOCHAT_* variable of spec.env is
     accepted by the stage's own config parser (unknown key with "did you mean", bad value), and each training
-    batch splits over spec.resources' processes. The stage modules are imported only when there are overrides or
-    env, or spec.resources changes a stage's number of processes."""
+    batch splits over spec.resources' processes (imported only when needed: pytorchjob.needs_stage_check)."""
     from operators import crd
-    from operators.pytorchjob import SpecError, parse_overrides, plan_steps, resized, stage_configs
+    from operators.pytorchjob import SpecError, needs_stage_check, parse_overrides, plan_steps, stage_configs
     spec = crd.apply_defaults(run.get("spec"))
     try:
         steps = plan_steps(spec)
         overrides = parse_overrides(spec, steps)
-        if spec.get("overrides") or spec.get("env") or resized(spec, steps):
+        if needs_stage_check(spec, steps):
             stage_configs(spec, steps, overrides)
     except SpecError as e:
         return [str(e)]
