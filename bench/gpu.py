@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 MFU_TARGET = 0.45          # d20 bf16 on one H100, vs the measured bf16 matmul peak
 FP8_SPEEDUP_TARGET = 0.10  # fp8 tokens/s over bf16 at d24
 OPTIM_SHARE_TARGET = 0.05  # optimizer step / whole step
-FUSED_CHECK_SPLIT = 32     # cache slots per attention program in the fused decode check (production: 256)
+FUSED_CHECK_SPLIT = 32     # cache slots per attention program in the fused decode check (production: 64 and up, by batch)
 DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
@@ -764,7 +764,7 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
 def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
-    cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default 256). mode "batched": `batch`
+    cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default: by batch, split_slots). mode "batched": `batch`
     requests of their own prompts decoded together by nanochat.batching (continuous batching) in a batch of `rows`
     rows (default: batch), not one request."""
     from nanochat.gpt import GPTConfig
@@ -793,7 +793,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         out["notes"] += (f"; {prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} of "
                          f"{prof['wall_ms_per_step']:.2f} ms/step (profiled)")
     eager = b.infer.get((batch, "eager"))
-    one = b.infer.get((batch, decode))
+    one = b.infer.get((batch, res.get("decode", decode)))  # auto: the path it resolved to
     if mode == "batched" and one:
         out["notes"] += f"; {res['decode_tok_s'] / one['decode_tok_s']:.2f}× one request of {batch} sample(s), unbatched"
     if decode != "eager" and eager:
@@ -972,14 +972,15 @@ def plan(b):
             ("inference", "d20 batch 32 fused", 25, lambda: inference_row(b, 32, "fused", cap_s=90)),
             ("inference", f"d20 batch 32 {fast}, 32 requests batched", 25, lambda: inference_row(b, 32, fast, cap_s=90, mode="batched")),
             ("inference", "d20 batch 32 fused, 32 requests batched", 25, lambda: inference_row(b, 32, "fused", cap_s=90, mode="batched")),
-            ("inference", f"d20 batch 1 {fast}, 1 request in a 32-row batch", 25,
-             lambda: inference_row(b, 1, fast, cap_s=90, mode="batched", rows=32)),
+            ("inference", "d20 batch 1 auto, 1 request in a 32-row batch", 25,  # the 1-row step on the fused path
+             lambda: inference_row(b, 1, "auto", cap_s=90, mode="batched", rows=32)),
             ("train", "d24 bf16 compile", 90, lambda: train_row(b, 24)),
             ("train", "d24 fp8 compile", 90, lambda: train_row(b, 24, fp8=True, target=fp8_target(b, 24))),
             ("inference", "chat_eval decode diagnostic (ci model)", 60, lambda: chat_diag_row(b)),
             ("inference", "d20 batch 1 compile", 90, lambda: inference_row(b, 1, "compile", bandwidth=True, cap_s=150)),
-            ("inference", "d20 batch 1 fused, 128-slot splits", 25, lambda: inference_row(b, 1, "fused", True, 90, fused_split=128)),
-            ("inference", "d20 batch 1 fused, 64-slot splits", 25, lambda: inference_row(b, 1, "fused", True, 90, fused_split=64)),
+            # run 3's splits on today's kernel: what the kernel change gave apart from the split
+            ("inference", "d20 batch 1 fused, 256-slot splits", 25, lambda: inference_row(b, 1, "fused", True, 90, fused_split=256)),
+            ("inference", "d20 batch 32 fused, 256-slot splits", 25, lambda: inference_row(b, 32, "fused", False, 90, fused_split=256)),
             ("optimizer", "d20 MuonAdamW step", 45, lambda: optimizer_row(b, 20)),
             ("dataloader", "embedded corpus, file://", 40, lambda: dataloader_row(b)),
             ("pipeline", "speedrun --profile ci, every stage", 120, lambda: pipeline_row(b)),
@@ -997,6 +998,8 @@ def plan(b):
             ("inference", f"d2 batch 1 {fast} (smoke)", 3, lambda: inference_row(b, 1, fast, bandwidth=True)),
             ("inference", "d2 batch 1 eager (smoke)", 3, lambda: inference_row(b, 1, "eager", bandwidth=True)),
             ("inference", f"d2 batch 4 {fast}, 4 requests batched (smoke)", 3, lambda: inference_row(b, 4, fast, mode="batched")),
+            ("inference", "d2 batch 1 auto, 1 request in a 4-row batch (smoke)", 3,
+             lambda: inference_row(b, 1, "auto", mode="batched", rows=4)),
             ("inference", "chat_eval decode diagnostic (smoke)", 5, lambda: chat_diag_row(b)),
             ("optimizer", "d2 MuonAdamW step (smoke)", 1, lambda: optimizer_row(b, 2)),
             ("dataloader", "embedded corpus, file:// (smoke)", 3, lambda: dataloader_row(b)),

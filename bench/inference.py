@@ -126,7 +126,7 @@ def measure(row, device, repeats, threads):
     model.eval()
     engine = Engine(model, SpecialsOnlyTokenizer(row["vocab"]), decode=row.get("decode", "eager"))
     if row["mode"] != "naive":
-        row["decode"] = engine.decode_mode()  # auto resolved: the path that ran
+        row["decode"] = engine.decode_mode(row["batch"])  # auto resolved: the path of `batch` rows
     prompt = torch.randint(0, row["vocab"], (row["prompt"],), generator=torch.Generator().manual_seed(1)).tolist()
     if row["mode"] == "batched":
         from nanochat.batching import Batcher

@@ -109,7 +109,7 @@ class Batcher:
         gpt = as_gpt(engine.model)
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
-        mode = engine.decode_mode()
+        mode = engine.decode_mode(rows)
         self.mode = mode if mode in engine_mod.STATIC_STEP_MODES else "static"
         self.engine, self.model, self.rows = engine, gpt, rows
         self.max_len = engine_mod.cache_len(max_len or gpt.config.sequence_len)
@@ -271,15 +271,20 @@ class Batcher:
     def _build(self):
         """The decoder (its cache holds every row), and on a graphed path one CUDA graph per power-of-two row count:
         a step replays the smallest that holds every row in use, so a lone request costs a 1-row step. A path chosen
-        by default (auto) that fails to build falls back to the static step run eagerly, as Engine does."""
+        by default (auto) that fails to build falls back to the next (fused -> graph -> the static step run eagerly)."""
         try:
             self._build_mode(self.mode)
         except Exception as e:  # noqa: BLE001 - auto must not stop decoding over a capture
             if self.engine.decode != "auto" or self.mode == "static":
                 raise
-            warnings.warn(f"batched decode ({self.mode}) failed, running the static step uncaptured: {type(e).__name__}: {e}")
-            self.decoder, self.mode = None, "static"
-            self._build_mode("static")
+            if self.mode != self.engine.decode_mode():  # a lone row's path: the engine warns and picks the next
+                self.engine.auto_failed(self.mode, e, what="batched decode")
+                self.mode = self.engine.decode_mode(self.rows)
+            else:
+                warnings.warn(f"batched decode ({self.mode}) failed, running the static step uncaptured: {type(e).__name__}: {e}")
+                self.mode = "static"
+            self.decoder = None
+            self._build()
 
     def _build_mode(self, mode):
         d = self.decoder = StaticDecoder(self.model, self.weights, self.rows, self.max_len, mode)
@@ -287,9 +292,22 @@ class Batcher:
         self.graphs = {self.rows: d.run}
         if d.graphed:
             for k in row_buckets(self.rows)[:-1]:  # each captured on the first k rows of the same cache (views)
-                ids, cache = d.ids[:k], d.cache.window(k, self.max_len)
-                self.graphs[k] = engine_mod.CudaGraphStep(functools.partial(d.step, ids, cache, d.cos, d.sin))
+                self.graphs[k] = self._capture(k)
         d.cache.retire(range(self.rows))  # the captures' warm-up steps moved every row
+
+    def _capture(self, k):
+        """The CUDA graph of a k-row step: the decoder's path, or under auto the path auto picks for k rows (a lone
+        row: fused), which falls back to the decoder's if it cannot be built."""
+        d = self.decoder
+        mode = self.engine.decode_mode(k) if self.engine.decode == "auto" else d.mode
+        ids, cache = d.ids[:k], d.cache.window(k, self.max_len)
+        if mode != d.mode and mode in engine_mod.STATIC_STEP_MODES:
+            try:
+                step = engine_mod.static_step(mode, self.weights, self.model.get_device(), self.model.config)
+                return engine_mod.CudaGraphStep(functools.partial(step, ids, cache, d.cos, d.sin))
+            except Exception as e:  # noqa: BLE001 - auto's pick for k rows: the batch's own step serves instead
+                self.engine.auto_failed(mode, e, what=f"batched decode of {k} row(s)")
+        return engine_mod.CudaGraphStep(functools.partial(d.step, ids, cache, d.cos, d.sin))
 
     def _step(self):
         self.steps += 1

@@ -12,10 +12,12 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
   eager    GPT.forward with a growing KVCache per step: the reference
   static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly over the slots
            in use: the default on CPU
-  graph    that step captured in a CUDA graph per (batch, cache length), replayed per token: the default on CUDA
+  graph    that step captured in a CUDA graph per (batch, cache length), replayed per token: auto's choice on CUDA
+           for more than one row
   compile  the same, torch.compile'd (fewer, fused kernels) before capture (on CPU: compiled, not captured); costs
            compile time per shape
-  fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, ~8 per layer), in a CUDA graph
+  fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, ~9 per layer), in a CUDA graph:
+           auto's choice on CUDA for a lone row (one sample, or one row of a batch in use)
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
 every path. The graphed paths run one step ahead: the next step starts on the sampled ids while the host reads them,
 and is rerun when a tool forces another token (StaticSteps). Sampling (temperature, top-k, top-p) happens outside the
@@ -48,11 +50,12 @@ DECODE_MODES = ("eager", "static", "graph", "compile", "fused")
 STATIC_STEP_MODES = ("static", "graph", "compile", "fused")
 CACHE_BUCKET = 256  # static cache lengths round up to a multiple: one captured graph serves many prompt lengths
 SLOT_BLOCK = 64  # an uncaptured static step attends the slots in use rounded up to this: fewer shapes, less work
-# auto on CUDA: the static step in a CUDA graph (bench/gpu.py 2026-11-26, H100: matches eager, d20 batch 1 4.7x faster)
-AUTO_DECODE_CUDA = "graph"
-# auto on CPU: the static step, uncaptured (bench/inference.py, 2 Zen 5 cores, d4 fp32: batch 1 ~1.6x eager; its weights
-# laid out for the CPU's GEMV, nanochat.gpt.input_major)
-AUTO_DECODE_CPU = "static"
+# auto: device type -> (the path of a lone row (Engine at one sample, a batch's 1-row step), the path of more rows).
+# CUDA: the fused step for one row (bench/RESULTS.md run 3, H100, d20 batch 1: 788 tok/s against the graph's 563),
+# the static step in a CUDA graph for more (run 3: 3,128 / 6,893 tok/s at batch 8 / 32, the fused step 2,560 / 3,606).
+# CPU: the static step, uncaptured (bench/inference.py, 2 Zen 5 cores, d4 fp32: batch 1 ~1.6x eager; its weights laid
+# out for the CPU's GEMV, nanochat.gpt.input_major).
+AUTO_DECODE = {"cuda": ("fused", "graph"), "cpu": ("static", "static")}
 STEP_AHEAD = True  # graphed paths start the next step before the host has seen the sampled ids (StaticSteps)
 IDLE_DECODERS = 2  # static decoders (cache + graph) kept for reuse between requests, the oldest dropped first: each holds a cache
 
@@ -158,13 +161,14 @@ class RowState:
 class Engine:
 
     def __init__(self, model, tokenizer, decode=None):
-        """decode: eager | static | graph | compile | fused | auto (None: $NANOCHAT_DECODE, else auto = AUTO_DECODE_CUDA for a GPT on
-        CUDA, AUTO_DECODE_CPU for one on CPU, eager for other models). See the module docstring."""
+        """decode: eager | static | graph | compile | fused | auto (None: $NANOCHAT_DECODE, else auto: AUTO_DECODE's paths
+        for a GPT on its device, eager for other models). See the module docstring."""
         self.model = model
         self.decode = requested_decode(decode)
         self._weights = None  # DecodeWeights of the static paths, built on first use
         self._idle = []       # StaticDecoders free for the next request, oldest first
         self._batcher = None  # the continuous batch batcher() hands out, kept for the next call
+        self._auto_failed = set()  # paths auto picked that failed to build here: not picked again
         self.tokenizer = tokenizer  # for the special tokens and the tools' text
         special = tokenizer.encode_special
         self.python_start = special("<|python_start|>")
@@ -224,14 +228,27 @@ class Engine:
         with decode_threads(self.model):
             yield from self._decode(tokens, num_samples, max_tokens, seed, use_cache, sampling)
 
-    def decode_mode(self):
-        """The path the next request takes (see the module docstring)."""
+    def decode_mode(self, rows=None):
+        """The path a step of `rows` rows takes (see the module docstring; None: any number of rows)."""
         gpt = as_gpt(self.model)
         if gpt is None:
             return "eager"
-        if self.decode == "auto":
-            return AUTO_DECODE_CUDA if gpt.get_device().type == "cuda" else AUTO_DECODE_CPU
-        return self.decode
+        if self.decode != "auto":
+            return self.decode
+        device = gpt.get_device()
+        one_row, more_rows = AUTO_DECODE.get(device.type, AUTO_DECODE["cpu"])
+        if rows == 1 and one_row not in self._auto_failed and step_unavailable(one_row, device, gpt.config) is None:
+            return one_row
+        return more_rows
+
+    def auto_failed(self, mode, error, what="static decode"):
+        """A path auto picked could not be built: warn, and pick the next one from now on (a lone row's path -> the path
+        of more rows -> eager)."""
+        self._auto_failed.add(mode)
+        if mode == self.decode_mode():  # the path of more rows: nothing static left
+            self.decode = "eager"
+        then = self.decode_mode(1)
+        warnings.warn(f"{what} ({mode}) failed, decoding on the {then} path from now on: {type(error).__name__}: {error}")
 
     @torch.inference_mode()
     def _decode(self, tokens, num_samples, max_tokens, seed, use_cache, sampling):
@@ -273,7 +290,7 @@ class Engine:
     def _steps(self, prompt, num_samples, max_tokens, use_cache):
         if not use_cache:
             return NaiveSteps(self.model, num_samples)
-        mode = self.decode_mode()
+        mode = self.decode_mode(num_samples)
         if mode == "eager":
             # the model allocates its cache in its compute dtype; sized for the whole answer when known
             cache = self.model.new_kv_cache(1, prompt.size(1) + (max_tokens or DECODE_RESERVE))
@@ -285,8 +302,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - chosen by default (auto): a capture that fails must not stop decoding
             if self.decode != "auto":
                 raise
-            warnings.warn(f"static decode ({mode}) failed, decoding eagerly from now on: {type(e).__name__}: {e}")
-            self.decode = "eager"
+            self.auto_failed(mode, e)
             return self._steps(prompt, num_samples, max_tokens, use_cache)
 
     # -- static decoders: built once per (batch, cache length, mode), reused by later requests ---------------------
@@ -481,15 +497,7 @@ class StaticDecoder:
         self.cache = StaticKVCache(batch, c.n_kv_head, c.head_dim, c.n_layer, max_len, device=device, dtype=model.compute_dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cos, self.sin = model.rotary_tables(max_len)
-        step = weights.step
-        if mode == "compile":
-            step = torch.compile(step, fullgraph=True, dynamic=False)
-        if mode == "fused":
-            from nanochat import fused_decode
-            why = fused_decode.unavailable_reason(device, c.head_dim)
-            if why:
-                raise RuntimeError(f"decode='fused': {why}")
-            step = functools.partial(fused_decode.fused_step, weights)
+        step = static_step(mode, weights, device, c)
         self.step = step  # (ids, cache, cos, sin) -> logits: run() calls it on this decoder's own tensors
         ids, cache, cos, sin = self.ids, self.cache, self.cos, self.sin  # not self: no reference cycle keeps a dropped cache alive
 
@@ -504,6 +512,27 @@ class StaticDecoder:
         rounded up to SLOT_BLOCK: the work of the tokens present, not of the whole cache."""
         slots = min(self.cache.max_len, -(-reached // SLOT_BLOCK) * SLOT_BLOCK)
         return self.step(ids, self.cache.window(ids.size(0), slots), self.cos, self.sin)
+
+
+def step_unavailable(mode, device, config):
+    """Why `mode`'s step cannot run on this device (None when it can): only the fused one has conditions."""
+    if mode != "fused":
+        return None
+    from nanochat import fused_decode
+    return fused_decode.unavailable_reason(device, config.head_dim)
+
+
+def static_step(mode, weights, device, config):
+    """(ids, cache, cos, sin) -> fp32 logits: one decode step of a static path, over DecodeWeights `weights`."""
+    if mode == "compile":
+        return torch.compile(weights.step, fullgraph=True, dynamic=False)
+    if mode == "fused":
+        why = step_unavailable(mode, device, config)
+        if why:
+            raise RuntimeError(f"decode='fused': {why}")
+        from nanochat import fused_decode
+        return functools.partial(fused_decode.fused_step, weights)
+    return weights.step
 
 
 class CudaGraphStep:

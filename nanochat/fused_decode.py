@@ -1,13 +1,13 @@
 """
-The fused decode step: DecodeWeights.step's arithmetic in ~8 kernels per layer instead of ~21, for the CUDA graph.
+The fused decode step: DecodeWeights.step's arithmetic in ~9 kernels per layer instead of ~21, for the CUDA graph.
 
 A batch-1 d20 step on the H100 is bound by how many kernels it launches (~2 us each even inside a CUDA graph;
 bench/RESULTS.md run 2), not by the bytes it reads. Per layer this step runs:
 
     addcmul     x = resid * x + x0_lambda * x0                      (torch)
     linear      qkv = x @ Wqkv                                     (cuBLAS, on the un-normed x)
-    attend      norm scale, value embedding + gate, rotary, QK-norm, K/V written at the position, attention over
-                one split of the cache (flash-decoding: online softmax per split)            (Triton)
+    prepare     norm scale, value embedding + gate, rotary, QK-norm; K/V written at the position   (Triton)
+    attend      attention over one split of the cache (flash-decoding: online softmax per split)   (Triton)
     combine     the splits' partial softmaxes -> y                                           (Triton)
     addmm       x = x + y @ Wproj                                  (cuBLAS: the residual add rides in the GEMV)
     linear      h = x @ Wfc                                        (cuBLAS, on the un-normed x)
@@ -15,13 +15,17 @@ bench/RESULTS.md run 2), not by the bytes it reads. Per layer this step runs:
     addmm       x = x + h @ Wmlp_proj                              (cuBLAS)
 
 The pre-attention and pre-MLP norms are parameter-free, so norm(x) @ W == (x @ W) * rsqrt(mean(x^2) + eps): the
-scale is applied after the matmul, inside the next kernel, and no norm kernel runs. Sliding-window layers read only
-the splits their window reaches. Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py
-runs the kernels in Triton's interpreter on the CPU; bench/gpu.py checks them on a GPU).
+scale is applied after the matmul, inside the next kernel, and no norm kernel runs. The attention programs loop over
+the visible slots of their split only (sliding-window layers skip the rest), and the split grows with the batch
+(split_slots). prepare is its own kernel so that the attention programs, thousands at batch 32, do not each redo it
+(run 3: one kernel doing both held 255 registers per thread and was latency-bound). Same results as
+DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's interpreter on the
+CPU; bench/gpu.py checks them on a GPU).
 
 Needs Triton and a CUDA device, or TRITON_INTERPRET=1 (set before this module is imported) for CPU tensors.
 """
 
+import functools
 import os
 
 import torch
@@ -32,9 +36,14 @@ try:
 except ImportError:  # an install without triton: unavailable_reason() says why
     triton = tl = None
 
-# cache slots per attention program: a d20 batch-1 step at 2,304 slots runs 10 heads x 9 splits (untuned: bench/gpu.py
-# measures 64 and 128 too)
-SPLIT_SLOTS = int(os.environ.get("NANOCHAT_FUSED_SPLIT", "256"))
+# cache slots per attention program: the fewest (MIN_SPLIT_SLOTS) that keep the (row, kv head, split) programs within
+# PROGRAMS_PER_SM per SM, so a batch-1 step gets many short programs and a batch-32 one a program per (row, head)
+# (bench/RESULTS.md run 3: batch 1 618 tok/s at 256 slots, 788 at 64; batch 32 8.9 ms per step at 256).
+# NANOCHAT_FUSED_SPLIT fixes it instead (bench/gpu.py's split rows).
+SPLIT_SLOTS = int(os.environ["NANOCHAT_FUSED_SPLIT"]) if os.environ.get("NANOCHAT_FUSED_SPLIT") else None
+MIN_SPLIT_SLOTS = 64
+PROGRAMS_PER_SM = 4
+ATTEND_BLOCK = 32  # cache slots per loop iteration (divided by the query heads per K/V head): <= 128 registers on sm_90, 4 programs per SM
 RELU2_BLOCK = 1024
 
 
@@ -66,14 +75,13 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
 
     @triton.jit
-    def _attend_split_kernel(qkv_ptr, x_ptr, ids_ptr, ve_ptr, gate_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr,
-                             acc_ptr, m_ptr, l_ptr, max_len, window, eps, scale,
-                             C: tl.constexpr, C_P2: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
-                             G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, GATE: tl.constexpr, GATE_P2: tl.constexpr,
-                             HAS_VE: tl.constexpr, NSPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-        """One (row, kv head, split): the new token's q (its G query heads), k, v from the un-normed qkv, then the
-        online softmax over the split's visible slots; partial (acc, max, sum) per query head and split."""
-        bh, split = tl.program_id(0), tl.program_id(1)
+    def _prepare_kernel(qkv_ptr, x_ptr, ids_ptr, ve_ptr, gate_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
+                        max_len, eps, scale,
+                        C: tl.constexpr, C_P2: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                        G_P2: tl.constexpr, D: tl.constexpr, GATE: tl.constexpr, GATE_P2: tl.constexpr, HAS_VE: tl.constexpr):
+        """One (row, kv head): the new token's k and v from the un-normed qkv, written into the cache at the row's
+        position, and its G query heads (norm scale, rotary, QK-norm, softmax scale) as fp32 for the attention."""
+        bh = tl.program_id(0)
         b, hk = bh // HKV, bh % HKV
         pos = tl.load(pos_ptr + b)  # rows may stand at different positions (nanochat.batching)
         r = _rsqrt_mean_square(x_ptr + b * C, C, C_P2, eps)  # the attention input's norm, applied after the matmul
@@ -83,19 +91,20 @@ if triton is not None:
         sin = tl.load(sin_ptr + pos * D + od).to(tl.float32)
         row = qkv_ptr + b * (H + 2 * HKV) * D
 
-        k_new = tl.load(row + (H + hk) * D + od).to(tl.float32) * cos + tl.load(row + (H + hk) * D + swapped).to(tl.float32) * sin
-        k_new = k_new * r
-        k_new = k_new / tl.sqrt(tl.sum(k_new * k_new, 0) / D + eps)
-        k_new = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it, for every later step too
-        v_new = tl.load(row + (H + HKV + hk) * D + od).to(tl.float32) * r
+        k = tl.load(row + (H + hk) * D + od).to(tl.float32) * cos + tl.load(row + (H + hk) * D + swapped).to(tl.float32) * sin
+        k = k * r
+        k = k / tl.sqrt(tl.sum(k * k, 0) / D + eps)
+        v = tl.load(row + (H + HKV + hk) * D + od).to(tl.float32) * r
         if HAS_VE:  # value residual: v += 2 * sigmoid(norm(x)[:GATE] @ gate[hk]) * ve[token]
             og = tl.arange(0, GATE_P2)
             xg = tl.load(x_ptr + b * C + og, mask=og < GATE, other=0.0).to(tl.float32) * r
             wg = tl.load(gate_ptr + hk * GATE + og, mask=og < GATE, other=0.0).to(tl.float32)
             gate = 2.0 / (1.0 + tl.exp(-tl.sum(xg * wg, 0)))
             token = tl.load(ids_ptr + b)
-            v_new += gate * tl.load(ve_ptr + token * (HKV * D) + hk * D + od).to(tl.float32)
-        v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+            v += gate * tl.load(ve_ptr + token * (HKV * D) + hk * D + od).to(tl.float32)
+        cache = (b * HKV + hk).to(tl.int64) * max_len * D + pos * D
+        tl.store(k_ptr + cache + od, k.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + cache + od, v.to(v_ptr.dtype.element_ty))
 
         oq = tl.arange(0, G_P2)
         q_rows = (hk * G + oq)[:, None] * D
@@ -104,38 +113,72 @@ if triton is not None:
             + tl.load(row + q_rows + swapped[None, :], mask=q_mask, other=0.0).to(tl.float32) * sin[None, :]
         q = q * r
         q = q / tl.sqrt(tl.sum(q * q, 1) / D + eps)[:, None] * scale
+        tl.store(q_ptr + (b * H + hk * G + oq[:, None]) * D + od[None, :], q, mask=q_mask)
 
-        start = split * SPLIT
+    @triton.jit
+    def _attend_split_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, max_len, window, split_len, nsplit,
+                             H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
+                             BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """One (row, kv head, split): flash-decoding of its G query heads over the split's visible cache slots (the new
+        token's included: _prepare_kernel wrote it); partial (acc, max, sum) per query head and split. The loop starts
+        at the first visible slot and runs ITERS blocks, enough for the most slots a split can see (an iteration
+        past the visible ones loads nothing)."""
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, hk = bh // HKV, bh % HKV
+        pos = tl.load(pos_ptr + b)
+        start = split * split_len
         lo = tl.maximum(start, pos - window)  # the visible slots: [pos - window, pos] (window = max_len: unlimited)
-        hi = tl.minimum(start + SPLIT, pos + 1)
+        hi = tl.minimum(start + split_len, pos + 1)
         cache = (b * HKV + hk).to(tl.int64) * max_len * D
-        m = tl.full([G_P2], float("-inf"), tl.float32)
-        l = tl.zeros([G_P2], tl.float32)
-        acc = tl.zeros([G_P2, D], tl.float32)
-        for n0 in range(0, SPLIT, BLOCK):  # static bounds: an invisible block's masked loads read no memory
-            slots = start + n0 + tl.arange(0, BLOCK)
-            valid = (slots >= lo) & (slots < hi)
-            offs = cache + slots[:, None] * D + od[None, :]
-            is_new = (slots == pos)[:, None]  # the new token's slot is written below: use the registers, not memory
-            k = tl.where(is_new, k_new[None, :], tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32))
-            v = tl.where(is_new, v_new[None, :], tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32))
-            s = tl.where(valid[None, :], tl.sum(q[:, None, :] * k[None, :, :], 2), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: keep exp() away from -inf - -inf
-            alpha = tl.exp(m - shift)
-            p = tl.exp(s - shift[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
-            m = m_new
-
-        heads = b * H + hk * G + oq
-        tl.store(acc_ptr + (heads[:, None] * NSPLIT + split) * D + od[None, :], acc, mask=q_mask)
-        tl.store(m_ptr + heads * NSPLIT + split, m, mask=oq < G)
-        tl.store(l_ptr + heads * NSPLIT + split, l, mask=oq < G)
-        at = pos + od * 0  # the one program whose split holds the position writes K/V
-        mine = (at >= start) & (at < start + SPLIT)
-        tl.store(k_ptr + cache + at * D + od, k_new.to(k_ptr.dtype.element_ty), mask=mine)
-        tl.store(v_ptr + cache + at * D + od, v_new.to(v_ptr.dtype.element_ty), mask=mine)
+        od = tl.arange(0, D)
+        head = b * H + hk * G  # the group's first query head
+        if G == 1:  # one query head per K/V head (nanochat's default): 2-D tiles, scalar softmax state
+            q = tl.load(q_ptr + head * D + od)
+            m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+            l = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+            acc = tl.zeros([D], tl.float32)
+            for i in range(0, ITERS):  # a constant: Triton's interpreter loops to nothing else
+                slots = lo + i * BLOCK + tl.arange(0, BLOCK)
+                valid = slots < hi
+                offs = cache + slots[:, None] * D + od[None, :]
+                k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                s = tl.where(valid, tl.sum(q[None, :] * k, 1), float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 0))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no exp(-inf - -inf)
+                alpha = tl.exp(m - shift)
+                p = tl.exp(s - shift)
+                l = l * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                m = m_new
+            tl.store(acc_ptr + (head * nsplit + split) * D + od, acc)
+            tl.store(m_ptr + head * nsplit + split, m)
+            tl.store(l_ptr + head * nsplit + split, l)
+        else:  # a group of query heads shares each K/V tile
+            oq = tl.arange(0, G_P2)
+            heads = head + oq
+            q_mask = (oq < G)[:, None]
+            q = tl.load(q_ptr + heads[:, None] * D + od[None, :], mask=q_mask, other=0.0)
+            m = tl.full([G_P2], float("-inf"), tl.float32)
+            l = tl.zeros([G_P2], tl.float32)
+            acc = tl.zeros([G_P2, D], tl.float32)
+            for i in range(0, ITERS):
+                slots = lo + i * BLOCK + tl.arange(0, BLOCK)
+                valid = slots < hi
+                offs = cache + slots[:, None] * D + od[None, :]
+                k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                s = tl.where(valid[None, :], tl.sum(q[:, None, :] * k[None, :, :], 2), float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - shift)
+                p = tl.exp(s - shift[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+                m = m_new
+            tl.store(acc_ptr + (heads[:, None] * nsplit + split) * D + od[None, :], acc, mask=q_mask)
+            tl.store(m_ptr + heads * nsplit + split, m, mask=oq < G)
+            tl.store(l_ptr + heads * nsplit + split, l, mask=oq < G)
 
     @triton.jit
     def _combine_kernel(acc_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr):
@@ -160,24 +203,49 @@ if triton is not None:
         tl.store(h_ptr + b * N + offs, (h * h).to(h_ptr.dtype.element_ty), mask=offs < N)
 
 
+def split_slots(programs, max_len, device):
+    """Cache slots per attention program for `programs` (row, kv head) pairs (see SPLIT_SLOTS)."""
+    if SPLIT_SLOTS:
+        return SPLIT_SLOTS
+    if device.type != "cuda":  # the interpreter: the smallest, so short tests cross split boundaries
+        return MIN_SPLIT_SLOTS
+    most = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    split = MIN_SPLIT_SLOTS
+    while split < max_len and programs * triton.cdiv(max_len, split) > most:
+        split *= 2
+    return split
+
+
+@functools.cache
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None, gate=None):
     """y (B, H * D): the attention of one new token per row, from the un-normed attention input x (B, C) and
     qkv = x @ Wqkv (B, (H + 2 Hkv) D); writes the token's K/V into the (B, Hkv, max_len, D) caches at each row's
     position pos[b]."""
     B, C = x.shape
     H, HKV, D = config.n_head, config.n_kv_head, config.head_dim
+    G, g_p2 = H // HKV, _pow2(H // HKV)
     max_len = k_cache.size(2)
-    nsplit = triton.cdiv(max_len, SPLIT_SLOTS)
-    g_p2 = _pow2(H // HKV)
+    split = split_slots(B * HKV, max_len, x.device)
+    nsplit = triton.cdiv(max_len, split)
+    q = torch.empty(B * H, D, device=x.device, dtype=torch.float32)
+    gate_channels = gate.size(1) if gate is not None else 1
+    _prepare_kernel[(B * HKV,)](
+        qkv, x, ids, ve if ve is not None else qkv, gate if gate is not None else qkv, cos, sin, pos, k_cache, v_cache, q,
+        max_len, torch.finfo(x.dtype).eps, D ** -0.5, C=C, C_P2=_pow2(C), H=H, HKV=HKV, G=G, G_P2=g_p2, D=D,
+        GATE=gate_channels, GATE_P2=_pow2(gate_channels), HAS_VE=ve is not None)
     acc = torch.empty(B * H, nsplit, D, device=x.device, dtype=torch.float32)
     m = torch.empty(B * H, nsplit, device=x.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    gate_channels = gate.size(1) if gate is not None else 1
+    window = window if window >= 0 else max_len
+    block = max(16, ATTEND_BLOCK // g_p2)
+    iters = triton.cdiv(min(split, window + 1, max_len), block)  # the most visible slots one split holds, in blocks
     _attend_split_kernel[(B * HKV, nsplit)](
-        qkv, x, ids, ve if ve is not None else qkv, gate if gate is not None else qkv, cos, sin, pos, k_cache, v_cache,
-        acc, m, l, max_len, window if window >= 0 else max_len, torch.finfo(x.dtype).eps, D ** -0.5,
-        C=C, C_P2=_pow2(C), H=H, HKV=HKV, G=H // HKV, G_P2=g_p2, D=D, GATE=gate_channels, GATE_P2=_pow2(gate_channels),
-        HAS_VE=ve is not None, NSPLIT=nsplit, SPLIT=SPLIT_SLOTS, BLOCK=min(SPLIT_SLOTS, max(16, 64 // g_p2)))
+        q, pos, k_cache, v_cache, acc, m, l, max_len, window, split, nsplit,
+        H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters)
     y = torch.empty(B, H * D, device=x.device, dtype=x.dtype)
     _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit))
     return y

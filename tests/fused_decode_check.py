@@ -3,8 +3,8 @@
     TRITON_INTERPRET=1 python tests/fused_decode_check.py      prints one JSON object of measurements
 
 The interpreter is chosen when the kernels are defined (at import), hence a process of its own. Cache splits of 16
-slots instead of 256, so that short prompts cross split boundaries and sliding windows straddle them (the Engine
-checks, whose caches are 256 slots, use 64: the interpreter runs one program at a time).
+or 32 slots, so that short prompts cross split boundaries and sliding windows straddle them, and loop blocks of 16 or
+32 (the Engine checks, whose caches are 256 slots, use 64-slot splits: the interpreter runs one program at a time).
 """
 
 import itertools
@@ -27,7 +27,6 @@ from nanochat.kv_cache import StaticKVCache  # noqa: E402
 from tests.test_engine import PROMPT, TOK, random_gpt, run  # noqa: E402
 from tests.test_static_decode import ragged_decode  # noqa: E402
 
-fd.SPLIT_SLOTS = 16
 VOCAB, PROMPT_LEN, STEPS, MAX_LEN = 80, 13, 6, 32  # positions 13..18 of a 32-slot cache: splits 0 and 1
 
 
@@ -69,16 +68,19 @@ def step_checks():
     window pattern and batch (3 heads: a width of 48 and a group of 3, both padded to a power of two in the kernel);
     bf16: both against an fp32 full forward."""
     out = {}
-    for n_head, n_kv, pattern, batch in [(4, 2, "SL", 2), (4, 1, "SL", 1), (4, 4, "L", 1), (3, 1, "SL", 2)]:
+    cases = [(4, 2, "SL", 2, 16, 32), (4, 1, "SL", 1, 16, 32), (4, 4, "L", 1, 16, 32), (3, 1, "SL", 2, 16, 32),
+             (4, 4, "SL", 2, 32, 16), (4, 2, "L", 1, 32, 16)]  # the last two: several loop iterations per program
+    for n_head, n_kv, pattern, batch, fd.SPLIT_SLOTS, fd.ATTEND_BLOCK in cases:
         model = small_gpt(n_kv, pattern, torch.float32, n_head=n_head)
         g = torch.Generator().manual_seed(n_kv)
         prompt, forced = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g), torch.randint(0, VOCAB, (batch, STEPS), generator=g)
         want, want_cache = teacher_forced(model, static_step, prompt, forced)
         got, got_cache = teacher_forced(model, fd.fused_step, prompt, forced)
-        out[f"fp32 heads{n_head} kv{n_kv} {pattern} batch{batch}"] = dict(
+        out[f"fp32 heads{n_head} kv{n_kv} {pattern} batch{batch} split{fd.SPLIT_SLOTS} block{fd.ATTEND_BLOCK}"] = dict(
             logits_rel=rel(got, want), cache_max_abs=max((a - b).abs().max().item() for a, b in
                                                          zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v)),
             pos=[got_cache.pos.tolist(), want_cache.pos.tolist()])
+    fd.SPLIT_SLOTS, fd.ATTEND_BLOCK = 16, 32
     model = small_gpt(2, "SL", torch.float32)  # one request per row: 3 prompts, 3 positions, the last row retired halfway
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (13, 3, 20)]
@@ -122,6 +124,7 @@ def engine_checks():
         out["batched_mode"] = batcher.mode
     finally:
         batcher.close()
+    out.update(lone_row_checks(model, sampled))
     reserve, bucket = engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET
     engine_mod.DECODE_RESERVE, engine_mod.CACHE_BUCKET = 4, 8  # the static cache ends a few tokens in
     try:
@@ -132,6 +135,45 @@ def engine_checks():
     out["overflow_equal"] = streams[0] == streams[1]
     out["overflow_tokens"] = len(streams[0])
     return out
+
+
+class UncapturedGraph:
+    """engine.CudaGraphStep without CUDA: calls fn where a graph would replay it (warm-up and capture included)."""
+
+    def __init__(self, fn, warmup=2):
+        for _ in range(warmup):
+            fn()
+        self.fn = fn
+        fn()
+
+    def __call__(self):
+        return self.fn()
+
+
+def lone_row_checks(model, sampled):
+    """auto as on CUDA (fused for a lone row, graph for more) in a 4-row batch: a request that shares the batch for its
+    first steps (4-row static step) and is then alone in row 0 (1-row fused step) reads, on the fused step, the K/V the
+    static one wrote: its stream must equal the static engine's, and so must its companion's."""
+    calls = []
+    fused_step = fd.fused_step
+    saved = engine_mod.AUTO_DECODE["cpu"], engine_mod.CudaGraphStep, fd.fused_step
+    engine_mod.AUTO_DECODE["cpu"], engine_mod.CudaGraphStep = ("fused", "graph"), UncapturedGraph
+    fd.fused_step = lambda *args: calls.append(1) or fused_step(*args)
+    engine = Engine(model, TOK)
+    batcher = Batcher(engine, rows=4)
+    requests = [(PROMPT, dict(num_samples=1, max_tokens=10, temperature=0.0)),  # row 0
+                (PROMPT[:4], dict(sampled, num_samples=2, max_tokens=3))]         # rows 1-2, gone after 3 tokens
+    try:
+        with batcher.cond:
+            streams = [batcher.generate(p, **kw) for p, kw in requests]
+        got = [run(s) for s in streams]
+        modes = [engine.decode_mode(1), engine.decode_mode(4), batcher.mode]
+    finally:
+        batcher.close()
+        engine_mod.AUTO_DECODE["cpu"], engine_mod.CudaGraphStep, fd.fused_step = saved
+    want = [run(Engine(model, TOK, decode="static").generate(p, **kw)) for p, kw in requests]
+    return dict(lone_row_modes=modes, lone_row_equal=[g == w for g, w in zip(got, want)], lone_row_fused_calls=len(calls),
+                lone_row_tokens=len(got[0][0]))
 
 
 if __name__ == "__main__":

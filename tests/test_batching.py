@@ -144,7 +144,7 @@ def test_a_capture_that_fails_under_auto_falls_back_to_the_uncaptured_step(model
         raise RuntimeError("capture failed")
     monkeypatch.setattr(engine_mod, "CudaGraphStep", broken)
     engine = Engine(model, TOK)
-    monkeypatch.setattr(engine, "decode_mode", lambda: "graph")
+    monkeypatch.setitem(engine_mod.AUTO_DECODE, "cpu", ("graph", "graph"))
     batcher = Batcher(engine, rows=2)
     assert batcher.mode == "graph"
     try:

@@ -89,7 +89,7 @@ def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 15
+    assert data["finished"] is True and len(data["rows"]) == 16
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 

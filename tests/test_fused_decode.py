@@ -6,6 +6,7 @@ as close to an fp32 forward as the static step, and Engine(decode="fused") strea
 kernels the same way."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def interpreted(tmp_path_factory):
 @needs_triton
 def test_fused_step_equals_the_static_step_in_fp32(interpreted):
     steps = {k: v for k, v in interpreted["steps"].items() if k.startswith("fp32 heads")}
-    assert len(steps) == 4
+    assert len(steps) == 6 and sum("split32 block16" in k for k in steps) == 2
     for name, r in steps.items():
         assert r["logits_rel"] < 1e-5, name       # the same arithmetic, in another order
         assert r["cache_max_abs"] < 1e-4, name   # the K/V it wrote at each position
@@ -70,21 +71,37 @@ def test_engine_streams_on_the_fused_path(interpreted):
 
 
 @needs_triton
+def test_a_batch_decodes_a_lone_row_on_the_fused_step_under_auto(interpreted):
+    """auto as on CUDA: a 4-row batch on the graph step captures its 1-row step on the fused one; a request alone in
+    row 0 after its companion left continues on the fused step from the K/V the static step wrote."""
+    e = interpreted["engine"]
+    assert e["lone_row_modes"] == ["fused", "graph", "graph"]
+    assert e["lone_row_equal"] == [True, True] and e["lone_row_tokens"] == 10
+    assert e["lone_row_fused_calls"] > 3  # beyond the capture's 3 calls: steps of the lone row
+
+
+@needs_triton
 @pytest.mark.parametrize("group,has_ve", [(1, True), (1, False), (2, True)])
 def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
     """The interpreter checks the arithmetic, not the compiler: each kernel also goes through Triton's real pipeline
-    to an sm_90 cubin (PTX by LLVM, then the ptxas shipped in the wheel; no GPU needed), at the d20 shapes."""
+    to an sm_90 cubin (PTX by LLVM, then the ptxas shipped in the wheel; no GPU needed), at the d20 shapes. The attention
+    kernel must fit in 128 registers per thread: four programs per SM, which split_slots counts on (run 3's kernel held
+    255, two per SM, and was latency-bound)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     monkeypatch.setenv("TRITON_HOME", str(tmp_path))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     bf16, f32 = "*bf16", "*fp32"
+    g_p2 = fused_decode._pow2(group)
     kernels = [
-        (fused_decode._attend_split_kernel,
+        (fused_decode._prepare_kernel,
          dict(qkv_ptr=bf16, x_ptr=bf16, ids_ptr="*i64", ve_ptr=bf16, gate_ptr=bf16, cos_ptr=bf16, sin_ptr=bf16, pos_ptr="*i64",
-              k_ptr=bf16, v_ptr=bf16, acc_ptr=f32, m_ptr=f32, l_ptr=f32, max_len="i32", window="i32", eps="fp32", scale="fp32"),
-         dict(C=1280, C_P2=2048, H=10, HKV=10 // group, G=group, G_P2=group, D=128, GATE=32, GATE_P2=32, HAS_VE=has_ve,
-              NSPLIT=9, SPLIT=fused_decode.SPLIT_SLOTS, BLOCK=64 // group)),
+              k_ptr=bf16, v_ptr=bf16, q_ptr=f32, max_len="i32", eps="fp32", scale="fp32"),
+         dict(C=1280, C_P2=2048, H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, GATE=32, GATE_P2=32, HAS_VE=has_ve)),
+        (fused_decode._attend_split_kernel,
+         dict(q_ptr=f32, pos_ptr="*i64", k_ptr=bf16, v_ptr=bf16, acc_ptr=f32, m_ptr=f32, l_ptr=f32, max_len="i32",
+              window="i32", split_len="i32", nsplit="i32"),
+         dict(H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, BLOCK=max(16, fused_decode.ATTEND_BLOCK // g_p2), ITERS=72)),
         (fused_decode._combine_kernel, dict(acc_ptr=f32, m_ptr=f32, l_ptr=f32, y_ptr=bf16), dict(D=128, NSPLIT=9, NSPLIT_P2=16)),
         (fused_decode._relu2_kernel, dict(h_ptr=bf16, x_ptr=bf16, N="i32", eps="fp32"), dict(C=1280, C_P2=2048, BLOCK=fused_decode.RELU2_BLOCK)),
     ]
@@ -95,6 +112,19 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
                            constexprs={(names.index(k),): v for k, v in constants.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert f".entry {fn.__name__}" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 1000, fn.__name__
+        if fn is fused_decode._attend_split_kernel:
+            assert compiled.metadata.num_warps == 4
+            assert registers_per_thread(compiled.asm["ptx"], tmp_path) <= 128
+
+
+def registers_per_thread(ptx, tmp_path):
+    """What ptxas -v reports for a kernel's PTX (the ptxas that Triton itself runs)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    path = tmp_path / "kernel.ptx"
+    path.write_text(ptx)
+    out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(path),
+                          "-o", str(tmp_path / "kernel.cubin")], capture_output=True, text=True, check=True)
+    return int(re.search(r"Used (\d+) registers", out.stderr).group(1))
 
 
 def test_fused_mode_where_it_cannot_run_says_why(monkeypatch):
@@ -111,3 +141,18 @@ def test_fused_mode_needs_a_power_of_two_head_dim(monkeypatch):
     assert why is not None and ("power-of-two head_dim" in why or "triton package" in why)
     if fused_decode.triton is not None:
         assert fused_decode.unavailable_reason(torch.device("cpu"), 64) is None
+
+
+def test_cache_split_grows_with_the_batch(monkeypatch):
+    """split_slots on an H100 (132 SMs), d20 (10 K/V heads) with a 2,304-slot cache: batch 1 keeps run 3's fastest
+    split (64 slots, 360 programs), batch 8 and 32 get longer splits, so the programs stay within four per SM."""
+    monkeypatch.setattr(fused_decode, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(fused_decode, "SPLIT_SLOTS", None)
+    cuda = torch.device("cuda", 0)
+    splits = {batch: fused_decode.split_slots(batch * 10, 2304, cuda) for batch in (1, 8, 32)}
+    assert splits == {1: 64, 8: 512, 32: 4096}
+    for batch, split in splits.items():
+        assert batch * 10 * -(-2304 // split) <= 4 * 132
+    assert fused_decode.split_slots(10, 2304, torch.device("cpu")) == fused_decode.MIN_SPLIT_SLOTS  # the interpreter
+    monkeypatch.setattr(fused_decode, "SPLIT_SLOTS", 128)  # NANOCHAT_FUSED_SPLIT
+    assert fused_decode.split_slots(320, 2304, cuda) == 128

@@ -444,8 +444,7 @@ def test_a_failing_capture_falls_back_to_eager_under_auto(monkeypatch):
     def broken(fn, warmup=2):
         raise RuntimeError("capture failed")
     monkeypatch.setattr(engine_mod, "CudaGraphStep", broken)
-    real_mode = Engine.decode_mode
-    monkeypatch.setattr(Engine, "decode_mode", lambda self: "graph" if self.decode == "auto" else real_mode(self))  # as on CUDA
+    monkeypatch.setitem(engine_mod.AUTO_DECODE, "cpu", ("graph", "graph"))  # as on CUDA for more than one row
     model = random_gpt()
     want = run(Engine(model, TOK, decode="eager").generate(PROMPT, num_samples=2, max_tokens=10, temperature=0.0))
     engine = Engine(model, TOK)
@@ -454,3 +453,40 @@ def test_a_failing_capture_falls_back_to_eager_under_auto(monkeypatch):
     assert engine.decode == "eager"
     with pytest.raises(RuntimeError, match="capture failed"):
         run(Engine(model, TOK, decode="graph").generate(PROMPT, max_tokens=3))
+
+
+def test_auto_picks_a_path_per_row_count(monkeypatch):
+    """AUTO_DECODE gives a device a path for a lone row and one for more rows (on CUDA: fused, graph); a lone row's
+    path that cannot run here (fused without a GPU or Triton's interpreter) is never picked."""
+    model = random_gpt()
+    engine = Engine(model, TOK)
+    assert [engine.decode_mode(rows) for rows in (1, 2, None)] == ["static"] * 3  # CPU
+    monkeypatch.setitem(engine_mod.AUTO_DECODE, "cpu", ("fused", "graph"))  # CUDA's pair
+    assert [engine.decode_mode(rows) for rows in (1, 2, None)] == ["graph"] * 3  # no GPU here: not fused
+    monkeypatch.setattr(engine_mod, "step_unavailable", lambda mode, device, config: None)  # as on a GPU
+    assert [engine.decode_mode(rows) for rows in (1, 2, 8, None)] == ["fused", "graph", "graph", "graph"]
+    assert Engine(model, TOK, decode="graph").decode_mode(1) == "graph"  # chosen, not auto
+
+
+def test_a_lone_row_path_that_fails_falls_back_to_the_path_of_more_rows(monkeypatch, fake_graph):
+    """Under auto, a one-sample request whose path (fused, as on CUDA) cannot be built warns once and decodes on the
+    path of more rows (graph) from then on; the engine stays on auto (a failing graph would go eager)."""
+    monkeypatch.setitem(engine_mod.AUTO_DECODE, "cpu", ("fused", "graph"))
+    monkeypatch.setattr(engine_mod, "step_unavailable", lambda mode, device, config: None)
+    real_step = engine_mod.static_step
+
+    def static_step(mode, *args):
+        if mode == "fused":
+            raise RuntimeError("the kernels did not compile")  # as a capture or compile error would, at build
+        return real_step(mode, *args)
+    monkeypatch.setattr(engine_mod, "static_step", static_step)
+    model = random_gpt(depth=2, window_pattern="SL")
+    kwargs = dict(max_tokens=10, temperature=0.0)
+    want = run(Engine(model, TOK, decode="eager").generate(PROMPT, **kwargs))
+    engine = Engine(model, TOK)
+    with pytest.warns(UserWarning, match=r"static decode \(fused\) failed, decoding on the graph path from now on: "
+                                         r"RuntimeError: the kernels did not compile"):
+        assert run(engine.generate(PROMPT, **kwargs)) == want
+    assert engine.decode == "auto" and engine.decode_mode(1) == "graph"
+    assert run(engine.generate(PROMPT, **kwargs)) == want  # no second try, no warning
+    assert [d.key[2] for d in engine._idle] == ["graph"] and fake_graph.captures == 1
