@@ -57,7 +57,7 @@ FUSED_CHECK_SPLIT = 32     # cache slots per attention program in the fused deco
 DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
-PIPELINE_CAP_S = 150       # the pipeline row's own time limit: on 2026-11-26 it ate 343 s and every row after it
+PIPELINE_CAP_S = 240       # the pipeline row's own time limit (run 1: it ate 343 s and every row after it; run 3: 228 s for all)
 # batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): graph
 # and compile with the step ahead, fused first predicted 2026-11-27; eager measured
 DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 520, "compile": 1000, "fused": 1500}
