@@ -10,7 +10,8 @@ not a view is about one CUDA kernel, so this count predicts that term: it runs o
 TorchDispatchMode that counts ops. F.rms_norm counts as one op, as CUDA runs it (aten::_fused_rms_norm); the CPU
 decomposes it. Rows: the static step (DecodeWeights.step: the graph and compile paths, before inductor's fusion),
 the fused step (nanochat.fused_decode: its Triton kernels are counted as launched, one each, not run: on the CPU they
-need Triton's interpreter) and the eager step (GPT.forward with a KVCache, one token).
+need Triton's interpreter), at one row with its GEMV kernel and with cuBLAS (the path of 2+ rows), and the eager step
+(GPT.forward with a KVCache, one token).
 """
 
 import argparse
@@ -85,15 +86,20 @@ def measure(depth, prompt=64, max_len=256, vocab=512, head_dim=128, window="SSSL
         out = lambda: torch.zeros(x.size(0), config.n_head * config.head_dim, dtype=x.dtype)  # noqa: E731
         if box[0] is None:
             return out()
+        box[0].counts["triton prepare"] += 1
         box[0].counts["triton combine"] += 1
         return box[0].opaque("triton attend", out)
 
     def relu2_launch(h, x):
         return h if box[0] is None else box[0].opaque("triton relu2", lambda: h)
 
-    plain_attend, plain_relu2 = fused_module.attend, fused_module.relu2_normed
+    def gemv_launch(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, out_dtype=None, blocks=None):
+        out = lambda: torch.zeros(1, n or w.size(1), dtype=out_dtype or x.dtype)  # noqa: E731
+        return out() if box[0] is None else box[0].opaque("triton gemv", out)
+
+    plain = fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.GEMV
     gpt_module.norm = one_kernel_norm
-    fused_module.attend, fused_module.relu2_normed = attend_launches, relu2_launch
+    fused_module.attend, fused_module.relu2_normed, fused_module.gemv = attend_launches, relu2_launch, gemv_launch
     try:
         with torch.no_grad():
             tokens = torch.randint(0, vocab, (1, prompt))
@@ -104,15 +110,18 @@ def measure(depth, prompt=64, max_len=256, vocab=512, head_dim=128, window="SSSL
             cos, sin = model.rotary_tables(max_len)
             next_token = tokens[:, -1:]
             static = count(lambda: weights.step(next_token, cache, cos, sin), box)
+            fused_module.GEMV = "triton"
             fused = count(lambda: fused_module.fused_step(weights, next_token, cache, cos, sin), box)
+            fused_module.GEMV = "cublas"
+            fused_cublas = count(lambda: fused_module.fused_step(weights, next_token, cache, cos, sin), box)
             kv = model.new_kv_cache(1, max_len)
             model(tokens, kv_cache=kv)
             eager = count(lambda: model(next_token, kv_cache=kv), box)
     finally:
         gpt_module.norm = plain_norm
-        fused_module.attend, fused_module.relu2_normed = plain_attend, plain_relu2
-    return {"static step (graph, compile)": static, "fused step (Triton kernels + cuBLAS)": fused,
-            "eager step (GPT.forward + KVCache)": eager}
+        fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.GEMV = plain
+    return {"static step (graph, compile)": static, "fused step (Triton kernels, GEMVs included)": fused,
+            "fused step, cuBLAS GEMVs (2+ rows' path)": fused_cublas, "eager step (GPT.forward + KVCache)": eager}
 
 
 def main():

@@ -13,7 +13,8 @@ Sections, in priority order (rows that no longer fit in --budget-s are recorded 
   device       measured bf16 matmul peak (the MFU denominator) and device-to-device copy bandwidth
   train        d20 bf16 base_train step (forward + backward + MuonAdamW) via bench/train.py's worker: tokens/s, MFU
                vs the measured peak, peak memory; device batch = largest that fits (eager probe, OOM-safe)
-  inference    bench/inference.py's worker: d20 decode at batch 1/8/32 on the CUDA-graph path and the fused path,
+  inference    the fused step's GEMV kernel vs cuBLAS on each d20 matrix (one row); bench/inference.py's worker:
+               d20 decode at batch 1/8/32 on the CUDA-graph path and the fused path (batch 1 also with cuBLAS GEMVs),
                batch 1 on the eager path (the old one); HBM utilisation at batch 1, kernels and GPU-busy time per step
   train        d24 bf16 vs fp8
   inference    the chat_eval decode diagnostic: the ci model's greedy decode over varying prompt lengths, cold
@@ -58,9 +59,10 @@ DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
 PIPELINE_CAP_S = 240       # the pipeline row's own time limit (run 1: it ate 343 s and every row after it; run 3: 228 s for all)
-# batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): graph
-# and compile with the step ahead, fused first predicted 2026-11-27; eager measured
-DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 520, "compile": 1000, "fused": 1500}
+# batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): fused
+# (Triton GEMVs) and fused with cuBLAS GEMVs (run 3's, with the new attention kernels) before run 4; eager, graph and
+# compile as measured (runs 1 and 3)
+DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 563, "compile": 721, "fused": 1300, "fused, cublas GEMVs": 900}
 
 # full-size configs (the issue) and the toy ones of --smoke
 FULL = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL", steps=5, batches=[64, 32, 16, 8, 4, 2, 1],
@@ -440,7 +442,7 @@ def check_kv_decode(b):
 def check_graph_decode(b, fast=None):
     """A static decode path (default: the static step in a CUDA graph on a GPU, the same step eagerly on a CPU; or
     "fused": the Triton kernels, graphed on a GPU, with 32-slot cache splits so that the small cache has several and
-    the windows straddle them) vs the eager KV-cache path: teacher-forced logits of 2 rows after the batch-1 prefill,
+    the windows straddle them) vs the eager KV-cache path: teacher-forced logits of 2 rows and of 1 after the batch-1 prefill,
     greedy Engine streams at batch 1 and 2, and a stream that outruns the static cache (the eager path takes over)."""
     fast = fast or ("graph" if b.cuda else "static")
     if fast != "fused":
@@ -462,8 +464,7 @@ def _check_static_decode(b, fast):
     import itertools
     import torch
     import nanochat.engine as engine_mod
-    from nanochat.engine import Engine, StaticDecoder
-    from nanochat.gpt import DecodeWeights
+    from nanochat.engine import Engine
     s = b.cfg["small"]
     P, N = s["prompt"], s["new"]
     config = b.small_config()
@@ -475,17 +476,11 @@ def _check_static_decode(b, fast):
         model(prompt, kv_cache=cache)
         cache = cache.replicate(2)
         eager = torch.stack([model(forced[:, t:t + 1], kv_cache=cache)[:, -1] for t in range(N)], 1)
-        decoder = StaticDecoder(model, DecodeWeights(model), 2, P + N + 3, fast)
-        model(prompt, kv_cache=decoder.cache.prefill_cache())
-        decoder.cache.start(P)
-        static = []
-        for t in range(N):
-            decoder.ids.copy_(forced[:, t:t + 1])
-            static.append(decoder.run().clone())
-        static = torch.stack(static, 1)
         full = model(torch.cat([prompt.expand(2, -1), forced], 1))[:, P:]  # the step at column t is position P + t
-        logits_err, full_err = rel_err(static, eager), rel_err(static, full)
-        max_abs = max((static - eager).abs().max().item(), (static - full).abs().max().item())
+        static = {rows: teacher_forced(model, prompt, forced[:rows], fast) for rows in (2, 1)}  # 1 row: the fused GEMVs
+        logits_err = max(rel_err(static[r], eager[:r]) for r in static)
+        full_err = max(rel_err(static[r], full[:r]) for r in static)
+        max_abs = max(max((static[r] - eager[:r]).abs().max().item(), (static[r] - full[:r]).abs().max().item()) for r in static)
         margin_tol = max(4 * max_abs, 1e-5)  # a different greedy token is fine only at a tie within the kernels' noise
 
         def streams(engine, num_samples, max_tokens=N):
@@ -521,6 +516,22 @@ def _check_static_decode(b, fast):
                 metrics=dict(mode=fast, logits_rel=logits_err, full_rel=full_err, max_abs=max_abs, margin_tol=margin_tol,
                              greedy_margin={str(k): v for k, v in margins.items()}, streams_equal={str(k): v for k, v in equal.items()},
                              agree={str(k): v for k, v in agree.items()}))
+
+
+def teacher_forced(model, prompt, forced, mode):
+    """Logits (rows, N, vocab) of a StaticDecoder on `mode`'s step fed forced (rows, N) after the batch-1 prefill."""
+    import torch
+    from nanochat.engine import StaticDecoder
+    from nanochat.gpt import DecodeWeights
+    rows, n = forced.shape
+    decoder = StaticDecoder(model, DecodeWeights(model), rows, prompt.size(1) + n + 3, mode)
+    model(prompt, kv_cache=decoder.cache.prefill_cache())
+    decoder.cache.start(prompt.size(1))
+    logits = []
+    for t in range(n):
+        decoder.ids.copy_(forced[:, t:t + 1])
+        logits.append(decoder.run().clone())
+    return torch.stack(logits, 1)
 
 
 def check_fp8(b):
@@ -761,12 +772,13 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
     return weights + kv
 
 
-def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None):
+def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None, gemv=None):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
     cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default: by batch, split_slots). mode "batched": `batch`
     requests of their own prompts decoded together by nanochat.batching (continuous batching) in a batch of `rows`
-    rows (default: batch), not one request."""
+    rows (default: batch), not one request. gemv: the fused step's lone-row products (NANOCHAT_FUSED_GEMV: triton |
+    cublas)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
@@ -776,13 +788,15 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     env = b.child_env()
     if fused_split:
         env["NANOCHAT_FUSED_SPLIT"] = str(fused_split)
+    if gemv:
+        env["NANOCHAT_FUSED_GEMV"] = gemv
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    label = f"{decode}, {fused_split}-slot splits" if fused_split else decode if mode == "engine" else \
-        f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
-    res["fused_split"] = fused_split
+    label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}, {gemv} GEMVs" if gemv else \
+        decode if mode == "engine" else f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
+    res["fused_split"], res["gemv"] = fused_split, gemv
     b.infer[(batch, label)] = res
     out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s "
                f"({res['decode_ms_per_step']:.2f} ms/step) · {res['peak_gb']:.2f} GB",
@@ -799,7 +813,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     if decode != "eager" and eager:
         out["notes"] += f"; {res['decode_tok_s'] / eager['decode_tok_s']:.1f}× eager"
     if batch == 1 and label in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
-        out["notes"] += f"; predicted {DECODE_PREDICTED_TOK_S[decode]:,} tok/s"
+        out["notes"] += f"; predicted {DECODE_PREDICTED_TOK_S[label]:,} tok/s"
     if bandwidth:
         config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
         elem = 2 if b.cuda else 4  # inference.py casts the model to bf16 on CUDA
@@ -817,6 +831,95 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
             if res.get("bw_limit_tok_s"):
                 out["notes"] += f"; inference.py bw limit {res['bw_limit_tok_s']:,.0f} tok/s"
     return out
+
+
+GEMV_CANDIDATES = [(4, 256, 4), (8, 256, 4), (16, 256, 4), (2, 512, 4), (4, 512, 4), (8, 128, 4)]  # (BLOCK_N, BLOCK_K, warps)
+GEMV_CALLS = 20        # calls per timed CUDA graph (a graph: launch cost as inside the decode step)
+GEMV_ROTATE_BYTES = 256 << 20  # distinct weight copies per shape, past the L2 cache (50 MB on an H100), as the step reads them
+
+
+def decode_matrices(config):
+    """(name, N, K, per step) of the matrices a decode step multiplies one row by (lm_head: its unpadded rows)."""
+    c, kv = config.n_embd, config.n_kv_head * config.head_dim
+    return [("qkv", config.n_head * config.head_dim + 2 * kv, c, config.n_layer), ("proj", c, config.n_head * config.head_dim, config.n_layer),
+            ("fc", 4 * c, c, config.n_layer), ("mlp_proj", c, 4 * c, config.n_layer), ("lm_head", config.vocab_size, c, 1)]
+
+
+def time_calls(b, fn, calls=GEMV_CALLS):
+    """Seconds per fn() call: on CUDA a graph of `calls` calls, replayed (median of 20); elsewhere fn() itself."""
+    import torch
+    if not b.cuda:
+        return b.time_it(fn, reps=3, warmup=1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return b.time_it(graph.replay, reps=20, warmup=3) / calls
+
+
+def gemv_row(b):
+    """The lone row's matrix products in the fused decode step: fused_decode.gemv (at gemv_blocks' tiles and at the
+    alternatives in GEMV_CANDIDATES) vs torch's x @ W (cuBLAS on CUDA) for each matrix of the inference model, bf16:
+    microseconds per call and bytes of weight per second, the weight cycled through copies that overflow the L2
+    cache. Checks each result against torch's first (relative error ≤ 1e-2)."""
+    import itertools
+    import torch
+    from nanochat import fused_decode as fd
+    from nanochat.gpt import GPTConfig
+    c, i = b.cfg, b.cfg["infer"]
+    config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
+    why = fd.unavailable_reason(b.device, config.head_dim)
+    if why:
+        return dict(status=f"skipped: {why}")
+    dtype = torch.bfloat16 if b.cuda else torch.float32
+    g = torch.Generator().manual_seed(3)
+    per_matrix, worst = {}, 0.0
+    step = dict(cublas=0.0, triton=0.0, best=0.0)  # seconds per decode step spent in these products
+    for name, n, k, count in decode_matrices(config):
+        copies = max(2, min(16, GEMV_ROTATE_BYTES // (n * k * 2))) if b.cuda else 1
+        weights = [(torch.randn(n, k, generator=g) * k ** -0.5).to(b.device, dtype) for _ in range(copies)]
+        x = torch.randn(1, k, generator=g).to(b.device, dtype)
+        views = [w.t() for w in weights]  # (K, N): how DecodeMatrix holds a CUDA weight
+
+        def rotating(call):
+            it = itertools.cycle(views)
+            return lambda: call(next(it))
+        want = x.float() @ weights[0].float().T
+        times = {"cublas": time_calls(b, rotating(lambda w: x @ w))}
+        errors = {"cublas": rel_err(x @ views[0], want)}
+        default = fd.gemv_blocks(n, k)
+        for blocks in [default] + [bl for bl in GEMV_CANDIDATES if bl != default]:
+            key = "x".join(map(str, blocks))
+            errors[key] = rel_err(fd.gemv(x, views[0], blocks=blocks), want)
+            times[key] = time_calls(b, rotating(lambda w, blocks=blocks: fd.gemv(x, w, blocks=blocks)))
+            if not b.cuda:
+                break  # the interpreter: the default tiles only
+        default_key = "x".join(map(str, default))
+        best_key = min((t, kk) for kk, t in times.items() if kk != "cublas")[1]
+        worst = max(worst, max(errors.values()))
+        per_matrix[name] = dict(n=n, k=k, per_step=count, copies=copies, default=default_key, best=best_key,
+                                us={kk: t * 1e6 for kk, t in times.items()}, gb_s={kk: n * k * 2 / t / 1e9 for kk, t in times.items()},
+                                rel_err=errors)
+        step["cublas"] += count * times["cublas"]
+        step["triton"] += count * times[default_key]
+        step["best"] += count * times[best_key]
+    weight_bytes = sum(m["n"] * m["k"] * 2 * m["per_step"] for m in per_matrix.values())
+    bw = {kk: weight_bytes / t / 1e9 for kk, t in step.items()}
+    ok = worst <= 1e-2
+    return dict(status="ok" if ok else "FAIL", met=ok if b.cuda else None, target="rel err ≤ 1e-2",
+                result=f"per d{config.n_layer} step: cuBLAS {step['cublas'] * 1e3:.3f} ms ({bw['cublas']:,.0f} GB/s) · Triton "
+                       f"{step['triton'] * 1e3:.3f} ms ({bw['triton']:,.0f} GB/s) · best tiles {step['best'] * 1e3:.3f} ms",
+                notes="; ".join(f"{name} {m['n']}×{m['k']}: cuBLAS {m['us']['cublas']:.1f} µs, {m['default']} "
+                                f"{m['us'][m['default']]:.1f} µs ({m['gb_s'][m['default']]:,.0f} GB/s), best {m['best']} "
+                                f"{m['us'][m['best']]:.1f} µs" for name, m in per_matrix.items()),
+                metrics=dict(matrices=per_matrix, step_ms={kk: t * 1e3 for kk, t in step.items()}, step_gb_s=bw,
+                             weight_bytes=weight_bytes, max_rel_err=worst))
 
 
 def datasheet_hbm(b):
@@ -964,7 +1067,10 @@ def plan(b):
         rows += [
             ("train", "d20 bf16 compile", 90, lambda: train_row(b, 20, target=mfu_target)),
             ("inference", f"d20 batch 1 {fast}", 30, lambda: inference_row(b, 1, fast, bandwidth=True, cap_s=90)),
+            ("inference", "d20 GEMVs: Triton kernel vs cuBLAS", 40, lambda: gemv_row(b)),
             ("inference", "d20 batch 1 fused", 30, lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90)),
+            ("inference", "d20 batch 1 fused, cuBLAS GEMVs", 30,  # the fused step's lone row before the GEMV kernel
+             lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, gemv="cublas")),
             ("inference", "d20 batch 1 eager (the old path)", 30, lambda: inference_row(b, 1, "eager", bandwidth=True, cap_s=90)),
             ("inference", f"d20 batch 8 {fast}", 25, lambda: inference_row(b, 8, fast, cap_s=90)),
             ("inference", f"d20 batch 32 {fast}", 25, lambda: inference_row(b, 32, fast, cap_s=90)),
@@ -997,6 +1103,7 @@ def plan(b):
             ("train", "d2 eager (smoke)", 3, lambda: train_row(b, 2, compile_=False, target=mfu_target)),
             ("inference", f"d2 batch 1 {fast} (smoke)", 3, lambda: inference_row(b, 1, fast, bandwidth=True)),
             ("inference", "d2 batch 1 eager (smoke)", 3, lambda: inference_row(b, 1, "eager", bandwidth=True)),
+            ("inference", "d2 GEMVs: Triton kernel vs cuBLAS (smoke)", 3, lambda: gemv_row(b)),
             ("inference", f"d2 batch 4 {fast}, 4 requests batched (smoke)", 3, lambda: inference_row(b, 4, fast, mode="batched")),
             ("inference", "d2 batch 1 auto, 1 request in a 4-row batch (smoke)", 3,
              lambda: inference_row(b, 1, "auto", mode="batched", rows=4)),

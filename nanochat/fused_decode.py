@@ -1,5 +1,5 @@
 """
-The fused decode step: DecodeWeights.step's arithmetic in ~9 kernels per layer instead of ~21, for the CUDA graph.
+The fused decode step: DecodeWeights.step's arithmetic in 7 to 9 kernels per layer instead of ~21, for the CUDA graph.
 
 A batch-1 d20 step on the H100 is bound by how many kernels it launches (~2 us each even inside a CUDA graph;
 bench/RESULTS.md run 2), not by the bytes it reads. Per layer this step runs:
@@ -18,7 +18,13 @@ The pre-attention and pre-MLP norms are parameter-free, so norm(x) @ W == (x @ W
 scale is applied after the matmul, inside the next kernel, and no norm kernel runs. The attention programs loop over
 the visible slots of their split only (sliding-window layers skip the rest), and the split grows with the batch
 (split_slots). prepare is its own kernel so that the attention programs, thousands at batch 32, do not each redo it
-(run 3: one kernel doing both held 255 registers per thread and was latency-bound). Same results as
+(run 3: one kernel doing both held 255 registers per thread and was latency-bound).
+
+A lone row (batch 1: auto's use of this step) runs its products in _gemv_kernel instead of cuBLAS (run 3: ~1.45 TB/s,
+~0.6 of the step's 1.15 ms), each weight streamed in 128-bit loads with the elementwise work in the epilogue: the
+residual add, the MLP norm and ReLU^2 (no relu2 kernel), the next layer's x0 mix (no addcmul), and the lm_head's final
+norm and softcap, so 7 kernels per layer: gemv qkv, prepare, attend, combine, gemv proj, gemv fc, gemv mlp proj
+(NANOCHAT_FUSED_GEMV=cublas: the cuBLAS path above at one row too). Same results as
 DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's interpreter on the
 CPU; bench/gpu.py checks them on a GPU).
 
@@ -45,6 +51,9 @@ MIN_SPLIT_SLOTS = 64
 PROGRAMS_PER_SM = 4
 ATTEND_BLOCK = 32  # cache slots per loop iteration (divided by the query heads per K/V head): <= 128 registers on sm_90, 4 programs per SM
 RELU2_BLOCK = 1024
+# a lone row's matrix-vector products: "triton" (_gemv_kernel, the epilogues fused) or "cublas" (torch's addmm, the
+# path of 2+ rows); run 3 measured cuBLAS at ~1.45 TB/s on the d20 batch-1 GEMVs, ~0.6 of the step's 1.15 ms
+GEMV = os.environ.get("NANOCHAT_FUSED_GEMV", "triton")
 
 
 def interpreted():
@@ -203,6 +212,75 @@ if triton is not None:
         tl.store(h_ptr + b * N + offs, (h * h).to(h_ptr.dtype.element_ty), mask=offs < N)
 
 
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, add_ptr, resid_ptr, mix_ptr, N, eps, cap,
+                     K: tl.constexpr, STRIDE_N: tl.constexpr, STRIDE_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, ADD: tl.constexpr,
+                     MIX: tl.constexpr, SOFTCAP: tl.constexpr):
+        """BLOCK_N outputs of y = x @ W.T for one row x (K,), W (N, K): each program streams its BLOCK_N rows of W in
+        BLOCK_K-wide tiles, all K / BLOCK_K of them issued before the first is summed (static_range: no loop-carried
+        wait between the loads), then applies the epilogue in fp32:
+            NORM     * rsqrt(mean(x^2) + eps): the parameter-free RMSNorm of x, applied after the matmul
+            RELU2    relu(y)^2
+            ADD      + add[n] (the residual), rounded to y's dtype (as addmm would) before MIX
+            MIX      resid * y + mix[n] (the next layer's x0 mix)
+            SOFTCAP  cap * tanh(y / cap), as gpt.softcap computes it"""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rows < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for i in tl.static_range(0, K, BLOCK_K):
+            cols = i + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * STRIDE_N + cols[None, :] * STRIDE_K, mask=live[:, None] & (cols < K)[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+            if NORM:
+                squares += x * x
+        y = tl.sum(acc, 1)
+        if NORM:
+            y = y / tl.sqrt(tl.sum(squares, 0) / K + eps)
+        if RELU2:
+            y = tl.maximum(y, 0.0)
+            y = y * y
+        if ADD:
+            y = (y + tl.load(add_ptr + rows, mask=live, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
+        if MIX:
+            y = tl.load(resid_ptr).to(tl.float32) * y + tl.load(mix_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            y = tl.sigmoid(y * (2.0 / cap)) * (2.0 * cap) - cap
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=live)
+
+
+def gemv_blocks(n, k):
+    """(BLOCK_N, BLOCK_K, num_warps) of _gemv_kernel for an (n, k) weight: 4 rows per program (d20: 320 to 1,280
+    programs, several per SM) and 16 for the lm_head's 65,536; 256-wide tiles, 512 past k = 2,048 (fewer, longer loads
+    in flight). ptxas: 32 to 98 registers, no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row
+    times the alternatives."""
+    if interpreted():  # one program at a time in numpy: the fewest (tests check the tiling with blocks=)
+        return min(_pow2(n), 128), min(_pow2(k), 1024), 4
+    block_n = 16 if n >= 32768 else 4
+    block_k = 512 if k > 2048 else 256
+    return min(block_n, _pow2(n)), min(block_k, _pow2(k)), 4
+
+
+def gemv(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, out_dtype=None, blocks=None):
+    """One row's epilogue(x @ w), (1, n): x (1, K), w a DecodeMatrix's (K, N) view of its weight (any strides).
+    add (1, N): plus the residual; mix (resid, x0_mix): then resid * y + x0_mix (the next layer's input); norm: the
+    parameter-free RMSNorm of x applied after the product; relu2: relu(y)^2; cap: the logit softcap; n: the first n
+    outputs only (the lm_head's unpadded vocabulary); out_dtype: x's unless given (fp32 logits)."""
+    weight = w.t()  # (N, K): W as the Linear holds it, rows of K contiguous on CUDA
+    N, K = n or weight.size(0), weight.size(1)
+    y = torch.empty(1, N, device=x.device, dtype=out_dtype or x.dtype)
+    block_n, block_k, warps = blocks or gemv_blocks(N, K)
+    resid, mix_rows = mix if mix is not None else (x, x)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, y, add if add is not None else x, resid, mix_rows, N, torch.finfo(x.dtype).eps, float(cap or 1.0),
+        K=K, STRIDE_N=weight.stride(0), STRIDE_K=weight.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm,
+        RELU2=relu2, ADD=add is not None, MIX=mix is not None, SOFTCAP=cap is not None, num_warps=warps)
+    return y
+
+
 def split_slots(programs, max_len, device):
     """Cache slots per attention program for `programs` (row, kv head) pairs (see SPLIT_SLOTS)."""
     if SPLIT_SLOTS:
@@ -261,6 +339,8 @@ def relu2_normed(h, x):
 
 def fused_step(weights, idx, cache, cos, sin):
     """DecodeWeights.step (same arguments, same fp32 logits (B, vocab), same cache writes) in fused kernels."""
+    if idx.size(0) == 1 and GEMV == "triton":
+        return _lone_row_step(weights, idx, cache, cos, sin)
     c = weights.config
     ids = idx[:, 0].contiguous()  # the attention kernel reads row b's token at ids + b
     x, x0_mix = weights.embed(idx)
@@ -272,4 +352,21 @@ def fused_step(weights, idx, cache, cos, sin):
         x = layer.mlp_proj(relu2_normed(layer.fc(x), x), add=x)
     cache.advance()
     return weights.logits(x)
+
+
+def _lone_row_step(weights, idx, cache, cos, sin):
+    """fused_step for one row, its matrix products in _gemv_kernel with the elementwise work in their epilogues: per
+    layer qkv, prepare, attend, combine, proj (+ residual), fc (norm, ReLU^2), mlp proj (+ residual, the next layer's
+    x0 mix); then the lm_head with the final norm and the softcap. 7 kernels per layer instead of 9."""
+    c, last = weights.config, len(weights.layers) - 1
+    x, x0_mix = weights.embed(idx)
+    x = torch.addcmul(x0_mix[0], weights.resid[0], x)
+    for i, layer in enumerate(weights.layers):
+        y = attend(x, gemv(x, layer.qkv.w), idx[:, 0], cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
+                   ve=layer.ve, gate=layer.ve_gate)
+        x = gemv(y, layer.proj.w, add=x)
+        h = gemv(x, layer.fc.w, norm=True, relu2=True)
+        x = gemv(h, layer.mlp_proj.w, add=x, mix=None if i == last else (weights.resid[i + 1:i + 2], x0_mix[i + 1]))
+    cache.advance()
+    return gemv(x, weights.lm_head.w, norm=True, cap=c.softcap, n=c.vocab_size, out_dtype=torch.float32)
 

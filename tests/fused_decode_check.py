@@ -94,11 +94,43 @@ def step_checks():
     model = small_gpt(2, "SL", torch.bfloat16)
     model.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(9)
-    prompt, forced = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g), torch.randint(0, VOCAB, (2, 6), generator=g)
-    with torch.inference_mode():
-        full = ref(torch.cat([prompt.expand(2, -1), forced], 1))[:, PROMPT_LEN:]
-    out["bf16 vs fp32 forward"] = dict(fused_rel=rel(teacher_forced(model, fd.fused_step, prompt, forced)[0], full),
-                                       static_rel=rel(teacher_forced(model, static_step, prompt, forced)[0], full))
+    prompt = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g)
+    for rows, name in ((2, "bf16 vs fp32 forward"), (1, "bf16 vs fp32 forward, one row")):  # one row: the GEMV kernel
+        forced = torch.randint(0, VOCAB, (rows, 6), generator=g)
+        with torch.inference_mode():
+            full = ref(torch.cat([prompt.expand(rows, -1), forced], 1))[:, PROMPT_LEN:]
+        out[name] = dict(fused_rel=rel(teacher_forced(model, fd.fused_step, prompt, forced)[0], full),
+                         static_rel=rel(teacher_forced(model, static_step, prompt, forced)[0], full))
+    return out
+
+
+def gemv_checks():
+    """fd.gemv against torch for each epilogue, with tiles that leave ragged edges (N and K not multiples of the
+    blocks), on a weight stored (N, K) as on CUDA and (K, N) as the CPU's input-major copies: relative error in fp32,
+    and in bf16 against fp32 arithmetic on the same bf16 values."""
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    N, K, cap = 75, 200, 15.0
+    for dtype in (torch.float32, torch.bfloat16):
+        W = torch.randn(N, K, generator=g).mul(K ** -0.5).to(dtype)
+        x, add, x0_mix = (torch.randn(1, size, generator=g).to(dtype) for size in (K, N, N))
+        resid = torch.tensor([0.7], dtype=dtype)
+        f = lambda t: t.float()  # noqa: E731
+        normed = f(x) * torch.rsqrt(f(x).pow(2).mean() + torch.finfo(dtype).eps)
+        added = (f(x) @ f(W).T + f(add)).to(dtype)
+        want = {"plain": f(x) @ f(W).T, "add": added,
+                "add mix": f(resid) * f(added) + f(x0_mix),
+                "norm relu2": torch.relu(normed @ f(W).T).square(),
+                "logits": (torch.sigmoid(normed @ f(W).T[:, :N - 5] * (2 / cap)) * 2 * cap - cap)}
+        for layout, w in (("NK", W.t()), ("KN", W.t().contiguous())):
+            for blocks in ((16, 64, 4), (8, 128, 2)):
+                got = {"plain": fd.gemv(x, w, blocks=blocks), "add": fd.gemv(x, w, add=add, blocks=blocks),
+                       "add mix": fd.gemv(x, w, add=add, mix=(resid, x0_mix), blocks=blocks),
+                       "norm relu2": fd.gemv(x, w, norm=True, relu2=True, blocks=blocks),
+                       "logits": fd.gemv(x, w, norm=True, cap=cap, n=N - 5, out_dtype=torch.float32, blocks=blocks)}
+                for name, y in got.items():
+                    out[f"{str(dtype)[6:]} {layout} {blocks[0]}x{blocks[1]} {name}"] = dict(
+                        rel=rel(y, want[name]), shape=list(y.shape), dtype=str(y.dtype)[6:])
     return out
 
 
@@ -110,8 +142,10 @@ def engine_checks():
     greedy = dict(num_samples=2, max_tokens=6, temperature=0.0)
     sampled = dict(max_tokens=6, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     fused = Engine(model, TOK, decode="fused")
+    lone = dict(greedy, num_samples=1)  # one row: fused_step's GEMV-kernel path
     out = dict(mode=fused.decode_mode(),
                greedy_equal=run(fused.generate(PROMPT, **greedy)) == run(Engine(model, TOK, decode="eager").generate(PROMPT, **greedy)),
+               lone_greedy_equal=run(fused.generate(PROMPT, **lone)) == run(Engine(model, TOK, decode="eager").generate(PROMPT, **lone)),
                sampled_equal=run(fused.generate(PROMPT, num_samples=2, **sampled)) == run(Engine(model, TOK, decode="static").generate(PROMPT, num_samples=2, **sampled)),
                decoders_kept=len(fused._idle))
     batcher = Batcher(fused, rows=3)  # continuous batching on the fused step: two requests at their own positions
@@ -178,4 +212,4 @@ def lone_row_checks(model, sampled):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(dict(prompt_len=PROMPT_LEN, n_steps=STEPS, steps=step_checks(), engine=engine_checks())))
+    print(json.dumps(dict(prompt_len=PROMPT_LEN, n_steps=STEPS, steps=step_checks(), gemv=gemv_checks(), engine=engine_checks())))

@@ -55,7 +55,9 @@ def test_smoke_on_cpu(tmp_path):
 
     # one tiny row of every measuring section ran and measured something
     assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_s"] > 0
-    measuring = [r for r in data["rows"] if r["section"] != "correctness"]
+    gemv = rows.pop("d2 GEMVs: Triton kernel vs cuBLAS (smoke)")  # the fused step's kernel: CUDA (or interpreted)
+    assert gemv["status"].startswith("skipped: the fused decode step")
+    measuring = [r for r in rows.values() if r["section"] != "correctness"]
     by_section = {r["section"]: r for r in measuring}
     assert set(by_section) == {"device", "train", "optimizer", "inference", "dataloader", "pipeline"}
     for r in measuring:
@@ -85,11 +87,28 @@ def test_smoke_on_cpu(tmp_path):
     assert (out / "gpu_log.txt").read_text().count("\n") >= len(data["rows"])
 
 
+def test_gemv_row_in_the_interpreter(tmp_path):
+    """The GEMV row with the fused step's kernel in Triton's interpreter (as the fused decode check can run): every
+    matrix of the model timed against torch's product and checked against it."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--rows", "GEMV"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "OUT": str(out), "TRITON_INTERPRET": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads((out / "gpu.json").read_text())["rows"]
+    assert row["status"] == "ok", row
+    m = row["metrics"]
+    assert list(m["matrices"]) == ["qkv", "proj", "fc", "mlp_proj", "lm_head"]
+    assert m["max_rel_err"] < 1e-5  # fp32 on the CPU
+    for name, r in m["matrices"].items():
+        assert r["us"]["cublas"] > 0 and r["us"][r["default"]] > 0 and r["per_step"] == (1 if name == "lm_head" else 2)
+    assert m["step_ms"]["triton"] > 0 and m["step_ms"]["best"] <= m["step_ms"]["triton"]
+
+
 def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 16
+    assert data["finished"] is True and len(data["rows"]) == 17
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -255,12 +274,16 @@ def test_decode_ops_counts_the_static_step_below_the_eager_one():
     plain_norm = nanochat.gpt.norm
     counts = decode_ops.measure(depth=2, prompt=8, max_len=32, vocab=64, head_dim=32)
     assert nanochat.gpt.norm is plain_norm  # the counting norm is put back
-    static, fused, eager = counts.values()
+    static, fused, fused_cublas, eager = counts.values()
     import nanochat.fused_decode
-    assert nanochat.fused_decode.attend.__name__ == "attend"  # the launch counters are put back
+    assert nanochat.fused_decode.attend.__name__ == "attend" and nanochat.fused_decode.gemv.__name__ == "gemv"  # put back
     assert static["rms_norm"] == 2 * 3 + 2  # per layer: x, q and k together, the MLP input; then embedding and final
     assert static["baddbmm"] == 2 and static["_softmax"] == 2 and "pow" in static and "mean" not in static
     assert static["addmm"] == 2 * 2  # the residual adds ride in the projections' GEMMs
-    assert fused["rms_norm"] == 2 and fused["mm"] == 2 * 2 + 1 and fused["addmm"] == 2 * 2  # embedding and final norms only
-    assert fused["triton attend"] == fused["triton combine"] == fused["triton relu2"] == 2
-    assert sum(fused.values()) < sum(static.values()) < sum(eager.values())
+    assert fused_cublas["rms_norm"] == 2 and fused_cublas["mm"] == 2 * 2 + 1 and fused_cublas["addmm"] == 2 * 2  # embedding, final
+    assert fused_cublas["triton prepare"] == fused_cublas["triton attend"] == fused_cublas["triton combine"] == 2
+    assert fused_cublas["triton relu2"] == 2
+    # one row: every product a GEMV kernel (4 per layer + the lm_head), the norms, ReLU^2 and x0 mixes in them
+    assert fused["triton gemv"] == 4 * 2 + 1 and "triton relu2" not in fused and "mm" not in fused and "addmm" not in fused
+    assert fused["rms_norm"] == 1 and fused["addcmul"] == 1 and fused["triton attend"] == 2  # the embedding's; layer 0's mix
+    assert sum(fused.values()) < sum(fused_cublas.values()) < sum(static.values()) < sum(eager.values())
