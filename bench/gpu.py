@@ -286,7 +286,6 @@ def last_error_line(stderr):
 
 def train_steps(model, x, y, steps, ortho_dtype):
     """`steps` MuonAdamW steps on one batch; returns the losses and the first step's gradients (fp32)."""
-    import torch
     opt = model.setup_optimizer(compile=False, ortho_dtype=ortho_dtype)
     losses, grads = [], None
     for i in range(steps):

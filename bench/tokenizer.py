@@ -27,7 +27,6 @@ import ast
 import base64
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess

@@ -36,7 +36,6 @@ def write_shards(store, texts: list[str], num_shards: int = 3):
     import io as io_mod
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from nanochat.store import sha256_bytes
     per = -(-len(texts) // num_shards)
     index = []
     for i in range(num_shards):

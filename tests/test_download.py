@@ -6,7 +6,6 @@ from __future__ import annotations
 import email.utils
 import io
 import logging
-import os
 import socket
 import struct
 import threading
