@@ -59,10 +59,11 @@ DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
 PIPELINE_CAP_S = 240       # the pipeline row's own time limit (run 1: it ate 343 s and every row after it; run 3: 228 s for all)
-# batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): fused
-# (Triton GEMVs) and fused with cuBLAS GEMVs (run 3's, with the new attention kernels) before run 4; eager, graph and
-# compile as measured (runs 1 and 3)
-DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 563, "compile": 721, "fused": 1300, "fused, cublas GEMVs": 900}
+# batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): the
+# fused step (Triton GEMVs, programmatic dependent launch), without PDL, and with run 3's cuBLAS GEMVs (today's attention
+# kernels) before run 4; eager, graph and compile as measured (runs 1 and 3)
+DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 563, "compile": 721, "fused": 1500, "fused, no PDL": 1250,
+                          "fused, cublas GEMVs, no PDL": 900}
 
 # full-size configs (the issue) and the toy ones of --smoke
 FULL = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL", steps=5, batches=[64, 32, 16, 8, 4, 2, 1],
@@ -771,13 +772,14 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
     return weights + kv
 
 
-def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None, gemv=None):
+def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None, gemv=None,
+                  pdl=True):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
     cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default: by batch, split_slots). mode "batched": `batch`
     requests of their own prompts decoded together by nanochat.batching (continuous batching) in a batch of `rows`
     rows (default: batch), not one request. gemv: the fused step's lone-row products (NANOCHAT_FUSED_GEMV: triton |
-    cublas)."""
+    cublas); pdl False: its kernels without programmatic dependent launch (NANOCHAT_FUSED_PDL=0)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
@@ -789,13 +791,16 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         env["NANOCHAT_FUSED_SPLIT"] = str(fused_split)
     if gemv:
         env["NANOCHAT_FUSED_GEMV"] = gemv
+    if not pdl:
+        env["NANOCHAT_FUSED_PDL"] = "0"
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}, {gemv} GEMVs" if gemv else \
+    variant = "".join([f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL"])
+    label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}{variant}" if variant else \
         decode if mode == "engine" else f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
-    res["fused_split"], res["gemv"] = fused_split, gemv
+    res["fused_split"], res["gemv"], res["pdl"] = fused_split, gemv, pdl
     b.infer[(batch, label)] = res
     out = dict(status="ok", metrics=res, result=f"TTFT {res['ttft_ms']:.1f} ms · decode {res['decode_tok_s']:,.0f} tok/s "
                f"({res['decode_ms_per_step']:.2f} ms/step) · {res['peak_gb']:.2f} GB",
@@ -832,7 +837,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     return out
 
 
-GEMV_CANDIDATES = [(4, 256, 4), (8, 256, 4), (16, 256, 4), (2, 512, 4), (4, 512, 4), (8, 128, 4)]  # (BLOCK_N, BLOCK_K, warps)
+GEMV_CANDIDATES = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (4, 8), (8, 8)]  # (BLOCK_N, warps) of fused_decode.gemv
 GEMV_CALLS = 20        # calls per timed CUDA graph (a graph: launch cost as inside the decode step)
 GEMV_ROTATE_BYTES = 256 << 20  # distinct weight copies per shape, past the L2 cache (50 MB on an H100), as the step reads them
 
@@ -864,9 +869,10 @@ def time_calls(b, fn, calls=GEMV_CALLS):
 
 def gemv_row(b):
     """The lone row's matrix products in the fused decode step: fused_decode.gemv (at gemv_blocks' tiles and at the
-    alternatives in GEMV_CANDIDATES) vs torch's x @ W (cuBLAS on CUDA) for each matrix of the inference model, bf16:
-    microseconds per call and bytes of weight per second, the weight cycled through copies that overflow the L2
-    cache. Checks each result against torch's first (relative error ≤ 1e-2)."""
+    alternatives in GEMV_CANDIDATES, one launch after another; then gemv_blocks' with programmatic dependent launch,
+    each call's weights streaming while the one before finishes) vs torch's x @ W (cuBLAS on CUDA) for each matrix of
+    the inference model, bf16: microseconds per call and bytes of weight per second, the weight cycled through copies
+    that overflow the L2 cache. Checks each result against torch's first (relative error ≤ 1e-2)."""
     import itertools
     import torch
     from nanochat import fused_decode as fd
@@ -879,7 +885,8 @@ def gemv_row(b):
     dtype = torch.bfloat16 if b.cuda else torch.float32
     g = torch.Generator().manual_seed(3)
     per_matrix, worst = {}, 0.0
-    step = dict(cublas=0.0, triton=0.0, best=0.0)  # seconds per decode step spent in these products
+    pdl = fd.pdl_available(b.device)
+    step = dict(cublas=0.0, triton=0.0, best=0.0, triton_pdl=0.0)  # seconds per decode step spent in these products
     for name, n, k, count in decode_matrices(config):
         copies = max(2, min(16, GEMV_ROTATE_BYTES // (n * k * 2))) if b.cuda else 1
         weights = [(torch.randn(n, k, generator=g) * k ** -0.5).to(b.device, dtype) for _ in range(copies)]
@@ -894,13 +901,16 @@ def gemv_row(b):
         errors = {"cublas": rel_err(x @ views[0], want)}
         default = fd.gemv_blocks(n, k)
         for blocks in [default] + [bl for bl in GEMV_CANDIDATES if bl != default]:
-            key = "x".join(map(str, blocks))
-            errors[key] = rel_err(fd.gemv(x, views[0], blocks=blocks), want)
-            times[key] = time_calls(b, rotating(lambda w, blocks=blocks: fd.gemv(x, w, blocks=blocks)))
+            key = f"{blocks[0]} rows {blocks[1]} warps"
+            errors[key] = rel_err(fd.gemv(x, views[0], blocks=blocks, pdl=False), want)
+            times[key] = time_calls(b, rotating(lambda w, blocks=blocks: fd.gemv(x, w, blocks=blocks, pdl=False)))
             if not b.cuda:
                 break  # the interpreter: the default tiles only
-        default_key = "x".join(map(str, default))
-        best_key = min((t, kk) for kk, t in times.items() if kk != "cublas")[1]
+        default_key = f"{default[0]} rows {default[1]} warps"
+        if pdl:
+            errors["pdl"] = rel_err(fd.gemv(x, views[0], pdl=True), want)
+            times["pdl"] = time_calls(b, rotating(lambda w: fd.gemv(x, w, pdl=True)))
+        best_key = min((t, kk) for kk, t in times.items() if kk not in ("cublas", "pdl"))[1]
         worst = max(worst, max(errors.values()))
         per_matrix[name] = dict(n=n, k=k, per_step=count, copies=copies, default=default_key, best=best_key,
                                 us={kk: t * 1e6 for kk, t in times.items()}, gb_s={kk: n * k * 2 / t / 1e9 for kk, t in times.items()},
@@ -908,17 +918,21 @@ def gemv_row(b):
         step["cublas"] += count * times["cublas"]
         step["triton"] += count * times[default_key]
         step["best"] += count * times[best_key]
+        step["triton_pdl"] += count * times.get("pdl", times[default_key])
     weight_bytes = sum(m["n"] * m["k"] * 2 * m["per_step"] for m in per_matrix.values())
     bw = {kk: weight_bytes / t / 1e9 for kk, t in step.items()}
     ok = worst <= 1e-2
     return dict(status="ok" if ok else "FAIL", met=ok if b.cuda else None, target="rel err ≤ 1e-2",
                 result=f"per d{config.n_layer} step: cuBLAS {step['cublas'] * 1e3:.3f} ms ({bw['cublas']:,.0f} GB/s) · Triton "
-                       f"{step['triton'] * 1e3:.3f} ms ({bw['triton']:,.0f} GB/s) · best tiles {step['best'] * 1e3:.3f} ms",
+                       f"{step['triton'] * 1e3:.3f} ms ({bw['triton']:,.0f} GB/s) · best tiles {step['best'] * 1e3:.3f} ms"
+                       + (f" · Triton + PDL {step['triton_pdl'] * 1e3:.3f} ms ({bw['triton_pdl']:,.0f} GB/s)" if pdl else ""),
                 notes="; ".join(f"{name} {m['n']}×{m['k']}: cuBLAS {m['us']['cublas']:.1f} µs, {m['default']} "
-                                f"{m['us'][m['default']]:.1f} µs ({m['gb_s'][m['default']]:,.0f} GB/s), best {m['best']} "
-                                f"{m['us'][m['best']]:.1f} µs" for name, m in per_matrix.items()),
+                                f"{m['us'][m['default']]:.1f} µs ({m['gb_s'][m['default']]:,.0f} GB/s)"
+                                + (f", + PDL {m['us']['pdl']:.1f} µs" if pdl else "")
+                                + f", best {m['best']} {m['us'][m['best']]:.1f} µs" for name, m in per_matrix.items())
+                      + ("" if pdl else "; no programmatic dependent launch here"),
                 metrics=dict(matrices=per_matrix, step_ms={kk: t * 1e3 for kk, t in step.items()}, step_gb_s=bw,
-                             weight_bytes=weight_bytes, max_rel_err=worst))
+                             weight_bytes=weight_bytes, max_rel_err=worst, pdl=pdl))
 
 
 def datasheet_hbm(b):
@@ -1068,8 +1082,10 @@ def plan(b):
             ("inference", f"d20 batch 1 {fast}", 30, lambda: inference_row(b, 1, fast, bandwidth=True, cap_s=90)),
             ("inference", "d20 GEMVs: Triton kernel vs cuBLAS", 40, lambda: gemv_row(b)),
             ("inference", "d20 batch 1 fused", 30, lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90)),
-            ("inference", "d20 batch 1 fused, cuBLAS GEMVs", 30,  # the fused step's lone row before the GEMV kernel
-             lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, gemv="cublas")),
+            ("inference", "d20 batch 1 fused, no PDL", 30,  # the kernels one after another
+             lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, pdl=False)),
+            ("inference", "d20 batch 1 fused, cuBLAS GEMVs, no PDL", 30,  # run 3's structure, today's attention kernels
+             lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, gemv="cublas", pdl=False)),
             ("inference", "d20 batch 1 eager (the old path)", 30, lambda: inference_row(b, 1, "eager", bandwidth=True, cap_s=90)),
             ("inference", f"d20 batch 8 {fast}", 25, lambda: inference_row(b, 8, fast, cap_s=90)),
             ("inference", f"d20 batch 32 {fast}", 25, lambda: inference_row(b, 32, fast, cap_s=90)),

@@ -24,8 +24,13 @@ A lone row (batch 1: auto's use of this step) runs its products in _gemv_kernel 
 ~0.6 of the step's 1.15 ms), each weight streamed in 128-bit loads with the elementwise work in the epilogue: the
 residual add, the MLP norm and ReLU^2 (no relu2 kernel), the next layer's x0 mix (no addcmul), and the lm_head's final
 norm and softcap, so 7 kernels per layer: gemv qkv, prepare, attend, combine, gemv proj, gemv fc, gemv mlp proj
-(NANOCHAT_FUSED_GEMV=cublas: the cuBLAS path above at one row too). Same results as
-DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's interpreter on the
+(NANOCHAT_FUSED_GEMV=cublas: the cuBLAS path above at one row too).
+
+On Hopper every Triton kernel here is launched with programmatic dependent launch (PDL): it may start while the kernel
+before it is still running, lets the next one start too, and waits for its predecessor (griddepcontrol.wait) before it
+reads anything that predecessor chain wrote or writes anything itself. A GEMV loads its weights before that wait, so a
+step of ~146 small kernels streams each kernel's weights during the previous kernel's tail instead of after its end
+(NANOCHAT_FUSED_PDL=0: one after another). Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's interpreter on the
 CPU; bench/gpu.py checks them on a GPU).
 
 Needs Triton and a CUDA device, or TRITON_INTERPRET=1 (set before this module is imported) for CPU tensors.
@@ -54,6 +59,9 @@ RELU2_BLOCK = 1024
 # a lone row's matrix-vector products: "triton" (_gemv_kernel, the epilogues fused) or "cublas" (torch's addmm, the
 # path of 2+ rows); run 3 measured cuBLAS at ~1.45 TB/s on the d20 batch-1 GEMVs, ~0.6 of the step's 1.15 ms
 GEMV = os.environ.get("NANOCHAT_FUSED_GEMV", "triton")
+# programmatic dependent launch (Hopper+): each kernel here starts while the one before it finishes, loading what does
+# not depend on it (a GEMV's weights) before waiting for it; NANOCHAT_FUSED_PDL=0 launches them one after another
+PDL = os.environ.get("NANOCHAT_FUSED_PDL", "1") != "0"
 
 
 def interpreted():
@@ -84,12 +92,24 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
 
     @triton.jit
+    def _after_previous_kernel(PDL: tl.constexpr):
+        """Under programmatic dependent launch (launch_pdl: this kernel may start while the previous one runs): let the
+        next kernel start too (it waits the same way), then wait until the previous kernel has finished and its writes
+        are visible. Every kernel launched so calls it before reading what an earlier kernel wrote or writing anything,
+        so each kernel's completion implies its predecessors'. A no-op without PDL."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _prepare_kernel(qkv_ptr, x_ptr, ids_ptr, ve_ptr, gate_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
                         max_len, eps, scale,
                         C: tl.constexpr, C_P2: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                        G_P2: tl.constexpr, D: tl.constexpr, GATE: tl.constexpr, GATE_P2: tl.constexpr, HAS_VE: tl.constexpr):
+                        G_P2: tl.constexpr, D: tl.constexpr, GATE: tl.constexpr, GATE_P2: tl.constexpr, HAS_VE: tl.constexpr,
+                        PDL: tl.constexpr):
         """One (row, kv head): the new token's k and v from the un-normed qkv, written into the cache at the row's
         position, and its G query heads (norm scale, rotary, QK-norm, softmax scale) as fp32 for the attention."""
+        _after_previous_kernel(PDL)
         bh = tl.program_id(0)
         b, hk = bh // HKV, bh % HKV
         pos = tl.load(pos_ptr + b)  # rows may stand at different positions (nanochat.batching)
@@ -127,11 +147,12 @@ if triton is not None:
     @triton.jit
     def _attend_split_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, max_len, window, split_len, nsplit,
                              H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
-                             BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                             BLOCK: tl.constexpr, ITERS: tl.constexpr, PDL: tl.constexpr):
         """One (row, kv head, split): flash-decoding of its G query heads over the split's visible cache slots (the new
         token's included: _prepare_kernel wrote it); partial (acc, max, sum) per query head and split. The loop starts
         at the first visible slot and runs ITERS blocks, enough for the most slots a split can see (an iteration
         past the visible ones loads nothing)."""
+        _after_previous_kernel(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
         pos = tl.load(pos_ptr + b)
@@ -190,8 +211,10 @@ if triton is not None:
             tl.store(l_ptr + heads * nsplit + split, l, mask=oq < G)
 
     @triton.jit
-    def _combine_kernel(acc_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr):
+    def _combine_kernel(acc_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr,
+                        PDL: tl.constexpr):
         """One (row, query head): the softmax over all splits from their partial maxima, sums and outputs."""
+        _after_previous_kernel(PDL)
         head = tl.program_id(0)
         osp, od = tl.arange(0, NSPLIT_P2), tl.arange(0, D)
         m = tl.load(m_ptr + head * NSPLIT + osp, mask=osp < NSPLIT, other=float("-inf"))
@@ -202,8 +225,9 @@ if triton is not None:
         tl.store(y_ptr + head * D + od, y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def _relu2_kernel(h_ptr, x_ptr, N, eps, C: tl.constexpr, C_P2: tl.constexpr, BLOCK: tl.constexpr):
+    def _relu2_kernel(h_ptr, x_ptr, N, eps, C: tl.constexpr, C_P2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """h = relu(h * rsqrt(mean(x^2) + eps))^2 in place: the MLP's input norm applied after its first matmul."""
+        _after_previous_kernel(PDL)
         b, blk = tl.program_id(0), tl.program_id(1)
         r = _rsqrt_mean_square(x_ptr + b * C, C, C_P2, eps)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -214,12 +238,13 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, add_ptr, resid_ptr, mix_ptr, N, eps, cap,
-                     K: tl.constexpr, STRIDE_N: tl.constexpr, STRIDE_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, ADD: tl.constexpr,
-                     MIX: tl.constexpr, SOFTCAP: tl.constexpr):
-        """BLOCK_N outputs of y = x @ W.T for one row x (K,), W (N, K): each program streams its BLOCK_N rows of W in
-        BLOCK_K-wide tiles, all K / BLOCK_K of them issued before the first is summed (static_range: no loop-carried
-        wait between the loads), then applies the epilogue in fp32:
+                     K: tl.constexpr, K_P2: tl.constexpr, STRIDE_N: tl.constexpr, STRIDE_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, ADD: tl.constexpr,
+                     MIX: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
+        """BLOCK_N outputs of y = x @ W.T for one row x (K,), W (N, K). Each program loads its BLOCK_N rows of W whole,
+        in one go (every load in flight at once), before it waits for the previous kernel: the weights do not depend on
+        it, so under programmatic dependent launch they stream while that kernel finishes. Then x, the products, and the
+        epilogue in fp32:
             NORM     * rsqrt(mean(x^2) + eps): the parameter-free RMSNorm of x, applied after the matmul
             RELU2    relu(y)^2
             ADD      + add[n] (the residual), rounded to y's dtype (as addmm would) before MIX
@@ -227,19 +252,15 @@ if triton is not None:
             SOFTCAP  cap * tanh(y / cap), as gpt.softcap computes it"""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for i in tl.static_range(0, K, BLOCK_K):
-            cols = i + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * STRIDE_N + cols[None, :] * STRIDE_K, mask=live[:, None] & (cols < K)[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-            if NORM:
-                squares += x * x
-        y = tl.sum(acc, 1)
+        cols = tl.arange(0, K_P2)
+        inside = cols < K
+        w = tl.load(w_ptr + rows[:, None] * STRIDE_N + cols[None, :] * STRIDE_K, mask=live[:, None] & inside[None, :],
+                    other=0.0)
+        _after_previous_kernel(PDL)
+        x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * x[None, :], 1)
         if NORM:
-            y = y / tl.sqrt(tl.sum(squares, 0) / K + eps)
+            y = y / tl.sqrt(tl.sum(x * x, 0) / K + eps)
         if RELU2:
             y = tl.maximum(y, 0.0)
             y = y * y
@@ -253,32 +274,49 @@ if triton is not None:
 
 
 def gemv_blocks(n, k):
-    """(BLOCK_N, BLOCK_K, num_warps) of _gemv_kernel for an (n, k) weight: 4 rows per program (d20: 320 to 1,280
-    programs, several per SM) and 16 for the lm_head's 65,536; 256-wide tiles, 512 past k = 2,048 (fewer, longer loads
-    in flight). ptxas: 32 to 98 registers, no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row
-    times the alternatives."""
-    if interpreted():  # one program at a time in numpy: the fewest (tests check the tiling with blocks=)
-        return min(_pow2(n), 128), min(_pow2(k), 1024), 4
-    block_n = 16 if n >= 32768 else 4
-    block_k = 512 if k > 2048 else 256
-    return min(block_n, _pow2(n)), min(block_k, _pow2(k)), 4
+    """(BLOCK_N, num_warps) of _gemv_kernel for an (n, k) weight: ~64 weight values per thread (32 registers), so
+    d20's products run 320 to 8,192 programs of 4 warps (8 warps, 2 rows, for the MLP's 5,120-wide input). ptxas:
+    no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row times the alternatives."""
+    k_p2 = _pow2(k)
+    if interpreted():  # one program at a time in numpy: the fewest (tests check ragged tiles with blocks=)
+        return min(_pow2(n), 128), 4
+    warps = 8 if k_p2 >= 8192 else 4
+    return max(1, min(16, 64 * 32 * warps // k_p2, _pow2(n))), warps
 
 
-def gemv(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, out_dtype=None, blocks=None):
+def gemv(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, out_dtype=None, blocks=None, pdl=None):
     """One row's epilogue(x @ w), (1, n): x (1, K), w a DecodeMatrix's (K, N) view of its weight (any strides).
     add (1, N): plus the residual; mix (resid, x0_mix): then resid * y + x0_mix (the next layer's input); norm: the
     parameter-free RMSNorm of x applied after the product; relu2: relu(y)^2; cap: the logit softcap; n: the first n
-    outputs only (the lm_head's unpadded vocabulary); out_dtype: x's unless given (fp32 logits)."""
+    outputs only (the lm_head's unpadded vocabulary); out_dtype: x's unless given (fp32 logits); blocks: (BLOCK_N,
+    num_warps) instead of gemv_blocks'; pdl: programmatic dependent launch (default: where the device has it)."""
     weight = w.t()  # (N, K): W as the Linear holds it, rows of K contiguous on CUDA
     N, K = n or weight.size(0), weight.size(1)
     y = torch.empty(1, N, device=x.device, dtype=out_dtype or x.dtype)
-    block_n, block_k, warps = blocks or gemv_blocks(N, K)
+    block_n, warps = blocks or gemv_blocks(N, K)
     resid, mix_rows = mix if mix is not None else (x, x)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, y, add if add is not None else x, resid, mix_rows, N, torch.finfo(x.dtype).eps, float(cap or 1.0),
-        K=K, STRIDE_N=weight.stride(0), STRIDE_K=weight.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm,
-        RELU2=relu2, ADD=add is not None, MIX=mix is not None, SOFTCAP=cap is not None, num_warps=warps)
+        K=K, K_P2=_pow2(K), STRIDE_N=weight.stride(0), STRIDE_K=weight.stride(1), BLOCK_N=block_n, NORM=norm,
+        RELU2=relu2, ADD=add is not None, MIX=mix is not None, SOFTCAP=cap is not None, num_warps=warps,
+        **_launch(x.device, pdl))
     return y
+
+
+def pdl_available(device):
+    """Programmatic dependent launch: Hopper and later (griddepcontrol), not in the interpreter."""
+    return device.type == "cuda" and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _capability(index):
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _launch(device, pdl=None):
+    """The launch options every kernel here takes: PDL and launch_pdl (the kernel waits for its predecessor itself)."""
+    on = PDL and pdl_available(device) if pdl is None else bool(pdl)
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
 def split_slots(programs, max_len, device):
@@ -314,7 +352,7 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     _prepare_kernel[(B * HKV,)](
         qkv, x, ids, ve if ve is not None else qkv, gate if gate is not None else qkv, cos, sin, pos, k_cache, v_cache, q,
         max_len, torch.finfo(x.dtype).eps, D ** -0.5, C=C, C_P2=_pow2(C), H=H, HKV=HKV, G=G, G_P2=g_p2, D=D,
-        GATE=gate_channels, GATE_P2=_pow2(gate_channels), HAS_VE=ve is not None)
+        GATE=gate_channels, GATE_P2=_pow2(gate_channels), HAS_VE=ve is not None, **_launch(x.device))
     acc = torch.empty(B * H, nsplit, D, device=x.device, dtype=torch.float32)
     m = torch.empty(B * H, nsplit, device=x.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -323,9 +361,9 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     iters = triton.cdiv(min(split, window + 1, max_len), block)  # the most visible slots one split holds, in blocks
     _attend_split_kernel[(B * HKV, nsplit)](
         q, pos, k_cache, v_cache, acc, m, l, max_len, window, split, nsplit,
-        H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters)
+        H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters, **_launch(x.device))
     y = torch.empty(B, H * D, device=x.device, dtype=x.dtype)
-    _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit))
+    _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit), **_launch(x.device))
     return y
 
 
@@ -333,7 +371,7 @@ def relu2_normed(h, x):
     """relu(norm(x) @ W)^2 from h = x @ W (B, N), in place."""
     B, N = h.shape
     _relu2_kernel[(B, triton.cdiv(N, RELU2_BLOCK))](h, x, N, torch.finfo(x.dtype).eps, C=x.size(1), C_P2=_pow2(x.size(1)),
-                                                   BLOCK=RELU2_BLOCK)
+                                                   BLOCK=RELU2_BLOCK, **_launch(x.device))
     return h
 
 
@@ -367,6 +405,7 @@ def _lone_row_step(weights, idx, cache, cos, sin):
         x = gemv(y, layer.proj.w, add=x)
         h = gemv(x, layer.fc.w, norm=True, relu2=True)
         x = gemv(h, layer.mlp_proj.w, add=x, mix=None if i == last else (weights.resid[i + 1:i + 2], x0_mix[i + 1]))
-    cache.advance()
-    return gemv(x, weights.lm_head.w, norm=True, cap=c.softcap, n=c.vocab_size, out_dtype=torch.float32)
+    logits = gemv(x, weights.lm_head.w, norm=True, cap=c.softcap, n=c.vocab_size, out_dtype=torch.float32)
+    cache.advance()  # after the lm_head, which then follows the last GEMV directly (its weights stream early under PDL)
+    return logits
 

@@ -109,23 +109,24 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
         (fused_decode._prepare_kernel,
          dict(qkv_ptr=bf16, x_ptr=bf16, ids_ptr="*i64", ve_ptr=bf16, gate_ptr=bf16, cos_ptr=bf16, sin_ptr=bf16, pos_ptr="*i64",
               k_ptr=bf16, v_ptr=bf16, q_ptr=f32, max_len="i32", eps="fp32", scale="fp32"),
-         dict(C=1280, C_P2=2048, H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, GATE=32, GATE_P2=32, HAS_VE=has_ve)),
+         dict(C=1280, C_P2=2048, H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, GATE=32, GATE_P2=32, HAS_VE=has_ve, PDL=True)),
         (fused_decode._attend_split_kernel,
          dict(q_ptr=f32, pos_ptr="*i64", k_ptr=bf16, v_ptr=bf16, acc_ptr=f32, m_ptr=f32, l_ptr=f32, max_len="i32",
               window="i32", split_len="i32", nsplit="i32"),
-         dict(H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, BLOCK=max(16, fused_decode.ATTEND_BLOCK // g_p2), ITERS=72)),
-        (fused_decode._combine_kernel, dict(acc_ptr=f32, m_ptr=f32, l_ptr=f32, y_ptr=bf16), dict(D=128, NSPLIT=9, NSPLIT_P2=16)),
-        (fused_decode._relu2_kernel, dict(h_ptr=bf16, x_ptr=bf16, N="i32", eps="fp32"), dict(C=1280, C_P2=2048, BLOCK=fused_decode.RELU2_BLOCK)),
+         dict(H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, BLOCK=max(16, fused_decode.ATTEND_BLOCK // g_p2), ITERS=72, PDL=True)),
+        (fused_decode._combine_kernel, dict(acc_ptr=f32, m_ptr=f32, l_ptr=f32, y_ptr=bf16), dict(D=128, NSPLIT=9, NSPLIT_P2=16, PDL=True)),
+        (fused_decode._relu2_kernel, dict(h_ptr=bf16, x_ptr=bf16, N="i32", eps="fp32"), dict(C=1280, C_P2=2048, BLOCK=fused_decode.RELU2_BLOCK, PDL=True)),
     ]
     for fn, types, constants in kernels:
-        compiled = compile_for_hopper(fn, types, constants)
+        compiled = compile_for_hopper(fn, types, constants, launch_pdl=True)
+        assert "griddepcontrol.wait" in compiled.asm["ptx"], fn.__name__  # each waits for its predecessor itself
         if fn is fused_decode._attend_split_kernel:
             assert compiled.metadata.num_warps == 4
             assert ptxas_report(compiled.asm["ptx"], tmp_path)["registers"] <= 128
 
 
-# d20's matrices at batch 1: (N, K) of qkv, proj, fc, mlp proj, lm_head (vocab 65,536)
-D20_GEMVS = [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120), (65536, 1280)]
+# d20's matrices at batch 1: (N, K) of qkv, proj, fc, mlp proj, lm_head (bench/gpu.py's vocab, 32,768)
+D20_GEMVS = [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120), (32768, 1280)]
 
 
 @needs_triton
@@ -136,17 +137,24 @@ def test_gemv_kernel_streams_the_weight_in_128_bit_loads(n, k, tmp_path, monkeyp
     in registers (no spills) with room for several programs per SM."""
     monkeypatch.setenv("TRITON_HOME", str(tmp_path))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-    block_n, block_k, warps = fused_decode.gemv_blocks(n, k)
-    lm_head, mlp_proj = n == 65536, k == 5120
+    block_n, warps = fused_decode.gemv_blocks(n, k)
+    lm_head, mlp_proj = n == 32768, k == 5120
     bf16 = "*bf16"
     types = dict(x_ptr=bf16, w_ptr=bf16, y_ptr="*fp32" if lm_head else bf16, add_ptr=bf16, resid_ptr=bf16, mix_ptr=bf16,
                  N="i32", eps="fp32", cap="fp32")
-    constants = dict(K=k, STRIDE_N=k, STRIDE_K=1, BLOCK_N=block_n, BLOCK_K=block_k, NORM=lm_head or n == 5120,
-                     RELU2=n == 5120, ADD=n == 1280, MIX=mlp_proj, SOFTCAP=lm_head)
-    compiled = compile_for_hopper(fused_decode._gemv_kernel, types, constants, num_warps=warps)
+    constants = dict(K=k, K_P2=fused_decode._pow2(k), STRIDE_N=k, STRIDE_K=1, BLOCK_N=block_n, NORM=lm_head or n == 5120,
+                     RELU2=n == 5120, ADD=n == 1280, MIX=mlp_proj, SOFTCAP=lm_head, PDL=True)
+    compiled = compile_for_hopper(fused_decode._gemv_kernel, types, constants, num_warps=warps, launch_pdl=True)
     report = ptxas_report(compiled.asm["ptx"], tmp_path)
-    assert report["spill_bytes"] == 0 and report["registers"] <= 128, report
-    assert "LDG.E.128" in report["sass"]
+    assert report["spill_bytes"] == 0 and report["registers"] <= 96, report  # several programs per SM
+    sass = report["sass"]
+    assert "LDG.E.128" in sass
+    # the weights are loaded before the wait for the previous kernel (programmatic dependent launch: griddepcontrol.wait
+    # is ACQBULK in SASS), x after it: each thread issues all its weight loads (8 bf16 each; a warp covers 256 columns
+    # per load) at once
+    assert "griddepcontrol.wait" in compiled.asm["ptx"] and "griddepcontrol.launch_dependents" in compiled.asm["ptx"]
+    wait = sass.index("ACQBULK")
+    assert sass[:wait].count("LDG.E.128") == block_n * -(-k // (256 * warps)) and "LDG.E.128" in sass[wait:]
 
 
 def compile_for_hopper(fn, types, constants, **options):
