@@ -810,6 +810,8 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     if prof:
         out["notes"] += (f"; {prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} of "
                          f"{prof['wall_ms_per_step']:.2f} ms/step (profiled)")
+    if res.get("fused_gemv") is not None and "fused" in (res.get("decode"), decode, "fused" if mode == "batched" else None):
+        out["notes"] += f"; fused kernels {'with' if res['fused_pdl'] else 'without'} PDL, {res['fused_gemv']} GEMVs for a lone row"
     eager = b.infer.get((batch, "eager"))
     one = b.infer.get((batch, res.get("decode", decode)))  # auto: the path it resolved to
     if mode == "batched" and one:

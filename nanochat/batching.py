@@ -304,10 +304,10 @@ class Batcher:
         if mode != d.mode and mode in engine_mod.STATIC_STEP_MODES:
             try:
                 step = engine_mod.static_step(mode, self.weights, self.model.get_device(), self.model.config)
-                return engine_mod.CudaGraphStep(functools.partial(step, ids, cache, d.cos, d.sin))
+                return engine_mod.capture_step(functools.partial(step, ids, cache, d.cos, d.sin), mode)
             except Exception as e:  # noqa: BLE001 - auto's pick for k rows: the batch's own step serves instead
                 self.engine.auto_failed(mode, e, what=f"batched decode of {k} row(s)")
-        return engine_mod.CudaGraphStep(functools.partial(d.step, ids, cache, d.cos, d.sin))
+        return engine_mod.capture_step(functools.partial(d.step, ids, cache, d.cos, d.sin), d.mode)
 
     def _step(self):
         self.steps += 1

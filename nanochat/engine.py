@@ -506,7 +506,7 @@ class StaticDecoder:
             return step(ids, cache, cos, sin)
         # a graph when asked for one; compile and fused capture theirs on CUDA only (on a CPU: compiled / interpreted)
         self.graphed = mode == "graph" or (mode != "static" and device.type == "cuda")
-        self.run = CudaGraphStep(run) if self.graphed else run
+        self.run = capture_step(run, mode) if self.graphed else run
 
     def run_window(self, ids, reached):
         """One uncaptured step for the first ids.size(0) rows (ids (rows, 1)), attending only the first `reached` slots
@@ -534,6 +534,22 @@ def static_step(mode, weights, device, config):
         from nanochat import fused_decode
         return functools.partial(fused_decode.fused_step, weights)
     return weights.step
+
+
+def capture_step(fn, mode):
+    """CudaGraphStep(fn) for a step of `mode`. A fused step that fails to capture with programmatic dependent launch
+    on is captured once more with it off, for the rest of the process (a warning says so): a driver or device that
+    refuses PDL still gets the fused kernels, one after another (bench/GPU.md, run 4's prediction)."""
+    try:
+        return CudaGraphStep(fn)
+    except Exception as e:
+        from nanochat import fused_decode
+        if mode != "fused" or not fused_decode.PDL:
+            raise
+        fused_decode.PDL = False
+        warnings.warn(f"the fused decode step failed with programmatic dependent launch ({type(e).__name__}: {e}); "
+                      "capturing it without (NANOCHAT_FUSED_PDL=0 from now on in this process)")
+        return CudaGraphStep(fn)
 
 
 class CudaGraphStep:

@@ -455,6 +455,34 @@ def test_a_failing_capture_falls_back_to_eager_under_auto(monkeypatch):
         run(Engine(model, TOK, decode="graph").generate(PROMPT, max_tokens=3))
 
 
+def test_a_fused_capture_refused_with_pdl_is_retried_without(monkeypatch):
+    """A device or driver that refuses programmatic dependent launch: the fused step is captured again with it off
+    (for the rest of the process, warned); other paths' failures, or a fused one without PDL, still raise."""
+    from nanochat import fused_decode
+    attempts = []
+
+    class RefusesPDL:
+        def __init__(self, fn, warmup=2):
+            attempts.append(fused_decode.PDL)
+            if fused_decode.PDL:
+                raise RuntimeError("operation not supported")
+            self.fn = fn
+
+        def __call__(self):
+            return self.fn()
+    monkeypatch.setattr(engine_mod, "CudaGraphStep", RefusesPDL)
+    monkeypatch.setattr(fused_decode, "PDL", True)
+    with pytest.raises(RuntimeError, match="not supported"):
+        engine_mod.capture_step(lambda: 7, "graph")
+    assert fused_decode.PDL is True
+    with pytest.warns(UserWarning, match="programmatic dependent launch"):
+        step = engine_mod.capture_step(lambda: 7, "fused")
+    assert step() == 7 and fused_decode.PDL is False and attempts == [True, True, False]
+    monkeypatch.setattr(engine_mod, "CudaGraphStep", lambda fn, warmup=2: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # PDL already off: nothing else to try
+        engine_mod.capture_step(lambda: 7, "fused")
+
+
 def test_auto_picks_a_path_per_row_count(monkeypatch):
     """AUTO_DECODE gives a device a path for a lone row and one for more rows (on CUDA: fused, graph); a lone row's
     path that cannot run here (fused without a GPU or Triton's interpreter) is never picked."""
