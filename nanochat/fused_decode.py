@@ -30,8 +30,10 @@ On Hopper every Triton kernel here is launched with programmatic dependent launc
 before it is still running, lets the next one start too, and waits for its predecessor (griddepcontrol.wait) before it
 reads anything that predecessor chain wrote or writes anything itself. A GEMV loads its weights before that wait, so a
 step of ~146 small kernels streams each kernel's weights during the previous kernel's tail instead of after its end
-(NANOCHAT_FUSED_PDL=0: one after another). Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's interpreter on the
-CPU; bench/gpu.py checks them on a GPU).
+(NANOCHAT_FUSED_PDL=0: one after another).
+
+Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's
+interpreter on the CPU; bench/gpu.py checks them on a GPU).
 
 Needs Triton and a CUDA device, or TRITON_INTERPRET=1 (set before this module is imported) for CPU tensors.
 """
@@ -234,7 +236,6 @@ if triton is not None:
         h = tl.load(h_ptr + b * N + offs, mask=offs < N, other=0.0).to(tl.float32) * r
         h = tl.maximum(h, 0.0)
         tl.store(h_ptr + b * N + offs, (h * h).to(h_ptr.dtype.element_ty), mask=offs < N)
-
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, add_ptr, resid_ptr, mix_ptr, N, eps, cap,
