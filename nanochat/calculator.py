@@ -13,6 +13,7 @@ import ast
 import math
 import re
 import threading
+import warnings
 
 MAX_EXPR_CHARS = 1000   # longer inputs are refused before parsing
 MAX_NODES = 256         # AST nodes in one expression
@@ -46,6 +47,10 @@ def evaluate(expr: str) -> str:
 # CPython < 3.11.8 can raise "AST constructor recursion depth mismatch" when several threads build
 # ASTs at once (gh-106905); the server's workers all call the calculator, so parsing is serialised.
 _PARSE_LOCK = threading.Lock()
+# model text such as "1if x" makes the parser warn on stderr (SyntaxWarning: invalid decimal literal), once per odd
+# expression in chat_rl's logs; the calculator answers it with an error string already, so its own parses stay quiet
+_PARSE_FILENAME = "<calculator>"
+warnings.filterwarnings("ignore", category=SyntaxWarning, module=re.escape(_PARSE_FILENAME))
 
 
 def _evaluate(expr):
@@ -60,7 +65,7 @@ def _evaluate(expr):
         expr = _THOUSANDS.sub("", expr)
     try:
         with _PARSE_LOCK:
-            tree = ast.parse(expr, mode="eval")
+            tree = ast.parse(expr, filename=_PARSE_FILENAME, mode="eval")
     except SyntaxError:  # includes "too many nested parentheses"
         raise CalculatorError("invalid syntax")
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:  # ast.walk is iterative: safe on deep trees

@@ -159,3 +159,20 @@ def test_never_raises_on_non_text():
 def test_length_limit():
     assert evaluate("1+" * (MAX_EXPR_CHARS // 2) + "1") == "error: expression too long"
     assert evaluate(" " * (MAX_EXPR_CHARS - 3) + "1+1") == "2"
+
+
+def test_text_the_parser_warns_about_is_answered_quietly():
+    """Model text like "1if 1 else 2" makes Python's parser print a SyntaxWarning to stderr (chat_rl's logs had one per
+    such rollout); the calculator answers with its error string and prints nothing, while other code's warnings stay."""
+    code = textwrap.dedent("""
+        import ast
+        from nanochat.calculator import evaluate
+        print(evaluate("1if 1 else 2"))
+        try:
+            ast.parse("1if 1 else 2", mode="eval")  # not the calculator's parse: still warned
+        except SyntaxError:
+            pass
+    """)
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().startswith("error: ")
+    assert proc.stderr.count("SyntaxWarning") == 1 and "<unknown>" in proc.stderr
