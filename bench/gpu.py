@@ -808,8 +808,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
                f"d{i['depth']}, first call {res['warmup_s']:.1f} s")
     prof = res.get("profile")
     if prof:
-        out["notes"] += (f"; {prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} of "
-                         f"{prof['wall_ms_per_step']:.2f} ms/step (profiled)")
+        out["notes"] += "; " + profile_notes(prof)
     if res.get("fused_gemv") is not None and "fused" in (res.get("decode"), decode, "fused" if mode == "batched" else None):
         out["notes"] += f"; fused kernels {'with' if res['fused_pdl'] else 'without'} PDL, {res['fused_gemv']} GEMVs for a lone row"
     eager = b.infer.get((batch, "eager"))
@@ -935,6 +934,14 @@ def gemv_row(b):
                       + ("" if pdl else "; no programmatic dependent launch here"),
                 metrics=dict(matrices=per_matrix, step_ms={kk: t * 1e3 for kk, t in step.items()}, step_gb_s=bw,
                              weight_bytes=weight_bytes, max_rel_err=worst, pdl=pdl))
+
+
+def profile_notes(prof):
+    """bench/inference.py's decode profile in a few words: kernels, GPU time (summed, and covered: kernels overlap
+    under PDL) against the wall time per step, and the four kernels that take the most."""
+    top = ", ".join(f"{name.split('(')[0][:40]} {ms:.3f} ms ×{n:.0f}" for name, ms, n in prof["top_kernels_ms_per_step"][:4])
+    return (f"{prof['kernels_per_step']:.0f} kernels/step, GPU busy {prof['gpu_busy_ms_per_step']:.2f} (covered "
+            f"{prof['gpu_span_ms_per_step']:.2f}) of {prof['wall_ms_per_step']:.2f} ms/step (profiled); top: {top}")
 
 
 def datasheet_hbm(b):

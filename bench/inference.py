@@ -213,14 +213,28 @@ def profile_decode(start_stream, cuda=True, skip=4, steps=16):
         wall = time.perf_counter() - t0
     stream.close()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    by_name = {}
+    by_name, count = {}, {}
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+        count[e.name] = count.get(e.name, 0) + 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     return dict(steps=steps, kernels_per_step=len(kernels) / steps,
                 gpu_busy_ms_per_step=sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3,
+                gpu_span_ms_per_step=covered_us(spans) / steps / 1e3,
                 wall_ms_per_step=1e3 * wall / steps,
-                top_kernels_ms_per_step=[(name[:90], us / steps / 1e3) for name, us in top])
+                top_kernels_ms_per_step=[(name[:90], us / steps / 1e3, count[name] / steps) for name, us in top])
+
+
+def covered_us(spans):
+    """Microseconds in which at least one kernel ran: the union of (start, end) intervals. With programmatic
+    dependent launch kernels overlap, so their summed time (GPU busy) can exceed this, and both can exceed the step."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
 
 
 # -----------------------------------------------------------------------------

@@ -275,13 +275,14 @@ if triton is not None:
 
 
 def gemv_blocks(n, k):
-    """(BLOCK_N, num_warps) of _gemv_kernel for an (n, k) weight: ~64 weight values per thread (32 registers), so
-    d20's products run 320 to 8,192 programs of 4 warps (8 warps, 2 rows, for the MLP's 5,120-wide input). ptxas:
+    """(BLOCK_N, num_warps) of _gemv_kernel for an (n, k) weight: at most 64 weight values per thread (32 registers),
+    with more warps for wider inputs, so d20's products run 320 to 8,192 programs of 4 warps (8 warps, 2 rows, for the
+    MLP's 5,120-wide input). ptxas:
     no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row times the alternatives."""
     k_p2 = _pow2(k)
     if interpreted():  # one program at a time in numpy: the fewest (tests check ragged tiles with blocks=)
         return min(_pow2(n), 128), 4
-    warps = 8 if k_p2 >= 8192 else 4
+    warps = max(4, min(16, k_p2 // 1024))
     return max(1, min(16, 64 * 32 * warps // k_p2, _pow2(n))), warps
 
 

@@ -262,6 +262,19 @@ def test_profile_decode_reads_a_running_stream():
         prof = inference.profile_decode(lambda: engine.generate(list(range(10)), max_tokens=30), cuda=False, steps=8)
     assert prof["steps"] == 8 and prof["kernels_per_step"] == 0 and prof["wall_ms_per_step"] > 0
     assert engine._idle  # the profiled stream was closed: its decoder went back for reuse
+    assert prof["gpu_span_ms_per_step"] == 0
+    # overlapping kernels (programmatic dependent launch) count once in the span, twice in the busy time
+    assert inference.covered_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert inference.covered_us([]) == 0
+
+
+def test_profile_notes_name_the_kernels_that_take_the_step():
+    prof = dict(kernels_per_step=146.0, gpu_busy_ms_per_step=0.71, gpu_span_ms_per_step=0.62, wall_ms_per_step=0.66,
+                top_kernels_ms_per_step=[("_gemv_kernel", 0.38, 81.0), ("_attend_split_kernel", 0.1, 20.0),
+                                         ("void at::native::(anonymous namespace)::sample(float*, long)", 0.01, 1.0)])
+    notes = load_gpu().profile_notes(prof)
+    assert notes == ("146 kernels/step, GPU busy 0.71 (covered 0.62) of 0.66 ms/step (profiled); top: _gemv_kernel 0.380 ms "
+                     "×81, _attend_split_kernel 0.100 ms ×20, void at::native:: 0.010 ms ×1")
 
 
 def test_decode_ops_counts_the_static_step_below_the_eager_one():

@@ -157,6 +157,17 @@ def test_gemv_kernel_streams_the_weight_in_128_bit_loads(n, k, tmp_path, monkeyp
     assert sass[:wait].count("LDG.E.128") == block_n * -(-k // (256 * warps)) and "LDG.E.128" in sass[wait:]
 
 
+def test_gemv_tiles_hold_at_most_64_weights_per_thread(monkeypatch):
+    """gemv_blocks at any width: a program's whole tile in registers (64 bf16 per thread at most), 4 to 16 warps."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for k in (64, 1280, 2048, 5120, 8192, 16384, 32768, 65536):
+        for n in (1, 75, 1280, 65536):
+            block_n, warps = fused_decode.gemv_blocks(n, k)
+            assert 4 <= warps <= 16 and 1 <= block_n <= min(16, fused_decode._pow2(n)), (n, k)
+            assert block_n * fused_decode._pow2(k) // (32 * warps) <= 64 or (block_n == 1 and warps == 16), (n, k)
+    assert [fused_decode.gemv_blocks(n, k) for n, k in D20_GEMVS] == [(4, 4), (4, 4), (4, 4), (2, 8), (4, 4)]
+
+
 def compile_for_hopper(fn, types, constants, **options):
     """triton.compile for sm_90 as a launch would specialize it: pointers (and integers) divisible by 16 marked so,
     which is what lets Triton vectorize the loads."""
