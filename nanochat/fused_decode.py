@@ -110,16 +110,22 @@ if triton is not None:
                         G_P2: tl.constexpr, D: tl.constexpr, GATE: tl.constexpr, GATE_P2: tl.constexpr, HAS_VE: tl.constexpr,
                         PDL: tl.constexpr):
         """One (row, kv head): the new token's k and v from the un-normed qkv, written into the cache at the row's
-        position, and its G query heads (norm scale, rotary, QK-norm, softmax scale) as fp32 for the attention."""
-        _after_previous_kernel(PDL)
+        position, and its G query heads (norm scale, rotary, QK-norm, softmax scale) as fp32 for the attention.
+        Before waiting for the previous kernel it loads what no kernel of this step writes: the position (it moves at
+        the step's end, cache.advance), the rotary angles, the token and its value embedding, the gate's weights."""
         bh = tl.program_id(0)
         b, hk = bh // HKV, bh % HKV
         pos = tl.load(pos_ptr + b)  # rows may stand at different positions (nanochat.batching)
-        r = _rsqrt_mean_square(x_ptr + b * C, C, C_P2, eps)  # the attention input's norm, applied after the matmul
         od = tl.arange(0, D)
         swapped = (od + D // 2) % D  # rotary with doubled tables: x * [cos, cos] + halves_swapped(x) * [sin, -sin]
         cos = tl.load(cos_ptr + pos * D + od).to(tl.float32)
         sin = tl.load(sin_ptr + pos * D + od).to(tl.float32)
+        if HAS_VE:
+            og = tl.arange(0, GATE_P2)
+            wg = tl.load(gate_ptr + hk * GATE + og, mask=og < GATE, other=0.0).to(tl.float32)
+            ve = tl.load(ve_ptr + tl.load(ids_ptr + b) * (HKV * D) + hk * D + od).to(tl.float32)
+        _after_previous_kernel(PDL)
+        r = _rsqrt_mean_square(x_ptr + b * C, C, C_P2, eps)  # the attention input's norm, applied after the matmul
         row = qkv_ptr + b * (H + 2 * HKV) * D
 
         k = tl.load(row + (H + hk) * D + od).to(tl.float32) * cos + tl.load(row + (H + hk) * D + swapped).to(tl.float32) * sin
@@ -127,12 +133,9 @@ if triton is not None:
         k = k / tl.sqrt(tl.sum(k * k, 0) / D + eps)
         v = tl.load(row + (H + HKV + hk) * D + od).to(tl.float32) * r
         if HAS_VE:  # value residual: v += 2 * sigmoid(norm(x)[:GATE] @ gate[hk]) * ve[token]
-            og = tl.arange(0, GATE_P2)
             xg = tl.load(x_ptr + b * C + og, mask=og < GATE, other=0.0).to(tl.float32) * r
-            wg = tl.load(gate_ptr + hk * GATE + og, mask=og < GATE, other=0.0).to(tl.float32)
             gate = 2.0 / (1.0 + tl.exp(-tl.sum(xg * wg, 0)))
-            token = tl.load(ids_ptr + b)
-            v += gate * tl.load(ve_ptr + token * (HKV * D) + hk * D + od).to(tl.float32)
+            v += gate * ve
         cache = (b * HKV + hk).to(tl.int64) * max_len * D + pos * D
         tl.store(k_ptr + cache + od, k.to(k_ptr.dtype.element_ty))
         tl.store(v_ptr + cache + od, v.to(v_ptr.dtype.element_ty))
@@ -153,8 +156,8 @@ if triton is not None:
         """One (row, kv head, split): flash-decoding of its G query heads over the split's visible cache slots (the new
         token's included: _prepare_kernel wrote it); partial (acc, max, sum) per query head and split. The loop starts
         at the first visible slot and runs ITERS blocks, enough for the most slots a split can see (an iteration
-        past the visible ones loads nothing)."""
-        _after_previous_kernel(PDL)
+        past the visible ones loads nothing). The first block's older slots are loaded before waiting for the previous
+        kernel (earlier steps wrote them; the position moves only at the step's end), the new token's slot after."""
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
         pos = tl.load(pos_ptr + b)
@@ -163,26 +166,29 @@ if triton is not None:
         hi = tl.minimum(start + split_len, pos + 1)
         cache = (b * HKV + hk).to(tl.int64) * max_len * D
         od = tl.arange(0, D)
+        slots = lo + tl.arange(0, BLOCK)
+        offs = cache + slots[:, None] * D + od[None, :]
+        older = (slots < tl.minimum(hi, pos))[:, None]
+        k = tl.load(k_ptr + offs, mask=older, other=0.0)
+        v = tl.load(v_ptr + offs, mask=older, other=0.0)
+        _after_previous_kernel(PDL)
+        new = (slots == pos)[:, None]  # at most one slot, and visible wherever it lies in this block
+        k = tl.where(new, tl.load(k_ptr + cache + pos * D + od)[None, :], k).to(tl.float32)
+        v = tl.where(new, tl.load(v_ptr + cache + pos * D + od)[None, :], v).to(tl.float32)
         head = b * H + hk * G  # the group's first query head
         if G == 1:  # one query head per K/V head (nanochat's default): 2-D tiles, scalar softmax state
             q = tl.load(q_ptr + head * D + od)
             m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
             l = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
             acc = tl.zeros([D], tl.float32)
-            for i in range(0, ITERS):  # a constant: Triton's interpreter loops to nothing else
+            m, l, acc = _softmax_block(q, k, v, slots < hi, m, l, acc)
+            for i in range(1, ITERS):  # a constant: Triton's interpreter loops to nothing else
                 slots = lo + i * BLOCK + tl.arange(0, BLOCK)
                 valid = slots < hi
                 offs = cache + slots[:, None] * D + od[None, :]
                 k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                s = tl.where(valid, tl.sum(q[None, :] * k, 1), float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 0))
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no exp(-inf - -inf)
-                alpha = tl.exp(m - shift)
-                p = tl.exp(s - shift)
-                l = l * alpha + tl.sum(p, 0)
-                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-                m = m_new
+                m, l, acc = _softmax_block(q, k, v, valid, m, l, acc)
             tl.store(acc_ptr + (head * nsplit + split) * D + od, acc)
             tl.store(m_ptr + head * nsplit + split, m)
             tl.store(l_ptr + head * nsplit + split, l)
@@ -194,23 +200,37 @@ if triton is not None:
             m = tl.full([G_P2], float("-inf"), tl.float32)
             l = tl.zeros([G_P2], tl.float32)
             acc = tl.zeros([G_P2, D], tl.float32)
-            for i in range(0, ITERS):
+            m, l, acc = _softmax_group_block(q, k, v, slots < hi, m, l, acc)
+            for i in range(1, ITERS):
                 slots = lo + i * BLOCK + tl.arange(0, BLOCK)
                 valid = slots < hi
                 offs = cache + slots[:, None] * D + od[None, :]
                 k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                s = tl.where(valid[None, :], tl.sum(q[:, None, :] * k[None, :, :], 2), float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m - shift)
-                p = tl.exp(s - shift[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
-                m = m_new
+                m, l, acc = _softmax_group_block(q, k, v, valid, m, l, acc)
             tl.store(acc_ptr + (heads[:, None] * nsplit + split) * D + od[None, :], acc, mask=q_mask)
             tl.store(m_ptr + heads * nsplit + split, m, mask=oq < G)
             tl.store(l_ptr + heads * nsplit + split, l, mask=oq < G)
+
+    @triton.jit
+    def _softmax_block(q, k, v, valid, m, l, acc):
+        """One block of the online softmax for one query head q (D,) over k, v (BLOCK, D): the new (max, sum, acc)."""
+        s = tl.where(valid, tl.sum(q[None, :] * k, 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no exp(-inf - -inf)
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift)
+        return m_new, l * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
+
+    @triton.jit
+    def _softmax_group_block(q, k, v, valid, m, l, acc):
+        """_softmax_block for G_P2 query heads q (G_P2, D) sharing the block: (max, sum) (G_P2,), acc (G_P2, D)."""
+        s = tl.where(valid[None, :], tl.sum(q[:, None, :] * k[None, :, :], 2), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
 
     @triton.jit
     def _combine_kernel(acc_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr,
