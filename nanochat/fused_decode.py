@@ -28,9 +28,10 @@ norm and softcap, so 7 kernels per layer: gemv qkv, prepare, attend, combine, ge
 
 On Hopper every Triton kernel here is launched with programmatic dependent launch (PDL): it may start while the kernel
 before it is still running, lets the next one start too, and waits for its predecessor (griddepcontrol.wait) before it
-reads anything that predecessor chain wrote or writes anything itself. A GEMV loads its weights before that wait, so a
-step of ~146 small kernels streams each kernel's weights during the previous kernel's tail instead of after its end
-(NANOCHAT_FUSED_PDL=0: one after another).
+reads anything that predecessor chain wrote or writes anything itself. Before that wait each kernel loads what no
+kernel of the step writes: a GEMV its weights, prepare the rotary angles and value embedding, attend the first block of
+the older K/V. So a step of ~146 small kernels streams each kernel's inputs during the previous kernel's tail instead
+of after its end (NANOCHAT_FUSED_PDL=0: one after another).
 
 Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's
 interpreter on the CPU; bench/gpu.py checks them on a GPU).
