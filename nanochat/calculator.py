@@ -48,7 +48,7 @@ def evaluate(expr: str) -> str:
 # ASTs at once (gh-106905); the server's workers all call the calculator, so parsing is serialised.
 _PARSE_LOCK = threading.Lock()
 # model text such as "1if x" makes the parser warn on stderr (SyntaxWarning: invalid decimal literal), once per odd
-# expression in chat_rl's logs; the calculator answers it with an error string already, so its own parses stay quiet
+# tool call in chat_rl's logs; the tools answer it with an error string already, so their parses (parse()) stay quiet
 _PARSE_FILENAME = "<calculator>"
 warnings.filterwarnings("ignore", category=SyntaxWarning, module=re.escape(_PARSE_FILENAME))
 
@@ -64,13 +64,19 @@ def _evaluate(expr):
     if "'" not in expr and '"' not in expr:
         expr = _THOUSANDS.sub("", expr)
     try:
-        with _PARSE_LOCK:
-            tree = ast.parse(expr, filename=_PARSE_FILENAME, mode="eval")
+        tree = parse(expr)
     except SyntaxError:  # includes "too many nested parentheses"
         raise CalculatorError("invalid syntax")
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:  # ast.walk is iterative: safe on deep trees
         raise CalculatorError("expression too complex")
     return _eval(tree.body, 0)
+
+
+def parse(expr):
+    """ast.parse(expr, mode="eval"), serialised (see _PARSE_LOCK) and without the parser's warnings on stderr: the
+    tools parse model text with it (SyntaxError for text that is not Python)."""
+    with _PARSE_LOCK:
+        return ast.parse(expr, filename=_PARSE_FILENAME, mode="eval")
 
 
 def _eval(node, depth):

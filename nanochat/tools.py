@@ -15,7 +15,7 @@ import ast
 import re
 from typing import Callable
 
-from nanochat.calculator import MAX_EXPR_CHARS
+from nanochat.calculator import MAX_EXPR_CHARS, parse
 from nanochat.calculator import evaluate as calculate
 
 CHOICE_CALL = re.compile(r"\s*choice\((?P<argument>.*)\)\s*", re.S)
@@ -57,7 +57,7 @@ def option_value(argument: str) -> str:
         return "error: option too long"
     if argument[:1] in ("'", '"'):
         try:
-            value = ast.literal_eval(argument)
+            value = ast.literal_eval(parse(argument))
         except (SyntaxError, ValueError):
             return "error: invalid syntax"
         return value if isinstance(value, str) else "error: expected one quoted option"

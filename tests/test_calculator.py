@@ -163,16 +163,19 @@ def test_length_limit():
 
 def test_text_the_parser_warns_about_is_answered_quietly():
     """Model text like "1if 1 else 2" makes Python's parser print a SyntaxWarning to stderr (chat_rl's logs had one per
-    such rollout); the calculator answers with its error string and prints nothing, while other code's warnings stay."""
+    such tool call); the calculator and the choice tool answer with their error string and print nothing, while other
+    code's warnings stay."""
     code = textwrap.dedent("""
         import ast
         from nanochat.calculator import evaluate
+        from nanochat.tools import run_tool
         print(evaluate("1if 1 else 2"))
+        print(run_tool("choice('a'1if 1 else 2)", "- a=A"))  # the choice tool's quoted argument
         try:
             ast.parse("1if 1 else 2", mode="eval")  # not the calculator's parse: still warned
         except SyntaxError:
             pass
     """)
     proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.strip().startswith("error: ")
+    assert proc.stdout.splitlines() == ["error: unsupported syntax", "error: invalid syntax"]
     assert proc.stderr.count("SyntaxWarning") == 1 and "<unknown>" in proc.stderr
