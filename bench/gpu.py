@@ -851,21 +851,13 @@ def decode_matrices(config):
 
 
 def time_calls(b, fn, calls=GEMV_CALLS):
-    """Seconds per fn() call: on CUDA a graph of `calls` calls, replayed (median of 20); elsewhere fn() itself."""
-    import torch
+    """Seconds per fn() call: on CUDA a graph of `calls` calls (the engine's CudaGraphStep), replayed (median of 20);
+    elsewhere fn() itself."""
     if not b.cuda:
         return b.time_it(fn, reps=3, warmup=1)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return b.time_it(graph.replay, reps=20, warmup=3) / calls
+    from nanochat.engine import CudaGraphStep
+    graph = CudaGraphStep(lambda: [fn() for _ in range(calls)], warmup=1)
+    return b.time_it(graph, reps=20, warmup=3) / calls
 
 
 def gemv_row(b):

@@ -163,7 +163,7 @@ def measure(row, device, repeats, threads):
                   tok_per_cpu_s=B * N / cpu, decode_ms_per_step=1000 * decode / (N - 1), warmup_s=warmup_s)
     if "nanochat.fused_decode" in sys.modules:  # what the fused step ran with (PDL turns itself off if the capture refuses it)
         fused = sys.modules["nanochat.fused_decode"]
-        result.update(fused_pdl=fused.PDL and fused.pdl_available(device), fused_gemv=fused.GEMV)
+        result.update(fused_pdl=fused.pdl_on(device), fused_gemv=fused.GEMV)
     if row.get("profile") and device.type == "cuda":
         result["profile"] = profile_decode(lambda: stream(prompt, num_samples=B, max_tokens=N, temperature=1.0, top_k=50))
     if device.type == "cuda":

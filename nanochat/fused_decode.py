@@ -298,8 +298,8 @@ if triton is not None:
 def gemv_blocks(n, k):
     """(BLOCK_N, num_warps) of _gemv_kernel for an (n, k) weight: at most 64 weight values per thread (32 registers),
     with more warps for wider inputs, so d20's products run 320 to 8,192 programs of 4 warps (8 warps, 2 rows, for the
-    MLP's 5,120-wide input). ptxas:
-    no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row times the alternatives."""
+    MLP's 5,120-wide input). ptxas: no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row times the
+    alternatives."""
     k_p2 = _pow2(k)
     if interpreted():  # one program at a time in numpy: the fewest (tests check ragged tiles with blocks=)
         return min(_pow2(n), 128), 4
@@ -328,7 +328,17 @@ def gemv(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, ou
 
 def pdl_available(device):
     """Programmatic dependent launch: Hopper and later (griddepcontrol), not in the interpreter."""
-    return device.type == "cuda" and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return device.type == "cuda" and _capability(_index(device)) >= 9
+
+
+def pdl_on(device):
+    """Whether this step's kernels launch with PDL here: available, and not turned off (NANOCHAT_FUSED_PDL=0, or a
+    capture that refused it: engine.capture_step)."""
+    return PDL and pdl_available(device)
+
+
+def _index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
@@ -338,7 +348,7 @@ def _capability(index):
 
 def _launch(device, pdl=None):
     """The launch options every kernel here takes: PDL and launch_pdl (the kernel waits for its predecessor itself)."""
-    on = PDL and pdl_available(device) if pdl is None else bool(pdl)
+    on = pdl_on(device) if pdl is None else bool(pdl)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
@@ -348,7 +358,7 @@ def split_slots(programs, max_len, device):
         return SPLIT_SLOTS
     if device.type != "cuda":  # the interpreter: the smallest, so short tests cross split boundaries
         return MIN_SPLIT_SLOTS
-    most = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    most = PROGRAMS_PER_SM * _sm_count(_index(device))
     split = MIN_SPLIT_SLOTS
     while split < max_len and programs * triton.cdiv(max_len, split) > most:
         split *= 2
