@@ -22,7 +22,8 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
 every path. The graphed paths run one step ahead: the next step starts on the sampled ids while the host reads them,
 and is rerun when a tool forces another token (StaticSteps). Sampling (temperature, top-k, top-p) happens outside the
-model, so every path supports all of it. Engine.generate decodes one request (its samples); nanochat.batching decodes
+model, so every path supports all of it; on a GPU top-k sampling runs in two Triton kernels
+(nanochat.fused_sample). Engine.generate decodes one request (its samples); nanochat.batching decodes
 many requests together on the same static step, each in rows of its own.
 """
 
@@ -72,14 +73,18 @@ def requested_decode(decode=None):
 
 @contextlib.contextmanager
 def decode_threads(model):
-    """Limit torch's intra-op threads while a small model decodes on CPU; restore them after."""
+    """While a model decodes: on CPU, torch's intra-op threads limited for a small model (restored after); on CUDA, the
+    model's GPU made the thread's current device, since CUDA graphs capture and Triton kernels launch on the current
+    device, not on their tensors' (serve decodes on every GPU from threads whose current device is the first)."""
+    device = model.get_device()
     before = torch.get_num_threads()
     small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS if hasattr(model, "parameters") else True
-    limit = model.get_device().type == "cpu" and small and 0 < DECODE_CPU_THREADS < before
+    limit = device.type == "cpu" and small and 0 < DECODE_CPU_THREADS < before
     if limit:
         torch.set_num_threads(DECODE_CPU_THREADS)
     try:
-        yield
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            yield
     finally:
         if limit:
             torch.set_num_threads(before)
@@ -111,6 +116,10 @@ def sample_with(logits, u, temperature, top_k=None, top_p=None):
     drawing from its own generator, sample in one call (nanochat.batching)."""
     if top_p is not None and top_p < 1:
         logits = nucleus(logits, top_p, temperature)
+    elif top_k is not None and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from nanochat import fused_sample  # two Triton kernels instead of ~15 torch ones per token
+        if fused_sample.serves(logits, top_k):
+            return fused_sample.sample_top_k(logits, u, temperature, top_k)
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)
         return idx.gather(1, _sample(vals / temperature, u))

@@ -1,5 +1,7 @@
 """The inference engine: KV-cache generation equals naive recomputation, sampling is reproducible
 and per-row, the tool-use state machine forces calculator results, streaming decode is UTF-8 safe."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -503,3 +505,26 @@ def test_a_bad_decode_mode_names_where_it_came_from(monkeypatch):
         Engine(model, TOK)
     with pytest.raises(ValueError, match=r"^decode='bar': use one of"):
         Engine(model, TOK, decode="bar")
+
+
+def test_decoding_makes_the_models_gpu_the_current_device(monkeypatch):
+    """serve decodes on every GPU from threads whose current device is the first: while a model on cuda:1 decodes,
+    cuda:1 is current (CUDA graphs capture and Triton launches there); a CPU model enters no CUDA device."""
+    from nanochat import engine as engine_mod
+    entered = []
+
+    @contextlib.contextmanager
+    def current(device):
+        entered.append(str(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", current)
+
+    class OnGPU1(nn.Module):
+        def get_device(self):
+            return torch.device("cuda", 1)
+    with engine_mod.decode_threads(OnGPU1()):
+        assert entered == ["cuda:1"]
+    with engine_mod.decode_threads(random_gpt()):
+        pass
+    assert entered == ["cuda:1"]
