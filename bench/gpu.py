@@ -59,11 +59,16 @@ DECODE_BW_TARGET = 0.50    # batch-1 decode bytes/s over HBM bandwidth
 LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes (bench/dataloader.py's target)
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
 PIPELINE_CAP_S = 240       # the pipeline row's own time limit (run 1: it ate 343 s and every row after it; run 3: 228 s for all)
-# batch-1 d20 decode tok/s predicted before the run that measures them (bench/GPU.md explains the arithmetic): the
-# fused step (Triton GEMVs, programmatic dependent launch), without PDL, and with run 3's cuBLAS GEMVs (today's attention
-# kernels) before run 4; eager, graph and compile as measured (runs 1 and 3)
-DECODE_PREDICTED_TOK_S = {"eager": 87, "graph": 563, "compile": 721, "fused": 1500, "fused, no PDL": 1250,
-                          "fused, cublas GEMVs, no PDL": 900}
+# batch-1 d20 decode tok/s predicted before the run that measures them, by GPU (bench/GPU.md explains the arithmetic):
+# the fused step (Triton GEMVs, programmatic dependent launch, top-k sampling in Triton), with torch's sampling,
+# without PDL, and with run 3's cuBLAS GEMVs (today's attention kernels) before run 4; on the H100 eager, graph and
+# compile as measured (runs 1 and 3, torch's sampling)
+DECODE_PREDICTED_TOK_S = {
+    "H100": {"eager": 87, "graph": 563, "compile": 721, "fused": 1550, "fused, torch sampling": 1500,
+             "fused, no PDL": 1290, "fused, cublas GEMVs, no PDL": 920},
+    "H200": {"eager": 90, "graph": 600, "compile": 780, "fused": 2000, "fused, torch sampling": 1940,
+             "fused, no PDL": 1600, "fused, cublas GEMVs, no PDL": 1250},
+}
 
 # full-size configs (the issue) and the toy ones of --smoke
 FULL = dict(seq=2048, vocab=32768, head_dim=128, window="SSSL", steps=5, batches=[64, 32, 16, 8, 4, 2, 1],
@@ -761,6 +766,11 @@ def optimizer_row(b, depth):
                 result=f"{opt_ms:.1f} ms = {share:.1%} of a {step['ms']:.0f} ms step", notes=notes, metrics=metrics)
 
 
+def predicted_tok_s(gpu_name):
+    """DECODE_PREDICTED_TOK_S for this GPU by name ({} for a GPU without predictions)."""
+    return next((v for k, v in DECODE_PREDICTED_TOK_S.items() if k in (gpu_name or "")), {})
+
+
 def decode_bytes_per_step(config, batch, mean_ctx, elem):
     """Bytes a decode step must read: every matmul weight once (embedding rows are gathered, not read whole) + the KV cache."""
     import torch
@@ -773,13 +783,14 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
 
 
 def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None, gemv=None,
-                  pdl=True):
+                  pdl=True, fused_sample=True):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
     cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default: by batch, split_slots). mode "batched": `batch`
     requests of their own prompts decoded together by nanochat.batching (continuous batching) in a batch of `rows`
     rows (default: batch), not one request. gemv: the fused step's lone-row products (NANOCHAT_FUSED_GEMV: triton |
-    cublas); pdl False: its kernels without programmatic dependent launch (NANOCHAT_FUSED_PDL=0)."""
+    cublas); pdl False: its kernels without programmatic dependent launch (NANOCHAT_FUSED_PDL=0); fused_sample False:
+    top-k sampling in torch's kernels, not nanochat.fused_sample's (NANOCHAT_FUSED_SAMPLE=0)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
@@ -793,11 +804,13 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         env["NANOCHAT_FUSED_GEMV"] = gemv
     if not pdl:
         env["NANOCHAT_FUSED_PDL"] = "0"
+    if not fused_sample:
+        env["NANOCHAT_FUSED_SAMPLE"] = "0"
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    variant = "".join([f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL"])
+    variant = "".join([f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL", "" if fused_sample else ", torch sampling"])
     label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}{variant}" if variant else \
         decode if mode == "engine" else f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
     res["fused_split"], res["gemv"], res["pdl"] = fused_split, gemv, pdl
@@ -817,8 +830,9 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         out["notes"] += f"; {res['decode_tok_s'] / one['decode_tok_s']:.2f}× one request of {batch} sample(s), unbatched"
     if decode != "eager" and eager:
         out["notes"] += f"; {res['decode_tok_s'] / eager['decode_tok_s']:.1f}× eager"
-    if batch == 1 and label in DECODE_PREDICTED_TOK_S and b.cuda and i["depth"] == 20:
-        out["notes"] += f"; predicted {DECODE_PREDICTED_TOK_S[label]:,} tok/s"
+    predicted = predicted_tok_s(b.gpu).get(label) if b.cuda and batch == 1 and i["depth"] == 20 else None
+    if predicted:
+        out["notes"] += f"; predicted {predicted:,} tok/s"
     if bandwidth:
         config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
         elem = 2 if b.cuda else 4  # inference.py casts the model to bf16 on CUDA
@@ -927,6 +941,71 @@ def gemv_row(b):
                 metrics=dict(matrices=per_matrix, step_ms={kk: t * 1e3 for kk, t in step.items()}, step_gb_s=bw,
                              weight_bytes=weight_bytes, max_rel_err=worst, pdl=pdl))
 
+
+SAMPLE_TOP_K, SAMPLE_TEMPERATURE = 50, 1.0  # as bench/inference.py's decode rows sample
+SAMPLE_CHECK_ROWS = 512
+# µs of GPU time per top-k sampling call at batch 1, d20's vocabulary (bench/GPU.md, predicted before run 4)
+SAMPLE_PREDICTED_US = {"torch": 35, "triton": 12}
+
+
+def sampling_row(b):
+    """Top-k sampling of one token per row (the decode rows' top_k 50, temperature 1) from logits of the inference
+    model's vocabulary: nanochat.fused_sample's two Triton kernels against torch's (NANOCHAT_FUSED_SAMPLE=0), µs per
+    call at batch 1, 8 and 32 (on CUDA each in a graph of 20 calls: the GPU time it adds between two decode steps), and
+    how often both draw the same logit from the same uniforms (512 rows: only a tie or a uniform within rounding of a
+    boundary may differ)."""
+    import torch
+    from nanochat import fused_sample as fs
+    from nanochat.engine import sample_with
+    vocab, enabled = b.cfg["vocab"], fs.ENABLED
+    fs.ENABLED = True
+    try:
+        if not fs.serves(torch.zeros(1, vocab, device=b.device), SAMPLE_TOP_K):
+            return dict(status="skipped: the sampling kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1)")
+
+        def draw(logits, u, fused):
+            fs.ENABLED = fused
+            return sample_with(logits, u, SAMPLE_TEMPERATURE, SAMPLE_TOP_K)
+        g = torch.Generator().manual_seed(5)
+        rows = SAMPLE_CHECK_ROWS if b.cuda else 4  # the interpreter runs each program in Python
+        logits = (torch.randn(rows, vocab, generator=g) * 3).to(b.device)
+        u = torch.rand(rows, 1, generator=g).to(b.device)
+        same = (logits.gather(1, draw(logits, u, True)) == logits.gather(1, draw(logits, u, False))).float().mean().item()
+        us, ops = {}, {}
+        for batch in (1, 8, 32) if b.cuda else (1,):
+            x, ub = logits[:batch].contiguous(), u[:batch].contiguous()
+            for name, fused in (("triton", True), ("torch", False)):
+                try:
+                    us[f"{batch} {name}"] = time_calls(b, lambda: draw(x, ub, fused)) * 1e6
+                except RuntimeError as e:  # a capture refused: one call after another, launches included
+                    b.report.log(f"  sampling {name} at batch {batch} not captured ({first_line(e)}): timed uncaptured")
+                    us[f"{batch} {name}"] = b.time_it(lambda: draw(x, ub, fused), reps=20, warmup=3) * 1e6
+                if b.cuda and batch == 1:
+                    ops[name] = gpu_ops(lambda: draw(x, ub, fused))
+    finally:
+        fs.ENABLED = enabled
+    ok = same >= 0.99
+    batches = sorted({int(k.split()[0]) for k in us})
+    return dict(status="ok" if ok else "FAIL", met=ok if b.cuda else None, target="same logit drawn in ≥ 99% of rows",
+                result=" · ".join(f"batch {n}: Triton {us[f'{n} triton']:.1f} µs, torch {us[f'{n} torch']:.1f} µs" for n in batches)
+                       + f" · same logit drawn in {same:.1%} of {rows} rows",
+                notes=f"vocab {vocab:,}, top-k {SAMPLE_TOP_K}, block {fs.block_size(vocab, 64)}"
+                      + (f"; GPU ops per call at batch 1: Triton {ops['triton']}, torch {ops['torch']}" if ops else "")
+                      + (f"; predicted at batch 1: Triton ~{SAMPLE_PREDICTED_US['triton']} µs, torch ~{SAMPLE_PREDICTED_US['torch']} µs"
+                         if b.cuda else ""),
+                metrics=dict(us=us, gpu_ops=ops, same_logit=same, rows=rows, vocab=vocab, block=fs.block_size(vocab, 64)))
+
+
+def gpu_ops(fn):
+    """Kernels, copies and memsets one fn() call puts on the GPU (torch.profiler)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_type == DeviceType.CUDA for e in prof.events())
 
 def profile_notes(prof):
     """bench/inference.py's decode profile in a few words: kernels, GPU time (summed, and covered: kernels overlap
@@ -1083,6 +1162,9 @@ def plan(b):
             ("inference", f"d20 batch 1 {fast}", 30, lambda: inference_row(b, 1, fast, bandwidth=True, cap_s=90)),
             ("inference", "d20 GEMVs: Triton kernel vs cuBLAS", 40, lambda: gemv_row(b)),
             ("inference", "d20 batch 1 fused", 30, lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90)),
+            ("inference", "d20 sampling: Triton top-k vs torch", 15, lambda: sampling_row(b)),
+            ("inference", "d20 batch 1 fused, torch sampling", 30,  # top-k sampling in torch's ~15 kernels per token
+             lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, fused_sample=False)),
             ("inference", "d20 batch 1 fused, no PDL", 30,  # the kernels one after another
              lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, pdl=False)),
             ("inference", "d20 batch 1 fused, cuBLAS GEMVs, no PDL", 30,  # run 3's structure, today's attention kernels
@@ -1120,6 +1202,7 @@ def plan(b):
             ("inference", f"d2 batch 1 {fast} (smoke)", 3, lambda: inference_row(b, 1, fast, bandwidth=True)),
             ("inference", "d2 batch 1 eager (smoke)", 3, lambda: inference_row(b, 1, "eager", bandwidth=True)),
             ("inference", "d2 GEMVs: Triton kernel vs cuBLAS (smoke)", 3, lambda: gemv_row(b)),
+            ("inference", "d2 sampling: Triton top-k vs torch (smoke)", 3, lambda: sampling_row(b)),
             ("inference", f"d2 batch 4 {fast}, 4 requests batched (smoke)", 3, lambda: inference_row(b, 4, fast, mode="batched")),
             ("inference", "d2 batch 1 auto, 1 request in a 4-row batch (smoke)", 3,
              lambda: inference_row(b, 1, "auto", mode="batched", rows=4)),

@@ -20,8 +20,9 @@ import torch  # noqa: E402
 
 import nanochat.engine as engine_mod  # noqa: E402
 import nanochat.fused_decode as fd  # noqa: E402
+import nanochat.fused_sample as fs  # noqa: E402
 from nanochat.batching import Batcher  # noqa: E402
-from nanochat.engine import Engine  # noqa: E402
+from nanochat.engine import Engine, sample_with  # noqa: E402
 from nanochat.gpt import GPT, DecodeWeights, GPTConfig  # noqa: E402
 from nanochat.kv_cache import StaticKVCache  # noqa: E402
 from tests.test_engine import PROMPT, TOK, random_gpt, run  # noqa: E402
@@ -171,6 +172,79 @@ def engine_checks():
     return out
 
 
+def sample_logits(kind, rows, V, dtype, seed):
+    """(rows, V) logits: random, sorted either way (the likeliest all in the first or in the ragged last block), ties
+    (integers in a small range), or with all but 70 of the vocabulary masked to -inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, V, generator=g) * 3
+    if kind == "descending":
+        x = x.sort(dim=1, descending=True).values
+    elif kind == "ascending":
+        x = x.sort(dim=1).values
+    elif kind == "ties":
+        x = x.round().clamp(-4, 4)
+    elif kind == "masked":
+        x[:, torch.randperm(V, generator=g)[: V - 70]] = float("-inf")
+    return x.to(dtype)
+
+
+def sample_checks():
+    """fused_sample.sample_top_k against engine.sample_with's torch path on the same logits and uniforms, each row
+    with its own. A row that draws another token must be explained by rounding: its uniform within 1e-5 of the
+    boundary between the two (adjacent) tokens in torch's CDF, or by a tie: equal logits drawn (which of equal logits
+    topk keeps is unspecified). Few rows at the large k: the interpreter runs a sort network slowly."""
+    out = {}
+    cases = [("random", 12, 80, 1, 1.0, torch.float32), ("random", 12, 80, 5, 0.7, torch.float32),
+             ("random", 6, 700, 16, 1.0, torch.float32), ("random", 4, 65, 64, 1.0, torch.float32),
+             ("random", 2, 1200, 33, 0.6, torch.bfloat16), ("descending", 3, 1000, 20, 1.0, torch.float32),
+             ("ascending", 3, 999, 20, 1.0, torch.float32), ("ties", 4, 600, 16, 1.0, torch.float32),
+             ("masked", 2, 1500, 50, 0.8, torch.float32)]
+    for seed, (kind, rows, V, k, T, dtype) in enumerate(cases):
+        logits = sample_logits(kind, rows, V, dtype, seed)
+        u = torch.rand(rows, 1, generator=torch.Generator().manual_seed(100 + seed))
+        u[0], u[1] = 0.0, 1 - 2 ** -24  # the first and the last token of the CDF
+        fused = fs.sample_top_k(logits, u, T, k)
+        fs.ENABLED = False
+        want = sample_with(logits.float(), u, T, k)  # bf16 logits too: the kernel computes in fp32
+        fs.ENABLED = True
+        vals, idx = torch.topk(logits.float(), k, dim=-1)
+        cdf = torch.softmax(vals / T, dim=-1).cumsum(-1)
+        differ, unexplained = 0, 0
+        for r in range(rows):
+            a, b = fused[r, 0].item(), want[r, 0].item()
+            if a == b:
+                continue
+            differ += 1
+            if logits[r, a].item() == logits[r, b].item():  # equal logits: the same draw up to which index topk kept
+                continue
+            if kind == "ties" or a not in idx[r].tolist():
+                unexplained += 1
+                continue
+            i, j = sorted([idx[r].tolist().index(a), idx[r].tolist().index(b)])
+            unexplained += j != i + 1 or abs(cdf[r, i].item() - u[r, 0].item() * cdf[r, -1].item()) > 1e-5
+        out[f"{kind} V{V} k{k} T{T} {str(dtype)[6:]}"] = dict(rows=rows, differ=differ, unexplained=unexplained,
+                                                              in_range=bool(((fused >= 0) & (fused < V)).all()),
+                                                              shape=list(fused.shape), dtype=str(fused.dtype))
+    out["engine"] = engine_sample_check()
+    return out
+
+
+def engine_sample_check():
+    """Engine streams sampled with top-k only (no top-p): sample_with takes fused_sample here, and the stream equals
+    the torch path's."""
+    calls, sample_top_k = [], fs.sample_top_k
+    fs.sample_top_k = lambda *args: calls.append(1) or sample_top_k(*args)
+    model = random_gpt(depth=2, window_pattern="SL")
+    kw = dict(num_samples=3, max_tokens=8, temperature=0.8, top_k=20, seed=5)
+    try:
+        fused = run(Engine(model, TOK, decode="static").generate(PROMPT, **kw))
+        fs.ENABLED = False
+        torch_path = run(Engine(model, TOK, decode="static").generate(PROMPT, **kw))
+    finally:
+        fs.ENABLED, fs.sample_top_k = True, sample_top_k
+    return dict(equal=fused == torch_path, fused_calls=len(calls), tokens=len(fused[0]))
+
+
 class UncapturedGraph:
     """engine.CudaGraphStep without CUDA: calls fn where a graph would replay it (warm-up and capture included)."""
 
@@ -212,4 +286,5 @@ def lone_row_checks(model, sampled):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(dict(prompt_len=PROMPT_LEN, n_steps=STEPS, steps=step_checks(), gemv=gemv_checks(), engine=engine_checks())))
+    print(json.dumps(dict(prompt_len=PROMPT_LEN, n_steps=STEPS, steps=step_checks(), gemv=gemv_checks(), engine=engine_checks(),
+                     sample=sample_checks())))

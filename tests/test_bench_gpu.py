@@ -57,6 +57,8 @@ def test_smoke_on_cpu(tmp_path):
     assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_s"] > 0
     gemv = rows.pop("d2 GEMVs: Triton kernel vs cuBLAS (smoke)")  # the fused step's kernel: CUDA (or interpreted)
     assert gemv["status"].startswith("skipped: the fused decode step")
+    sampling = rows.pop("d2 sampling: Triton top-k vs torch (smoke)")
+    assert sampling["status"].startswith("skipped: the sampling kernels run on CUDA")
     measuring = [r for r in rows.values() if r["section"] != "correctness"]
     by_section = {r["section"]: r for r in measuring}
     assert set(by_section) == {"device", "train", "optimizer", "inference", "dataloader", "pipeline"}
@@ -87,28 +89,32 @@ def test_smoke_on_cpu(tmp_path):
     assert (out / "gpu_log.txt").read_text().count("\n") >= len(data["rows"])
 
 
-def test_gemv_row_in_the_interpreter(tmp_path):
-    """The GEMV row with the fused step's kernel in Triton's interpreter (as the fused decode check can run): every
-    matrix of the model timed against torch's product and checked against it."""
+def test_gemv_and_sampling_rows_in_the_interpreter(tmp_path):
+    """The GEMV and sampling rows with their Triton kernels in Triton's interpreter (as the fused decode check runs
+    them): every matrix of the model timed against torch's product and checked against it; top-k sampling timed
+    against torch's and drawing the same logits."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--rows", "GEMV"], cwd=REPO,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--rows", "GEMV,sampling"], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "OUT": str(out), "TRITON_INTERPRET": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [row] = json.loads((out / "gpu.json").read_text())["rows"]
-    assert row["status"] == "ok", row
-    m = row["metrics"]
+    gemv, sampling = json.loads((out / "gpu.json").read_text())["rows"]
+    assert gemv["status"] == "ok", gemv
+    m = gemv["metrics"]
     assert list(m["matrices"]) == ["qkv", "proj", "fc", "mlp_proj", "lm_head"]
     assert m["max_rel_err"] < 1e-5  # fp32 on the CPU
     for name, r in m["matrices"].items():
         assert r["us"]["cublas"] > 0 and r["us"][r["default"]] > 0 and r["per_step"] == (1 if name == "lm_head" else 2)
     assert m["step_ms"]["triton"] > 0 and m["step_ms"]["best"] <= m["step_ms"]["triton"]
+    assert sampling["status"] == "ok", sampling
+    s = sampling["metrics"]
+    assert s["same_logit"] == 1.0 and s["rows"] == 4 and s["vocab"] == 512 and s["us"]["1 triton"] > 0 and s["us"]["1 torch"] > 0
 
 
 def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 17
+    assert data["finished"] is True and len(data["rows"]) == 18
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -225,6 +231,15 @@ def test_hbm_from_the_datasheet_when_the_device_row_did_not_run():
     assert gpu.datasheet_hbm(argparse.Namespace(cuda=True, gpu="NVIDIA H100 80GB HBM3")) == 3.35e12
     assert gpu.datasheet_hbm(argparse.Namespace(cuda=True, gpu="NVIDIA H100 PCIe")) == 2.0e12
     assert gpu.datasheet_hbm(argparse.Namespace(cuda=False, gpu="")) is None
+
+
+def test_decode_predictions_are_the_gpus_own():
+    """The decode rows' notes compare against predictions for the GPU they ran on (the lent kind changes), none else."""
+    gpu = load_gpu()
+    h100, h200 = gpu.predicted_tok_s("NVIDIA H100 80GB HBM3"), gpu.predicted_tok_s("NVIDIA H200")
+    assert h100 and h200 and h100 != h200 and set(h100) == set(h200)
+    assert h200["fused"] > h100["fused"]  # more bandwidth under the same kernels
+    assert gpu.predicted_tok_s("NVIDIA A10G") == {} and gpu.predicted_tok_s("") == {}
 
 
 def test_the_pipeline_row_stops_at_its_cap(tmp_path, monkeypatch):

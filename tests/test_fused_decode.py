@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat import fused_decode
+from nanochat import fused_decode, fused_sample
 from nanochat.engine import Engine
 from tests.test_engine import PROMPT, TOK, random_gpt, run
 
@@ -93,6 +93,72 @@ def test_a_batch_decodes_a_lone_row_on_the_fused_step_under_auto(interpreted):
     assert e["lone_row_equal"] == [True, True] and e["lone_row_tokens"] == 10
     assert e["lone_row_fused_calls"] > 3  # beyond the capture's 3 calls: steps of the lone row
 
+
+@needs_triton
+def test_top_k_sampling_kernels_draw_what_torch_draws(interpreted):
+    """nanochat.fused_sample against engine.sample_with's torch kernels, the same logits and uniforms per row: random
+    logits at k from 1 to 64, the likeliest all in the first or the ragged last block, ties, most of the vocabulary at
+    -inf, bf16 logits, uniforms 0 and 1 - 2^-24. A different token only where rounding or a tie explains it."""
+    checks = dict(interpreted["sample"])
+    engine = checks.pop("engine")
+    assert len(checks) == 9
+    for name, r in checks.items():
+        assert r["unexplained"] == 0 and r["in_range"], (name, r)
+        assert r["shape"] == [r["rows"], 1] and r["dtype"] == "torch.int64", name
+        assert r["differ"] <= (r["rows"] if name.startswith(("ties", "random V1200")) else 0), (name, r)  # tied logits only
+    assert checks["ties V600 k16 T1.0 float32"]["differ"] > 0  # ties did occur: topk's pick among them is its own
+    # Engine's sampled streams (top-k, no top-p) go through the kernels, one call per step, and equal torch's
+    assert engine["equal"] and engine["fused_calls"] == engine["tokens"] == 8
+
+
+def test_top_k_sampling_kernels_serve_top_k_without_top_p_on_a_gpu(monkeypatch):
+    """fused_sample.serves: top-k from 1 to 64 under the vocabulary, no top-p, on CUDA (or the interpreter), not off."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.zeros(2, 100)
+    assert not fused_sample.serves(cpu, 50)  # a CPU without the interpreter keeps torch's kernels
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if fused_sample.triton is None:
+        assert not fused_sample.serves(cpu, 50)
+        return
+    assert fused_sample.serves(cpu, 50) and fused_sample.serves(cpu, 1) and fused_sample.serves(cpu, 64)
+    assert not fused_sample.serves(cpu, None) and not fused_sample.serves(cpu, 65) and not fused_sample.serves(cpu, 0)
+    assert not fused_sample.serves(cpu, 50, top_p=0.9) and fused_sample.serves(cpu, 50, top_p=1.0)
+    assert not fused_sample.serves(torch.zeros(2, 50), 50)  # k = V: no top-k at all
+    monkeypatch.setattr(fused_sample, "ENABLED", False)  # NANOCHAT_FUSED_SAMPLE=0
+    assert not fused_sample.serves(cpu, 50)
+
+
+def test_top_k_sampling_blocks_balance_the_two_sorts(monkeypatch):
+    """block_size: about as many keys sorted per block program as the row's program sorts from all blocks."""
+    monkeypatch.setattr(fused_sample, "BLOCK", None)
+    for vocab in (80, 1000, 32768, 65536, 50257, 200_000):
+        for k_p2 in (4, 16, 64):
+            block = fused_sample.block_size(vocab, k_p2)
+            candidates = -(-vocab // block) * k_p2
+            assert block & (block - 1) == 0 and k_p2 <= block <= max(k_p2, fused_sample._pow2(vocab)), (vocab, k_p2)
+            assert block <= 2 * fused_sample._pow2(candidates) and candidates <= 4 * block, (vocab, k_p2, block)
+    assert fused_sample.block_size(65536, 64) == 2048
+    monkeypatch.setattr(fused_sample, "BLOCK", 4096)  # NANOCHAT_FUSED_SAMPLE_BLOCK
+    assert fused_sample.block_size(65536, 64) == 4096
+
+
+@needs_triton
+@pytest.mark.parametrize("block", [1024, 2048])
+def test_top_k_sampling_kernels_compile_for_hopper(block, tmp_path, monkeypatch):
+    """Both sampling kernels at d20's vocabulary (32,768 in bench/gpu.py, 65,536 in the speedrun) and k = 50, to an
+    sm_90 cubin: the sort network fits in registers (no spills)."""
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    top_k = compile_for_hopper(fused_sample._block_top_k_kernel,
+                               dict(logits_ptr="*fp32", keys_ptr="*i64", V="i32", stride_row="i32", NBLOCKS="i32"),
+                               dict(BLOCK=block, K_P2=64), num_warps=fused_sample._warps(block))
+    n = 32 * 64  # 32 blocks' candidates
+    sample = compile_for_hopper(fused_sample._sample_kernel,
+                                dict(keys_ptr="*i64", u_ptr="*fp32", out_ptr="*i64", top_k="i32", inv_temperature="fp32"),
+                                dict(N=n, N_P2=n, K_P2=64), num_warps=fused_sample._warps(n))
+    for compiled in (top_k, sample):
+        report = ptxas_report(compiled.asm["ptx"], tmp_path)
+        assert report["spill_bytes"] == 0 and report["registers"] <= 128, report["registers"]
 
 @needs_triton
 @pytest.mark.parametrize("group,has_ve", [(1, True), (1, False), (2, True)])
