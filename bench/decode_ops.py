@@ -97,9 +97,15 @@ def measure(depth, prompt=64, max_len=256, vocab=512, head_dim=128, window="SSSL
         out = lambda: torch.zeros(1, n or w.size(1), dtype=out_dtype or x.dtype)  # noqa: E731
         return out() if box[0] is None else box[0].opaque("triton gemv", out)
 
-    plain = fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.GEMV
+    def embed_launch(weights, idx, mix_first=False):
+        B, C, L = idx.size(0), weights.config.n_embd, len(weights.layers)
+        out = lambda: (torch.zeros(B, C, dtype=weights.dtype), torch.zeros(L, B, C, dtype=weights.dtype))  # noqa: E731
+        return out() if box[0] is None else box[0].opaque("triton embed", out)
+
+    plain = fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.embed, fused_module.GEMV
     gpt_module.norm = one_kernel_norm
-    fused_module.attend, fused_module.relu2_normed, fused_module.gemv = attend_launches, relu2_launch, gemv_launch
+    fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.embed = \
+        attend_launches, relu2_launch, gemv_launch, embed_launch
     try:
         with torch.no_grad():
             tokens = torch.randint(0, vocab, (1, prompt))
@@ -119,7 +125,7 @@ def measure(depth, prompt=64, max_len=256, vocab=512, head_dim=128, window="SSSL
             eager = count(lambda: model(next_token, kv_cache=kv), box)
     finally:
         gpt_module.norm = plain_norm
-        fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.GEMV = plain
+        fused_module.attend, fused_module.relu2_normed, fused_module.gemv, fused_module.embed, fused_module.GEMV = plain
     return {"static step (graph, compile)": static, "fused step (Triton kernels, GEMVs included)": fused,
             "fused step, cuBLAS GEMVs (2+ rows' path)": fused_cublas, "eager step (GPT.forward + KVCache)": eager}
 

@@ -2,7 +2,8 @@
 The fused decode step: DecodeWeights.step's arithmetic in 7 to 9 kernels per layer instead of ~21, for the CUDA graph.
 
 A batch-1 d20 step on the H100 is bound by how many kernels it launches (~2 us each even inside a CUDA graph;
-bench/RESULTS.md run 2), not by the bytes it reads. Per layer this step runs:
+bench/RESULTS.md run 2), not by the bytes it reads. The step starts with one kernel for the embedding (its norm and
+every layer's x0 mix: embed); then per layer it runs:
 
     addcmul     x = resid * x + x0_lambda * x0                      (torch)
     linear      qkv = x @ Wqkv                                     (cuBLAS, on the un-normed x)
@@ -24,13 +25,13 @@ A lone row (batch 1: auto's use of this step) runs its products in _gemv_kernel 
 ~0.6 of the step's 1.15 ms), each weight streamed in 128-bit loads with the elementwise work in the epilogue: the
 residual add, the MLP norm and ReLU^2 (no relu2 kernel), the next layer's x0 mix (no addcmul), and the lm_head's final
 norm and softcap, so 7 kernels per layer: gemv qkv, prepare, attend, combine, gemv proj, gemv fc, gemv mlp proj
-(NANOCHAT_FUSED_GEMV=cublas: the cuBLAS path above at one row too).
+(NANOCHAT_FUSED_GEMV=cublas: the cuBLAS path above at one row too); layer 0's x0 mix rides in the embed kernel.
 
 On Hopper every Triton kernel here is launched with programmatic dependent launch (PDL): it may start while the kernel
 before it is still running, lets the next one start too, and waits for its predecessor (griddepcontrol.wait) before it
 reads anything that predecessor chain wrote or writes anything itself. Before that wait each kernel loads what no
 kernel of the step writes: a GEMV its weights, prepare the rotary angles and value embedding, attend the first block of
-the older K/V. So a step of ~146 small kernels streams each kernel's inputs during the previous kernel's tail instead
+the older K/V. So a step of ~142 small kernels streams each kernel's inputs during the previous kernel's tail instead
 of after its end (NANOCHAT_FUSED_PDL=0: one after another).
 
 Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's
@@ -65,6 +66,9 @@ GEMV = os.environ.get("NANOCHAT_FUSED_GEMV", "triton")
 # programmatic dependent launch (Hopper+): each kernel here starts while the one before it finishes, loading what does
 # not depend on it (a GEMV's weights) before waiting for it; NANOCHAT_FUSED_PDL=0 launches them one after another
 PDL = os.environ.get("NANOCHAT_FUSED_PDL", "1") != "0"
+# the parameter-free RMSNorm's epsilon: F.rms_norm's default for fp32 and bf16 alike (its fp32 compute type's), not
+# bf16's 2^-7, which shifts a norm by ~0.4% at a mean square of 1 and more below
+NORM_EPS = torch.finfo(torch.float32).eps
 
 
 def interpreted():
@@ -259,6 +263,28 @@ if triton is not None:
         tl.store(h_ptr + b * N + offs, (h * h).to(h_ptr.dtype.element_ty), mask=offs < N)
 
     @triton.jit
+    def _embed_kernel(ids_ptr, wte_ptr, x0_ptr, resid_ptr, x_ptr, mix_ptr, B, stride_ids, stride_wte, eps,
+                      C: tl.constexpr, C_P2: tl.constexpr, L: tl.constexpr, MIX_FIRST: tl.constexpr, PDL: tl.constexpr):
+        """One row b: x = norm(wte[token]) and every layer's x0 mix x0_lambda[i] * x into mix (L, B, C), each rounded
+        to x's dtype as DecodeWeights.embed's kernels round them; MIX_FIRST: x is layer 0's input instead,
+        resid_lambda[0] * x + mix[0] (the lone row's step has no addcmul). The token's row and the lambdas are loaded
+        before waiting for the previous kernel: no kernel of the step writes them."""
+        b = tl.program_id(0)
+        offs = tl.arange(0, C_P2)
+        inside = offs < C
+        e = tl.load(wte_ptr + tl.load(ids_ptr + b * stride_ids) * stride_wte + offs, mask=inside, other=0.0).to(tl.float32)
+        first = tl.load(x0_ptr).to(tl.float32)
+        resid = tl.load(resid_ptr).to(tl.float32)
+        _after_previous_kernel(PDL)
+        x = (e * (1.0 / tl.sqrt(tl.sum(e * e, 0) / C + eps))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        for i in range(L):
+            mix = (tl.load(x0_ptr + i).to(tl.float32) * x).to(mix_ptr.dtype.element_ty)
+            tl.store(mix_ptr + (i * B + b) * C + offs, mix, mask=inside)
+        if MIX_FIRST:
+            x = resid * x + (first * x).to(mix_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(x_ptr + b * C + offs, x.to(x_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, add_ptr, resid_ptr, mix_ptr, N, eps, cap,
                      K: tl.constexpr, K_P2: tl.constexpr, STRIDE_N: tl.constexpr, STRIDE_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, ADD: tl.constexpr,
@@ -319,7 +345,7 @@ def gemv(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, ou
     block_n, warps = blocks or gemv_blocks(N, K)
     resid, mix_rows = mix if mix is not None else (x, x)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, y, add if add is not None else x, resid, mix_rows, N, torch.finfo(x.dtype).eps, float(cap or 1.0),
+        x, weight, y, add if add is not None else x, resid, mix_rows, N, NORM_EPS, float(cap or 1.0),
         K=K, K_P2=_pow2(K), STRIDE_N=weight.stride(0), STRIDE_K=weight.stride(1), BLOCK_N=block_n, NORM=norm,
         RELU2=relu2, ADD=add is not None, MIX=mix is not None, SOFTCAP=cap is not None, num_warps=warps,
         **_launch(x.device, pdl))
@@ -384,7 +410,7 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     gate_channels = gate.size(1) if gate is not None else 1
     _prepare_kernel[(B * HKV,)](
         qkv, x, ids, ve if ve is not None else qkv, gate if gate is not None else qkv, cos, sin, pos, k_cache, v_cache, q,
-        max_len, torch.finfo(x.dtype).eps, D ** -0.5, C=C, C_P2=_pow2(C), H=H, HKV=HKV, G=G, G_P2=g_p2, D=D,
+        max_len, NORM_EPS, D ** -0.5, C=C, C_P2=_pow2(C), H=H, HKV=HKV, G=G, G_P2=g_p2, D=D,
         GATE=gate_channels, GATE_P2=_pow2(gate_channels), HAS_VE=ve is not None, **_launch(x.device))
     acc = torch.empty(B * H, nsplit, D, device=x.device, dtype=torch.float32)
     m = torch.empty(B * H, nsplit, device=x.device, dtype=torch.float32)
@@ -403,9 +429,20 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
 def relu2_normed(h, x):
     """relu(norm(x) @ W)^2 from h = x @ W (B, N), in place."""
     B, N = h.shape
-    _relu2_kernel[(B, triton.cdiv(N, RELU2_BLOCK))](h, x, N, torch.finfo(x.dtype).eps, C=x.size(1), C_P2=_pow2(x.size(1)),
+    _relu2_kernel[(B, triton.cdiv(N, RELU2_BLOCK))](h, x, N, NORM_EPS, C=x.size(1), C_P2=_pow2(x.size(1)),
                                                    BLOCK=RELU2_BLOCK, **_launch(x.device))
     return h
+
+
+def embed(weights, idx, mix_first=False):
+    """DecodeWeights.embed in one kernel: x (B, C) and the x0 mixes (n_layer, B, C) for idx (B, 1); mix_first: x is
+    layer 0's input, resid_lambda[0] * x + x0_lambda[0] * x (one addcmul less)."""
+    B, C, L = idx.size(0), weights.config.n_embd, len(weights.layers)
+    x = torch.empty(B, C, device=idx.device, dtype=weights.dtype)
+    x0_mix = torch.empty(L, B, C, device=idx.device, dtype=weights.dtype)
+    _embed_kernel[(B,)](idx, weights.wte, weights.x0, weights.resid, x, x0_mix, B, idx.stride(0), weights.wte.stride(0),
+                        NORM_EPS, C=C, C_P2=_pow2(C), L=L, MIX_FIRST=mix_first, **_launch(idx.device))
+    return x, x0_mix
 
 
 def fused_step(weights, idx, cache, cos, sin):
@@ -414,7 +451,7 @@ def fused_step(weights, idx, cache, cos, sin):
         return _lone_row_step(weights, idx, cache, cos, sin)
     c = weights.config
     ids = idx[:, 0].contiguous()  # the attention kernel reads row b's token at ids + b
-    x, x0_mix = weights.embed(idx)
+    x, x0_mix = embed(weights, idx)
     for i, layer in enumerate(weights.layers):
         x = torch.addcmul(x0_mix[i], weights.resid[i], x)
         y = attend(x, layer.qkv(x), ids, cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
@@ -430,8 +467,7 @@ def _lone_row_step(weights, idx, cache, cos, sin):
     layer qkv, prepare, attend, combine, proj (+ residual), fc (norm, ReLU^2), mlp proj (+ residual, the next layer's
     x0 mix); then the lm_head with the final norm and the softcap. 7 kernels per layer instead of 9."""
     c, last = weights.config, len(weights.layers) - 1
-    x, x0_mix = weights.embed(idx)
-    x = torch.addcmul(x0_mix[0], weights.resid[0], x)
+    x, x0_mix = embed(weights, idx, mix_first=True)
     for i, layer in enumerate(weights.layers):
         y = attend(x, gemv(x, layer.qkv.w), idx[:, 0], cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
                    ve=layer.ve, gate=layer.ve_gate)

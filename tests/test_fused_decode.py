@@ -58,7 +58,9 @@ def test_fused_step_in_bf16_is_as_close_to_fp32_as_the_static_step(interpreted):
     for name in ("bf16 vs fp32 forward", "bf16 vs fp32 forward, one row"):  # one row: the GEMV kernel's path
         r = interpreted["steps"][name]
         assert 0 < r["fused_rel"] < 3e-2, name
-        assert r["fused_rel"] < 1.5 * r["static_rel"] + 5e-3, name
+        # bf16 rounded to nearest even as on a GPU (the interpreter truncates unless told: fused_decode_check): the
+        # fused step is as close to fp32 as the static step, and close to it (the norms' fp32 epsilon, as F.rms_norm)
+        assert r["fused_rel"] < 1.25 * r["static_rel"] + 1e-3 and r["fused_vs_static"] < 2 * r["static_rel"], (name, r)
 
 
 @needs_triton
@@ -182,6 +184,9 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
          dict(H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, BLOCK=max(16, fused_decode.ATTEND_BLOCK // g_p2), ITERS=72, PDL=True)),
         (fused_decode._combine_kernel, dict(acc_ptr=f32, m_ptr=f32, l_ptr=f32, y_ptr=bf16), dict(D=128, NSPLIT=9, NSPLIT_P2=16, PDL=True)),
         (fused_decode._relu2_kernel, dict(h_ptr=bf16, x_ptr=bf16, N="i32", eps="fp32"), dict(C=1280, C_P2=2048, BLOCK=fused_decode.RELU2_BLOCK, PDL=True)),
+        (fused_decode._embed_kernel,
+         dict(ids_ptr="*i64", wte_ptr=bf16, x0_ptr=bf16, resid_ptr=bf16, x_ptr=bf16, mix_ptr=bf16, B="i32", stride_ids="i32",
+              stride_wte="i32", eps="fp32"), dict(C=1280, C_P2=2048, L=20, MIX_FIRST=True, PDL=True)),
     ]
     for fn, types, constants in kernels:
         compiled = compile_for_hopper(fn, types, constants, launch_pdl=True)
@@ -192,6 +197,9 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
             assert report["registers"] <= 128
             # the first block's older K/V is loaded before the wait for _prepare_kernel (griddepcontrol.wait: ACQBULK)
             assert report["sass"][:report["sass"].index("ACQBULK")].count("LDG.E.128") >= 2
+        if fn is fused_decode._embed_kernel:  # the token's embedding row is loaded before the wait
+            report = ptxas_report(compiled.asm["ptx"], tmp_path)
+            assert "LDG.E" in report["sass"][:report["sass"].index("ACQBULK")] and report["spill_bytes"] == 0
 
 
 # d20's matrices at batch 1: (N, K) of qkv, proj, fc, mlp proj, lm_head (bench/gpu.py's vocab, 32,768)
