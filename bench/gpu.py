@@ -60,14 +60,15 @@ LOADER_TARGET = 3.0        # dataloader tokens/s over what the d20 step consumes
 NANOCHAT_STEP_TOKENS = 524288  # nanochat's tokens per optimizer step (grad accumulation on one GPU)
 PIPELINE_CAP_S = 240       # the pipeline row's own time limit (run 1: it ate 343 s and every row after it; run 3: 228 s for all)
 # batch-1 d20 decode tok/s predicted before the run that measures them, by GPU (bench/GPU.md explains the arithmetic):
-# the fused step (Triton GEMVs, programmatic dependent launch, top-k sampling in Triton), with torch's sampling,
-# without PDL, and with run 3's cuBLAS GEMVs (today's attention kernels) before run 4; on the H100 eager, graph and
-# compile as measured (runs 1 and 3, torch's sampling)
+# the fused step (Triton GEMVs, programmatic dependent launch, the splits combined by the attention's last programs,
+# top-k sampling in Triton), with a combine kernel, with torch's sampling, without PDL, and with run 3's cuBLAS GEMVs
+# (today's attention kernels) before run 4; on the H100 eager, graph and compile as measured (runs 1 and 3, torch's
+# sampling)
 DECODE_PREDICTED_TOK_S = {
-    "H100": {"eager": 87, "graph": 563, "compile": 721, "fused": 1550, "fused, torch sampling": 1500,
-             "fused, no PDL": 1290, "fused, cublas GEMVs, no PDL": 920},
-    "H200": {"eager": 90, "graph": 600, "compile": 780, "fused": 2000, "fused, torch sampling": 1940,
-             "fused, no PDL": 1600, "fused, cublas GEMVs, no PDL": 1250},
+    "H100": {"eager": 87, "graph": 563, "compile": 721, "fused": 1625, "fused, combine kernel": 1560,
+             "fused, torch sampling": 1575, "fused, no PDL": 1390, "fused, cublas GEMVs, no PDL": 970},
+    "H200": {"eager": 90, "graph": 600, "compile": 780, "fused": 2130, "fused, combine kernel": 2010,
+             "fused, torch sampling": 2050, "fused, no PDL": 1760, "fused, cublas GEMVs, no PDL": 1350},
 }
 
 # full-size configs (the issue) and the toy ones of --smoke
@@ -783,14 +784,15 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
 
 
 def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None, gemv=None,
-                  pdl=True, fused_sample=True):
+                  pdl=True, fused_sample=True, combine=None):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
     cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default: by batch, split_slots). mode "batched": `batch`
     requests of their own prompts decoded together by nanochat.batching (continuous batching) in a batch of `rows`
     rows (default: batch), not one request. gemv: the fused step's lone-row products (NANOCHAT_FUSED_GEMV: triton |
     cublas); pdl False: its kernels without programmatic dependent launch (NANOCHAT_FUSED_PDL=0); fused_sample False:
-    top-k sampling in torch's kernels, not nanochat.fused_sample's (NANOCHAT_FUSED_SAMPLE=0)."""
+    top-k sampling in torch's kernels, not nanochat.fused_sample's (NANOCHAT_FUSED_SAMPLE=0); combine: who combines
+    the fused attention's splits (NANOCHAT_FUSED_COMBINE: last | kernel)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
@@ -806,11 +808,14 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         env["NANOCHAT_FUSED_PDL"] = "0"
     if not fused_sample:
         env["NANOCHAT_FUSED_SAMPLE"] = "0"
+    if combine:
+        env["NANOCHAT_FUSED_COMBINE"] = combine
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
-    variant = "".join([f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL", "" if fused_sample else ", torch sampling"])
+    variant = "".join([f", combine {combine}" if combine else "", f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL",
+                       "" if fused_sample else ", torch sampling"])
     label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}{variant}" if variant else \
         decode if mode == "engine" else f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
     res["fused_split"], res["gemv"], res["pdl"] = fused_split, gemv, pdl
@@ -1163,6 +1168,8 @@ def plan(b):
             ("inference", "d20 GEMVs: Triton kernel vs cuBLAS", 40, lambda: gemv_row(b)),
             ("inference", "d20 batch 1 fused", 30, lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90)),
             ("inference", "d20 sampling: Triton top-k vs torch", 15, lambda: sampling_row(b)),
+            ("inference", "d20 batch 1 fused, combine kernel", 30,  # the attention's splits combined by a kernel of its own
+             lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, combine="kernel")),
             ("inference", "d20 batch 1 fused, torch sampling", 30,  # top-k sampling in torch's ~15 kernels per token
              lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, fused_sample=False)),
             ("inference", "d20 batch 1 fused, no PDL", 30,  # the kernels one after another

@@ -16,7 +16,7 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
            for more than one row
   compile  the same, torch.compile'd (fewer, fused kernels) before capture (on CPU: compiled, not captured); costs
            compile time per shape
-  fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, 7 per layer for one row, 9 for
+  fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, 6 per layer for one row, 8 for
            more), in a CUDA graph:
            auto's choice on CUDA for a lone row (one sample, or one row of a batch in use)
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in

@@ -1,5 +1,5 @@
 """
-The fused decode step: DecodeWeights.step's arithmetic in 7 to 9 kernels per layer instead of ~21, for the CUDA graph.
+The fused decode step: DecodeWeights.step's arithmetic in 6 to 8 kernels per layer instead of ~21, for the CUDA graph.
 
 A batch-1 d20 step on the H100 is bound by how many kernels it launches (~2 us each even inside a CUDA graph;
 bench/RESULTS.md run 2), not by the bytes it reads. The step starts with one kernel for the embedding (its norm and
@@ -8,8 +8,8 @@ every layer's x0 mix: embed); then per layer it runs:
     addcmul     x = resid * x + x0_lambda * x0                      (torch)
     linear      qkv = x @ Wqkv                                     (cuBLAS, on the un-normed x)
     prepare     norm scale, value embedding + gate, rotary, QK-norm; K/V written at the position   (Triton)
-    attend      attention over one split of the cache (flash-decoding: online softmax per split)   (Triton)
-    combine     the splits' partial softmaxes -> y                                           (Triton)
+    attend      attention over one split of the cache (flash-decoding: online softmax per split); the last
+                program of each (row, kv head) to finish combines the splits' partial softmaxes -> y  (Triton)
     addmm       x = x + y @ Wproj                                  (cuBLAS: the residual add rides in the GEMV)
     linear      h = x @ Wfc                                        (cuBLAS, on the un-normed x)
     relu2       h = relu(h * rms(x)^-1)^2                                                    (Triton)
@@ -19,19 +19,21 @@ The pre-attention and pre-MLP norms are parameter-free, so norm(x) @ W == (x @ W
 scale is applied after the matmul, inside the next kernel, and no norm kernel runs. The attention programs loop over
 the visible slots of their split only (sliding-window layers skip the rest), and the split grows with the batch
 (split_slots). prepare is its own kernel so that the attention programs, thousands at batch 32, do not each redo it
-(run 3: one kernel doing both held 255 registers per thread and was latency-bound).
+(run 3: one kernel doing both held 255 registers per thread and was latency-bound). No combine kernel follows the
+attention: each program counts itself in on an arrival counter per (row, kv head) once its partials are stored, and
+the last one combines them (NANOCHAT_FUSED_COMBINE=kernel: a combine kernel after the attention instead).
 
 A lone row (batch 1: auto's use of this step) runs its products in _gemv_kernel instead of cuBLAS (run 3: ~1.45 TB/s,
 ~0.6 of the step's 1.15 ms), each weight streamed in 128-bit loads with the elementwise work in the epilogue: the
 residual add, the MLP norm and ReLU^2 (no relu2 kernel), the next layer's x0 mix (no addcmul), and the lm_head's final
-norm and softcap, so 7 kernels per layer: gemv qkv, prepare, attend, combine, gemv proj, gemv fc, gemv mlp proj
+norm and softcap, so 6 kernels per layer: gemv qkv, prepare, attend, gemv proj, gemv fc, gemv mlp proj
 (NANOCHAT_FUSED_GEMV=cublas: the cuBLAS path above at one row too); layer 0's x0 mix rides in the embed kernel.
 
 On Hopper every Triton kernel here is launched with programmatic dependent launch (PDL): it may start while the kernel
 before it is still running, lets the next one start too, and waits for its predecessor (griddepcontrol.wait) before it
 reads anything that predecessor chain wrote or writes anything itself. Before that wait each kernel loads what no
 kernel of the step writes: a GEMV its weights, prepare the rotary angles and value embedding, attend the first block of
-the older K/V. So a step of ~142 small kernels streams each kernel's inputs during the previous kernel's tail instead
+the older K/V. So a step of ~123 small kernels streams each kernel's inputs during the previous kernel's tail instead
 of after its end (NANOCHAT_FUSED_PDL=0: one after another).
 
 Same results as DecodeWeights.step up to bf16 rounding (tests/test_fused_decode.py runs the kernels in Triton's
@@ -66,6 +68,9 @@ GEMV = os.environ.get("NANOCHAT_FUSED_GEMV", "triton")
 # programmatic dependent launch (Hopper+): each kernel here starts while the one before it finishes, loading what does
 # not depend on it (a GEMV's weights) before waiting for it; NANOCHAT_FUSED_PDL=0 launches them one after another
 PDL = os.environ.get("NANOCHAT_FUSED_PDL", "1") != "0"
+# who combines a (row, head)'s attention splits: "last", the last of its attention programs to finish (no combine
+# kernel: 20 kernels less per d20 step), or "kernel", a combine kernel after the attention (NANOCHAT_FUSED_COMBINE)
+COMBINE = os.environ.get("NANOCHAT_FUSED_COMBINE", "last")
 # the parameter-free RMSNorm's epsilon: F.rms_norm's default for fp32 and bf16 alike (its fp32 compute type's), not
 # bf16's 2^-7, which shifts a norm by ~0.4% at a mean square of 1 and more below
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -155,14 +160,18 @@ if triton is not None:
         tl.store(q_ptr + (b * H + hk * G + oq[:, None]) * D + od[None, :], q, mask=q_mask)
 
     @triton.jit
-    def _attend_split_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, max_len, window, split_len, nsplit,
-                             H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
-                             BLOCK: tl.constexpr, ITERS: tl.constexpr, PDL: tl.constexpr):
+    def _attend_split_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, arrivals_ptr, y_ptr, max_len, window,
+                             split_len, nsplit, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
+                             D: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, NSPLIT_P2: tl.constexpr,
+                             COMBINE: tl.constexpr, PDL: tl.constexpr):
         """One (row, kv head, split): flash-decoding of its G query heads over the split's visible cache slots (the new
         token's included: _prepare_kernel wrote it); partial (acc, max, sum) per query head and split. The loop starts
         at the first visible slot and runs ITERS blocks, enough for the most slots a split can see (an iteration
         past the visible ones loads nothing). The first block's older slots are loaded before waiting for the previous
-        kernel (earlier steps wrote them; the position moves only at the step's end), the new token's slot after."""
+        kernel (earlier steps wrote them; the position moves only at the step's end), the new token's slot after.
+        COMBINE: the last of the (row, kv head)'s programs to finish (an arrival counter, left at 0 for the next layer)
+        combines the splits into y, so no combine kernel runs: every program's partials are published before it
+        arrives (a barrier, then a release atomic) and read by the last one after (acquire, loads past L1)."""
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
         pos = tl.load(pos_ptr + b)
@@ -216,6 +225,12 @@ if triton is not None:
             tl.store(acc_ptr + (heads[:, None] * nsplit + split) * D + od[None, :], acc, mask=q_mask)
             tl.store(m_ptr + heads * nsplit + split, m, mask=oq < G)
             tl.store(l_ptr + heads * nsplit + split, l, mask=oq < G)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partials stored before the arrival below publishes them
+            if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu") == nsplit - 1:
+                for g in tl.static_range(G):
+                    _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head + g, nsplit, D, NSPLIT_P2)
+                tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _softmax_block(q, k, v, valid, m, l, acc):
@@ -238,18 +253,24 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
 
     @triton.jit
-    def _combine_kernel(acc_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                        PDL: tl.constexpr):
-        """One (row, query head): the softmax over all splits from their partial maxima, sums and outputs."""
-        _after_previous_kernel(PDL)
-        head = tl.program_id(0)
+    def _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head, nsplit, D: tl.constexpr, NSPLIT_P2: tl.constexpr):
+        """y of one (row, query head): the softmax over all splits from their partial maxima, sums and outputs (loaded
+        from L2: other programs of the same kernel may have written them)."""
         osp, od = tl.arange(0, NSPLIT_P2), tl.arange(0, D)
-        m = tl.load(m_ptr + head * NSPLIT + osp, mask=osp < NSPLIT, other=float("-inf"))
-        l = tl.load(l_ptr + head * NSPLIT + osp, mask=osp < NSPLIT, other=0.0)
+        m = tl.load(m_ptr + head * nsplit + osp, mask=osp < nsplit, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_ptr + head * nsplit + osp, mask=osp < nsplit, other=0.0, cache_modifier=".cg")
         w = tl.exp(m - tl.max(m, 0))  # an empty split has max -inf: weight 0
-        acc = tl.load(acc_ptr + (head * NSPLIT + osp[:, None]) * D + od[None, :], mask=(osp < NSPLIT)[:, None], other=0.0)
+        acc = tl.load(acc_ptr + (head * nsplit + osp[:, None]) * D + od[None, :], mask=(osp < nsplit)[:, None], other=0.0,
+                      cache_modifier=".cg")
         y = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
         tl.store(y_ptr + head * D + od, y.to(y_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _combine_kernel(acc_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr,
+                        PDL: tl.constexpr):
+        """One (row, query head): the splits combined into y (COMBINE="kernel")."""
+        _after_previous_kernel(PDL)
+        _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, tl.program_id(0), NSPLIT, D, NSPLIT_P2)
 
     @triton.jit
     def _relu2_kernel(h_ptr, x_ptr, N, eps, C: tl.constexpr, C_P2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -396,10 +417,11 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None, gate=None):
+def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None, gate=None, arrivals=None):
     """y (B, H * D): the attention of one new token per row, from the un-normed attention input x (B, C) and
     qkv = x @ Wqkv (B, (H + 2 Hkv) D); writes the token's K/V into the (B, Hkv, max_len, D) caches at each row's
-    position pos[b]."""
+    position pos[b]. arrivals: B * Hkv int32 zeros (StaticKVCache.arrivals), left zero: the attention programs combine
+    the splits themselves (COMBINE "last"), else a combine kernel does."""
     B, C = x.shape
     H, HKV, D = config.n_head, config.n_kv_head, config.head_dim
     G, g_p2 = H // HKV, _pow2(H // HKV)
@@ -418,11 +440,14 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     window = window if window >= 0 else max_len
     block = max(16, ATTEND_BLOCK // g_p2)
     iters = triton.cdiv(min(split, window + 1, max_len), block)  # the most visible slots one split holds, in blocks
-    _attend_split_kernel[(B * HKV, nsplit)](
-        q, pos, k_cache, v_cache, acc, m, l, max_len, window, split, nsplit,
-        H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters, **_launch(x.device))
     y = torch.empty(B, H * D, device=x.device, dtype=x.dtype)
-    _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit), **_launch(x.device))
+    last = COMBINE == "last" and arrivals is not None
+    _attend_split_kernel[(B * HKV, nsplit)](
+        q, pos, k_cache, v_cache, acc, m, l, arrivals if last else pos, y, max_len, window, split, nsplit,
+        H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters, NSPLIT_P2=_pow2(nsplit), COMBINE=last,
+        **_launch(x.device))
+    if not last:
+        _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit), **_launch(x.device))
     return y
 
 
@@ -455,7 +480,7 @@ def fused_step(weights, idx, cache, cos, sin):
     for i, layer in enumerate(weights.layers):
         x = torch.addcmul(x0_mix[i], weights.resid[i], x)
         y = attend(x, layer.qkv(x), ids, cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
-                   ve=layer.ve, gate=layer.ve_gate)
+                   ve=layer.ve, gate=layer.ve_gate, arrivals=cache.arrivals)
         x = layer.proj(y, add=x)
         x = layer.mlp_proj(relu2_normed(layer.fc(x), x), add=x)
     cache.advance()
@@ -464,13 +489,13 @@ def fused_step(weights, idx, cache, cos, sin):
 
 def _lone_row_step(weights, idx, cache, cos, sin):
     """fused_step for one row, its matrix products in _gemv_kernel with the elementwise work in their epilogues: per
-    layer qkv, prepare, attend, combine, proj (+ residual), fc (norm, ReLU^2), mlp proj (+ residual, the next layer's
-    x0 mix); then the lm_head with the final norm and the softcap. 7 kernels per layer instead of 9."""
+    layer qkv, prepare, attend (+ combine), proj (+ residual), fc (norm, ReLU^2), mlp proj (+ residual, the next layer's
+    x0 mix); then the lm_head with the final norm and the softcap. 6 kernels per layer instead of 8."""
     c, last = weights.config, len(weights.layers) - 1
     x, x0_mix = embed(weights, idx, mix_first=True)
     for i, layer in enumerate(weights.layers):
         y = attend(x, gemv(x, layer.qkv.w), idx[:, 0], cache.k[i], cache.v[i], cache.pos, cos, sin, weights.windows[i], c,
-                   ve=layer.ve, gate=layer.ve_gate)
+                   ve=layer.ve, gate=layer.ve_gate, arrivals=cache.arrivals)
         x = gemv(y, layer.proj.w, add=x)
         h = gemv(x, layer.fc.w, norm=True, relu2=True)
         x = gemv(h, layer.mlp_proj.w, add=x, mix=None if i == last else (weights.resid[i + 1:i + 2], x0_mix[i + 1]))

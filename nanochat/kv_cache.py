@@ -119,6 +119,8 @@ class StaticKVCache:
         self.live = torch.ones(batch_size, dtype=torch.long, device=device)  # what a step adds to each row's position
         self.rows = torch.arange(batch_size, device=device)
         self.slots = torch.arange(max_len, device=device)
+        # scratch of the fused step's attention (nanochat.fused_decode): arrivals per (row, kv head), zero between layers
+        self.arrivals = torch.zeros(batch_size * num_kv_heads, dtype=torch.int32, device=device)
 
     @property
     def batch_size(self):
@@ -183,6 +185,7 @@ class StaticKVCache:
         view = StaticKVCache.__new__(StaticKVCache)
         view.k, view.v = [t[:rows, :, :slots] for t in self.k], [t[:rows, :, :slots] for t in self.v]
         view.pos, view.live, view.rows, view.slots = self.pos[:rows], self.live[:rows], self.rows[:rows], self.slots[:slots]
+        view.arrivals = self.arrivals[:rows * self.k[0].size(1)]
         return view
 
     def to_kv_cache(self):

@@ -36,8 +36,9 @@ def interpreted(tmp_path_factory):
 @needs_triton
 def test_fused_step_equals_the_static_step_in_fp32(interpreted):
     steps = {k: v for k, v in interpreted["steps"].items() if k.startswith("fp32 heads")}
-    assert len(steps) == 6 and sum("split32 block16" in k for k in steps) == 2
+    assert len(steps) == 8 and sum("split32 block16" in k for k in steps) == 2 and sum("combine kernel" in k for k in steps) == 2
     for name, r in steps.items():
+        assert r["arrivals_left"] == 0, name  # the last attention program of each (row, head) set its counter back
         assert r["logits_rel"] < 1e-5, name       # the same arithmetic, in another order
         assert r["cache_max_abs"] < 1e-4, name   # the K/V it wrote at each position
         end = interpreted["prompt_len"] + interpreted["n_steps"]  # past the first 16-slot split
@@ -179,9 +180,10 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
               k_ptr=bf16, v_ptr=bf16, q_ptr=f32, max_len="i32", eps="fp32", scale="fp32"),
          dict(C=1280, C_P2=2048, H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, GATE=32, GATE_P2=32, HAS_VE=has_ve, PDL=True)),
         (fused_decode._attend_split_kernel,
-         dict(q_ptr=f32, pos_ptr="*i64", k_ptr=bf16, v_ptr=bf16, acc_ptr=f32, m_ptr=f32, l_ptr=f32, max_len="i32",
-              window="i32", split_len="i32", nsplit="i32"),
-         dict(H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, BLOCK=max(16, fused_decode.ATTEND_BLOCK // g_p2), ITERS=72, PDL=True)),
+         dict(q_ptr=f32, pos_ptr="*i64", k_ptr=bf16, v_ptr=bf16, acc_ptr=f32, m_ptr=f32, l_ptr=f32, arrivals_ptr="*i32",
+              y_ptr=bf16, max_len="i32", window="i32", split_len="i32", nsplit="i32"),
+         dict(H=10, HKV=10 // group, G=group, G_P2=g_p2, D=128, BLOCK=max(16, fused_decode.ATTEND_BLOCK // g_p2), ITERS=72,
+              NSPLIT_P2=64, COMBINE=True, PDL=True)),
         (fused_decode._combine_kernel, dict(acc_ptr=f32, m_ptr=f32, l_ptr=f32, y_ptr=bf16), dict(D=128, NSPLIT=9, NSPLIT_P2=16, PDL=True)),
         (fused_decode._relu2_kernel, dict(h_ptr=bf16, x_ptr=bf16, N="i32", eps="fp32"), dict(C=1280, C_P2=2048, BLOCK=fused_decode.RELU2_BLOCK, PDL=True)),
         (fused_decode._embed_kernel,
@@ -194,7 +196,15 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
         if fn is fused_decode._attend_split_kernel:
             assert compiled.metadata.num_warps == 4
             report = ptxas_report(compiled.asm["ptx"], tmp_path)
-            assert report["registers"] <= 128
+            assert report["registers"] <= 128 and report["spill_bytes"] == 0
+            # the splits combined by the last program: partials published (barrier, release) before the arrival, the
+            # others' partials read past L1 after it (acquire), the counter set back
+            ptx = compiled.asm["ptx"]
+            arrive = re.search(r"atom\.global\.gpu\.acq_rel\.add\.u32|atom\.acq_rel\.gpu\.global\.add\.u32", ptx)
+            assert arrive and "ld.global.cg" in ptx[arrive.end():], fn.__name__
+            barrier = ptx.rindex("bar.sync", 0, arrive.start())  # the last barrier before the arrival follows every store
+            assert "st.global" in ptx[:barrier] and "st.global" not in ptx[barrier:arrive.start()]
+            assert re.search(r"atom\.\S*exch", ptx[arrive.end():])
             # the first block's older K/V is loaded before the wait for _prepare_kernel (griddepcontrol.wait: ACQBULK)
             assert report["sass"][:report["sass"].index("ACQBULK")].count("LDG.E.128") >= 2
         if fn is fused_decode._embed_kernel:  # the token's embedding row is loaded before the wait
