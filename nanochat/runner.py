@@ -130,7 +130,7 @@ class LocalExecutor:
         log_path = self.log_dir / f"{step.name}.attempt{attempt}.log"
         env = dict(self.env if self.env is not None else os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(log_path, "ab") as log:
+        with open(log_path, "wb") as log:  # a new process: a log of its own, not appended to one a wiped store left
             # own session: survives a killed runner (to be adopted) and gets signals as a group
             p = subprocess.Popen(self.command(step, args, nproc), stdout=log, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True, stdin=subprocess.DEVNULL)

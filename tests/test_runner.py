@@ -242,3 +242,15 @@ def test_sigint_checkpoints_and_rerun_resumes(tmp_path):
     history = [json.loads(line)["step"] for line in store.get_bytes("stages/echo_b/history.jsonl").decode().splitlines()]
     assert history == list(range(1, 13))  # continuous: nothing lost, nothing repeated
     assert executions(store, "echo_c") == 1
+
+
+def test_a_wiped_store_starts_its_stage_logs_afresh(tmp_path):
+    """The log directory outlives the store it belongs to (it is keyed by the store's path): a run on a new store at the
+    same path writes attempt 1's log anew instead of appending to the old run's, which the runner would replay."""
+    import shutil
+    steps = [Step("echo_a", ECHO, args=("--label=a",))]
+    for _ in range(2):
+        shutil.rmtree(tmp_path / "st", ignore_errors=True)
+        assert make_runner(open_store(f"file://{tmp_path}/st"), steps, tmp_path).run()
+    [log] = (tmp_path / "logs").rglob("echo_a.attempt1.log")
+    assert log.read_text().count("[echo_a] start:") == 1
