@@ -457,11 +457,14 @@ def check_graph_decode(b, fast=None):
     why = fused_decode.unavailable_reason(b.device, b.small_config().head_dim)
     if why:
         return dict(status=f"skipped: {why}")
+    import nanochat.engine as engine_mod
+    # the kernels measured here directly: the engine's own check before first use is reported, not applied
     split, fused_decode.SPLIT_SLOTS = fused_decode.SPLIT_SLOTS, FUSED_CHECK_SPLIT
+    check, engine_mod.FUSED_CHECK = engine_mod.FUSED_CHECK, False
     try:
         out = _check_static_decode(b, fast)
     finally:
-        fused_decode.SPLIT_SLOTS = split
+        fused_decode.SPLIT_SLOTS, engine_mod.FUSED_CHECK = split, check
     out["notes"] += f"; cache splits of {FUSED_CHECK_SPLIT} slots"
     return out
 
@@ -484,6 +487,8 @@ def _check_static_decode(b, fast):
         eager = torch.stack([model(forced[:, t:t + 1], kv_cache=cache)[:, -1] for t in range(N)], 1)
         full = model(torch.cat([prompt.expand(2, -1), forced], 1))[:, P:]  # the step at column t is position P + t
         static = {rows: teacher_forced(model, prompt, forced[:rows], fast) for rows in (2, 1)}  # 1 row: the fused GEMVs
+        if fast == "fused":  # what engine.check_fused_step measures before first use (here on 32-slot splits)
+            fused_check = engine_mod.fused_step_errors(model, engine_mod.DecodeWeights(model))
         logits_err = max(rel_err(static[r], eager[:r]) for r in static)
         full_err = max(rel_err(static[r], full[:r]) for r in static)
         max_abs = max(max((static[r] - eager[:r]).abs().max().item(), (static[r] - full[:r]).abs().max().item()) for r in static)
@@ -514,12 +519,18 @@ def _check_static_decode(b, fast):
     tol = TOL[b.dtype_name]
     worst_margin = max(margins.values())
     ok = max(logits_err, full_err) <= tol["logits"] and worst_margin <= margin_tol  # unequal streams: only at ties
+    check_note = ""
+    if fast == "fused":
+        check_tol = engine_mod.FUSED_CHECK_TOL.get(model.compute_dtype, 5e-2)
+        check_note = (" · check before first use " + " / ".join(f"{e:.1e}" for e in fused_check.values())
+                      + f" ({'passes' if max(fused_check.values()) <= check_tol else 'REFUSES'} at {check_tol:g})")
     return dict(status="ok" if ok else "FAIL", met=ok, target=f"logits ≤ {tol['logits']:g}, greedy",
                 result=f"logits {logits_err:.1e} (vs full {full_err:.1e}) · greedy margin {worst_margin:.1e} · "
-                       f"streams equal {sum(equal.values())}/{len(equal)}",
+                       f"streams equal {sum(equal.values())}/{len(equal)}" + check_note,
                 notes=f"{fast} vs eager, d{config.n_layer} window {s['short_window']}, prompt {P}, {N} tokens; agreeing tokens "
                       + ", ".join(f"{k}: {v}/{N}" for k, v in agree.items()),
-                metrics=dict(mode=fast, logits_rel=logits_err, full_rel=full_err, max_abs=max_abs, margin_tol=margin_tol,
+                metrics=dict(mode=fast, logits_rel=logits_err, full_rel=full_err, fused_check=fused_check if fast == "fused" else None,
+                             max_abs=max_abs, margin_tol=margin_tol,
                              greedy_margin={str(k): v for k, v in margins.items()}, streams_equal={str(k): v for k, v in equal.items()},
                              agree={str(k): v for k, v in agree.items()}))
 

@@ -303,7 +303,7 @@ class Batcher:
         ids, cache = d.ids[:k], d.cache.window(k, self.max_len)
         if mode != d.mode and mode in engine_mod.STATIC_STEP_MODES:
             try:
-                step = engine_mod.static_step(mode, self.weights, self.model.get_device(), self.model.config)
+                step = engine_mod.static_step(mode, self.weights, self.model)
                 return engine_mod.capture_step(functools.partial(step, ids, cache, d.cos, d.sin), mode)
             except Exception as e:  # noqa: BLE001 - auto's pick for k rows: the batch's own step serves instead
                 self.engine.auto_failed(mode, e, what=f"batched decode of {k} row(s)")

@@ -17,8 +17,8 @@ Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
   compile  the same, torch.compile'd (fewer, fused kernels) before capture (on CPU: compiled, not captured); costs
            compile time per shape
   fused    the same arithmetic in hand-fused Triton kernels (nanochat.fused_decode, 6 per layer for one row, 8 for
-           more), in a CUDA graph:
-           auto's choice on CUDA for a lone row (one sample, or one row of a batch in use)
+           more), in a CUDA graph: auto's choice on CUDA for a lone row (one sample, or one row of a batch in use),
+           checked against the static step on each device before its first use (check_fused_step)
 The static paths need a nanochat GPT (any other model decodes eagerly); the prompt is prefilled by GPT.forward in
 every path. The graphed paths run one step ahead: the next step starts on the sampled ids while the host reads them,
 and is rerun when a tool forces another token (StaticSteps). Sampling (temperature, top-k, top-p) happens outside the
@@ -507,7 +507,7 @@ class StaticDecoder:
         self.cache = StaticKVCache(batch, c.n_kv_head, c.head_dim, c.n_layer, max_len, device=device, dtype=model.compute_dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cos, self.sin = model.rotary_tables(max_len)
-        step = static_step(mode, weights, device, c)
+        step = static_step(mode, weights, model)
         self.step = step  # (ids, cache, cos, sin) -> logits: run() calls it on this decoder's own tensors
         ids, cache, cos, sin = self.ids, self.cache, self.cos, self.sin  # not self: no reference cycle keeps a dropped cache alive
 
@@ -532,17 +532,79 @@ def step_unavailable(mode, device, config):
     return fused_decode.unavailable_reason(device, config.head_dim)
 
 
-def static_step(mode, weights, device, config):
-    """(ids, cache, cos, sin) -> fp32 logits: one decode step of a static path, over DecodeWeights `weights`."""
+def static_step(mode, weights, model):
+    """(ids, cache, cos, sin) -> fp32 logits: one decode step of a static path, over DecodeWeights `weights` of the
+    GPT `model`. The fused step is checked against the static one first (check_fused_step)."""
     if mode == "compile":
         return torch.compile(weights.step, fullgraph=True, dynamic=False)
     if mode == "fused":
-        why = step_unavailable(mode, device, config)
+        why = step_unavailable(mode, model.get_device(), model.config)
         if why:
             raise RuntimeError(f"decode='fused': {why}")
+        check_fused_step(model, weights)
         from nanochat import fused_decode
         return functools.partial(fused_decode.fused_step, weights)
     return weights.step
+
+
+# The fused step's hand-written kernels (memory ordering between programs, PDL) are checked on each device they run on,
+# before they decode for anyone: NANOCHAT_FUSED_CHECK=0 skips it.
+FUSED_CHECK = os.environ.get("NANOCHAT_FUSED_CHECK", "1") != "0"
+FUSED_CHECK_SLOTS = 200  # random keys/values in the cache: several attention splits (64+ slots each), past short windows
+# relative logit error allowed; other dtypes 5e-2: on the CPU's interpreter the bf16 fused step is 0.4-0.9e-2 off the
+# static one, on the H100 (run 3) each bf16 path ~1.1e-2 off fp32; a wrong attention output measured 0.3-0.4
+FUSED_CHECK_TOL = {torch.float32: 1e-3}
+_fused_checked = {}  # (device, dtype, config) -> None once passed, else the failure's message
+
+
+def check_fused_step(model, weights):
+    """Before the fused step first decodes on a device (once per process, model shape and dtype): two steps of one row
+    (the GEMV-kernel path) and two of two rows at different positions, in a CUDA graph as in use, over a cache of
+    random keys/values, against the static step's logits. RuntimeError when they differ by more than rounding does
+    (kernels miscompiled or misordered on this GPU and driver): auto then decodes on the graph path, with a warning."""
+    if not FUSED_CHECK:
+        return
+    key = (str(model.get_device()), weights.dtype, repr(model.config))
+    if key not in _fused_checked:  # an exception (out of memory, a compile error) leaves no verdict: checked again next time
+        tol = FUSED_CHECK_TOL.get(weights.dtype, 5e-2)
+        bad = {rows: err for rows, err in fused_step_errors(model, weights).items() if not err <= tol}  # NaN: bad
+        _fused_checked[key] = (f"the fused step's logits are off the static step's on this device: relative error "
+                               f"{', '.join(f'{e:.3g} at {r} row(s)' for r, e in bad.items())} > {tol:g} "
+                               "(NANOCHAT_FUSED_CHECK=0 skips this check)") if bad else None
+    if _fused_checked[key]:
+        raise RuntimeError(f"decode='fused': {_fused_checked[key]}")
+
+
+@torch.inference_mode()
+def fused_step_errors(model, weights, steps=2):
+    """{rows: the largest relative error of the fused step's logits vs the static step's over `steps` steps} for 1
+    and 2 rows, from the same cache of random keys/values (check_fused_step)."""
+    from nanochat import fused_decode
+    c, device, dtype = model.config, model.get_device(), weights.dtype
+    max_len = cache_len(FUSED_CHECK_SLOTS + steps + 2)  # + the capture's warm-up steps
+    cos, sin = model.rotary_tables(max_len)
+    g = torch.Generator(device=device).manual_seed(0)
+    errors = {}
+    for rows in (1, 2):
+        cache = StaticKVCache(rows, c.n_kv_head, c.head_dim, c.n_layer, max_len, device=device, dtype=dtype)
+        for t in cache.k + cache.v:
+            t.normal_(generator=g)
+        cache.pos.copy_(torch.tensor([FUSED_CHECK_SLOTS, FUSED_CHECK_SLOTS - 37][:rows], device=device))
+        start = cache.pos.clone()
+        reference = StaticKVCache(rows, c.n_kv_head, c.head_dim, c.n_layer, max_len, device=device, dtype=dtype)
+        for a, b in zip(reference.k + reference.v + [reference.pos], cache.k + cache.v + [cache.pos]):
+            a.copy_(b)
+        ids = torch.randint(0, c.vocab_size, (rows, 1), device=device, generator=g)
+        fused = functools.partial(fused_decode.fused_step, weights, ids, cache, cos, sin)
+        if device.type == "cuda":
+            fused = capture_step(fused, "fused")  # its warm-up steps move the positions: set back below
+            cache.pos.copy_(start)
+        worst = 0.0
+        for _ in range(steps):
+            got, want = fused().float(), weights.step(ids, reference, cos, sin).float()
+            worst = max(worst, ((got - want).norm() / want.norm()).item())
+        errors[rows] = worst
+    return errors
 
 
 def capture_step(fn, mode):

@@ -267,6 +267,27 @@ def engine_sample_check():
     return dict(equal=fused == torch_path, fused_calls=len(calls), tokens=len(fused[0]))
 
 
+def self_check_checks():
+    """engine.check_fused_step on the real kernels: the errors it measures for healthy fp32 and bf16 steps (the
+    verdicts the Engine checks above left), and for an attention whose output is wrong (refused)."""
+    fd.SPLIT_SLOTS = 64  # 4 splits of the check's 256-slot cache
+    out = dict(verdicts=list(engine_mod._fused_checked.values()))
+    for name, model in (("fp32", random_gpt(depth=2, window_pattern="SL")), ("bf16", small_gpt(2, "SL", torch.bfloat16))):
+        out[name] = engine_mod.fused_step_errors(model, DecodeWeights(model))
+    attend = fd.attend
+    fd.attend = lambda *args, **kw: attend(*args, **kw).flip(-1)  # every head's output, its channels reversed
+    engine_mod._fused_checked.clear()
+    try:
+        engine_mod.check_fused_step(model, DecodeWeights(model))
+        out["broken_refused"] = False
+    except RuntimeError as e:
+        out["broken_refused"] = str(e)
+    finally:
+        fd.attend = attend
+        engine_mod._fused_checked.clear()
+    return out
+
+
 class UncapturedGraph:
     """engine.CudaGraphStep without CUDA: calls fn where a graph would replay it (warm-up and capture included)."""
 
@@ -309,4 +330,4 @@ def lone_row_checks(model, sampled):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(json.dumps(dict(prompt_len=PROMPT_LEN, n_steps=STEPS, steps=step_checks(), gemv=gemv_checks(), engine=engine_checks(),
-                     sample=sample_checks())))
+                     self_check=self_check_checks(), sample=sample_checks())))

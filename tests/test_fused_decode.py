@@ -88,6 +88,17 @@ def test_engine_streams_on_the_fused_path(interpreted):
 
 
 @needs_triton
+def test_the_check_before_first_use_passes_the_kernels_and_refuses_a_wrong_attention(interpreted):
+    """engine.check_fused_step on the real kernels (interpreted): the Engine checks' steps were checked and passed;
+    healthy steps sit far inside the tolerances (fp32 1e-3, bf16 5e-2), a wrong attention output far outside."""
+    c = interpreted["self_check"]
+    assert c["verdicts"] == [None]  # one model shape decoded fused above: checked once, passed
+    assert all(e < 1e-5 for e in c["fp32"].values()) and set(c["fp32"]) == {"1", "2"}
+    assert all(e < 2e-2 for e in c["bf16"].values())
+    assert "the fused step's logits are off the static step's" in c["broken_refused"]
+
+
+@needs_triton
 def test_a_batch_decodes_a_lone_row_on_the_fused_step_under_auto(interpreted):
     """auto as on CUDA: a 4-row batch on the graph step captures its 1-row step on the fused one; a request alone in
     row 0 after its companion left continues on the fused step from the K/V the static step wrote."""
@@ -314,3 +325,52 @@ def test_cache_split_grows_with_the_batch(monkeypatch):
     assert fused_decode.split_slots(10, 2304, torch.device("cpu")) == fused_decode.MIN_SPLIT_SLOTS  # the interpreter
     monkeypatch.setattr(fused_decode, "SPLIT_SLOTS", 128)  # NANOCHAT_FUSED_SPLIT
     assert fused_decode.split_slots(320, 2304, cuda) == 128
+
+
+@pytest.fixture
+def fused_stand_in(monkeypatch):
+    """The fused path made available on a plain CPU with a stand-in for fused_decode.fused_step (the static step, or a
+    broken one): the check's verdict per call is what is under test here, the real kernels' in the interpreter."""
+    import nanochat.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "step_unavailable", lambda mode, device, config: None)
+    monkeypatch.setattr(engine_mod, "_fused_checked", {})
+    calls = []
+
+    def use(broken):
+        def step(weights, *args):
+            calls.append(1)
+            logits = weights.step(*args)
+            return logits.roll(1, dims=-1) if broken else logits  # a wrong token scored: what a misordered kernel does
+        monkeypatch.setattr(fused_decode, "fused_step", step)
+        return calls
+    return use
+
+
+def test_a_fused_step_that_agrees_with_the_static_step_decodes(fused_stand_in):
+    calls = fused_stand_in(broken=False)
+    model, kw = random_gpt(window_pattern="SL"), dict(num_samples=2, max_tokens=6, temperature=0.0)
+    assert run(Engine(model, TOK, decode="fused").generate(PROMPT, **kw)) == run(Engine(model, TOK, decode="static").generate(PROMPT, **kw))
+    assert len(calls) == 4 + 5  # the check (two steps of one row, two of two rows), then 5 decode steps (6 tokens)
+    run(Engine(model, TOK, decode="fused").generate(PROMPT, **kw))
+    assert len(calls) == 9 + 5  # checked once per process and model shape: the second engine's steps only
+
+
+def test_a_fused_step_off_the_static_step_is_refused_and_auto_falls_back(fused_stand_in, monkeypatch):
+    """Explicit decode='fused' raises, naming the error and the switch; auto (as on CUDA: fused for a lone row) warns
+    and decodes the lone row on the next path, with the static path's stream; the verdict is kept, not re-measured."""
+    import nanochat.engine as engine_mod
+    calls = fused_stand_in(broken=True)
+    model, kw = random_gpt(window_pattern="SL"), dict(max_tokens=6, temperature=0.0)
+    want = run(Engine(model, TOK, decode="static").generate(PROMPT, **kw))
+    with pytest.raises(RuntimeError, match=r"decode='fused': the fused step's logits are off the static step's .* "
+                                           r"at 1 row\(s\), .* at 2 row\(s\) > 0.001 \(NANOCHAT_FUSED_CHECK=0"):
+        run(Engine(model, TOK, decode="fused").generate(PROMPT, **kw))
+    assert len(calls) == 4
+    monkeypatch.setitem(engine_mod.AUTO_DECODE, "cpu", ("fused", "static"))
+    engine = Engine(model, TOK)
+    assert engine.decode_mode(1) == "fused"
+    with pytest.warns(UserWarning, match=r"static decode \(fused\) failed, decoding on the static path"):
+        assert run(engine.generate(PROMPT, **kw)) == want
+    assert engine.decode_mode(1) == "static" and len(calls) == 4
+    monkeypatch.setattr(engine_mod, "FUSED_CHECK", False)  # NANOCHAT_FUSED_CHECK=0: the broken step decodes
+    assert run(Engine(model, TOK, decode="fused").generate(PROMPT, **kw)) != want
