@@ -118,7 +118,7 @@ def sample_with(logits, u, temperature, top_k=None, top_p=None):
         logits = nucleus(logits, top_p, temperature)
     elif top_k is not None and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from nanochat import fused_sample  # two Triton kernels instead of ~15 torch ones per token
-        if fused_sample.serves(logits, top_k):
+        if fused_sample.serves(logits, top_k) and fused_sample.verified(logits, top_k):  # checked on first use
             return fused_sample.sample_top_k(logits, u, temperature, top_k)
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)

@@ -14,12 +14,15 @@ Each logit and its index travel as one int64 key (the float's bits mapped to an 
 half, the index in the low half, lower index first among equal logits), so tl.topk's bitonic network sorts both.
 Same draws as engine.sample_with's torch path for the same uniforms, except where a uniform falls within rounding of
 the boundary between two tokens (tests/fused_decode_check.py counts both).
+On first use per device and kernel shape the kernels draw from logits whose tokens are known (verified): a compile
+error or a wrong token leaves torch's kernels to that shape, with a warning.
 
 Needs Triton and a CUDA device, or TRITON_INTERPRET=1 (set before this module is imported) for CPU tensors.
 """
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -44,6 +47,45 @@ def serves(logits, top_k, top_p=None):
         return False
     on_device = logits.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and logits.device.type == "cpu")
     return on_device and logits.dim() == 2 and 1 <= top_k <= min(MAX_TOP_K, logits.size(1) - 1)
+
+
+_verdicts = {}  # (device, logits dtype, vocabulary, k rounded up): whether the kernels drew right there (check_draws)
+
+
+def verified(logits, top_k):
+    """Whether sample_top_k may take these logits: on first use per device and kernel shape (dtype, vocabulary, k
+    rounded up to a power of two) check_draws runs, and kernels that fail it (a compile error, a wrong token) leave
+    torch's kernels to that shape for the rest of the process, with a warning."""
+    key = (str(logits.device), logits.dtype, logits.size(1), max(4, _pow2(top_k)))
+    if key not in _verdicts:
+        why = check_draws(logits.device, logits.dtype, logits.size(1), top_k)
+        if why:
+            warnings.warn(f"the top-k sampling kernels failed their check on {logits.device} (vocabulary "
+                          f"{logits.size(1)}, top_k {top_k}): {why}; sampling with torch's kernels instead")
+        _verdicts[key] = why is None
+    return _verdicts[key]
+
+
+def check_draws(device, dtype, vocab, top_k, rows=4):
+    """None if sample_top_k draws the token each row's uniform must give, else why not. Each row's top_k logits are
+    0, -1/8, -2/8, ... (exact in bf16 too: no ties) at random places of the vocabulary, the rest far below; its
+    uniform sits mid-way in one token's interval of the CDF, far from any rounding."""
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.full((rows, vocab), -40.0, device=device)
+    places = torch.stack([torch.randperm(vocab, device=device, generator=g)[:top_k] for _ in range(rows)])
+    logits.scatter_(1, places, -torch.arange(top_k, device=device, dtype=torch.float32).expand(rows, -1) / 8)
+    cdf = torch.softmax(-torch.arange(top_k, device=device, dtype=torch.float32) / 8, 0).cumsum(0)
+    pick = torch.arange(rows, device=device) * (top_k // 2 + 1) % top_k  # first, middle and last of the k
+    below = torch.where(pick > 0, cdf[(pick - 1).clamp(min=0)], 0.0)
+    u = ((below + cdf[pick]) / 2 / cdf[-1]).unsqueeze(1)
+    want = places.gather(1, pick.unsqueeze(1))
+    try:
+        got = sample_top_k(logits.to(dtype), u, 1.0, top_k)
+    except Exception as e:  # noqa: BLE001 - any failure to compile or launch: torch's kernels serve instead
+        return f"{type(e).__name__}: {e}"
+    if not torch.equal(got, want):
+        return f"drew tokens {got.flatten().tolist()} where the uniforms give {want.flatten().tolist()}"
+    return None
 
 
 def _pow2(n):

@@ -256,6 +256,7 @@ def engine_sample_check():
     the torch path's."""
     calls, sample_top_k = [], fs.sample_top_k
     fs.sample_top_k = lambda *args: calls.append(1) or sample_top_k(*args)
+    fs._verdicts.clear()  # the first call checks the kernels (fused_sample.verified): one call more
     model = random_gpt(depth=2, window_pattern="SL")
     kw = dict(num_samples=3, max_tokens=8, temperature=0.8, top_k=20, seed=5)
     try:
@@ -264,7 +265,7 @@ def engine_sample_check():
         torch_path = run(Engine(model, TOK, decode="static").generate(PROMPT, **kw))
     finally:
         fs.ENABLED, fs.sample_top_k = True, sample_top_k
-    return dict(equal=fused == torch_path, fused_calls=len(calls), tokens=len(fused[0]))
+    return dict(equal=fused == torch_path, fused_calls=len(calls), tokens=len(fused[0]), verdicts=list(fs._verdicts.values()))
 
 
 def self_check_checks():

@@ -122,7 +122,8 @@ def test_top_k_sampling_kernels_draw_what_torch_draws(interpreted):
         assert r["differ"] <= (r["rows"] if name.startswith(("ties", "random V1200")) else 0), (name, r)  # tied logits only
     assert checks["ties V600 k16 T1.0 float32"]["differ"] > 0  # ties did occur: topk's pick among them is its own
     # Engine's sampled streams (top-k, no top-p) go through the kernels, one call per step, and equal torch's
-    assert engine["equal"] and engine["fused_calls"] == engine["tokens"] == 8
+    assert engine["equal"] and engine["fused_calls"] == engine["tokens"] + 1 == 9  # + the check before first use
+    assert engine["verdicts"] == [True]  # one kernel shape, checked once, passed
 
 
 def test_top_k_sampling_kernels_serve_top_k_without_top_p_on_a_gpu(monkeypatch):
@@ -374,3 +375,41 @@ def test_a_fused_step_off_the_static_step_is_refused_and_auto_falls_back(fused_s
     assert engine.decode_mode(1) == "static" and len(calls) == 4
     monkeypatch.setattr(engine_mod, "FUSED_CHECK", False)  # NANOCHAT_FUSED_CHECK=0: the broken step decodes
     assert run(Engine(model, TOK, decode="fused").generate(PROMPT, **kw)) != want
+
+
+def test_top_k_sampling_kernels_are_checked_before_first_use(monkeypatch):
+    """fused_sample.verified on a plain CPU, with sample_top_k stood in for: draws as torch's path draws pass the check
+    (so the uniforms it builds give the tokens it expects); a wrong token or an exception fails it, with one warning,
+    and sample_with then draws with torch's kernels for that shape; the verdict is kept per shape."""
+    import nanochat.engine as engine_mod
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # sample_with asks fused_sample on a CPU only under the interpreter
+    monkeypatch.setattr(fused_sample, "serves", lambda logits, top_k, top_p=None: top_k is not None)
+    monkeypatch.setattr(fused_sample, "_verdicts", {})
+    logits, u = torch.randn(3, 300, generator=torch.Generator().manual_seed(0)), torch.rand(3, 1)
+
+    def torch_draws(logits, u, temperature, top_k):
+        with monkeypatch.context() as m:
+            m.setattr(fused_sample, "serves", lambda *args, **kw: False)
+            return engine_mod.sample_with(logits.float(), u, temperature, top_k)
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (1, 2, 7, 64):
+            monkeypatch.setattr(fused_sample, "sample_top_k", torch_draws)
+            assert fused_sample.check_draws(torch.device("cpu"), dtype, 300, k) is None, (dtype, k)
+    calls = []
+    monkeypatch.setattr(fused_sample, "sample_top_k", lambda *args: calls.append(1) or torch_draws(*args) + 1)
+    assert "where the uniforms give" in fused_sample.check_draws(torch.device("cpu"), torch.float32, 300, 20)
+    want = torch_draws(logits, u, 0.9, 20)
+    calls.clear()
+    with pytest.warns(UserWarning, match=r"top-k sampling kernels failed their check on cpu \(vocabulary 300, top_k 20\)"):
+        assert torch.equal(engine_mod.sample_with(logits, u, 0.9, 20), want)
+    assert len(calls) == 1  # the check's draw only
+    want = torch_draws(logits, u, 0.9, 17)
+    calls.clear()
+    assert torch.equal(engine_mod.sample_with(logits, u, 0.9, 17), want) and not calls  # same shape (k up to 32): kept
+    monkeypatch.setattr(fused_sample, "sample_top_k", lambda *args: 1 / 0)
+    with pytest.warns(UserWarning, match="ZeroDivisionError"):
+        engine_mod.sample_with(logits, u, 0.9, 40)  # k rounds up to 64: another shape, checked, refused
+    assert fused_sample._verdicts == {("cpu", torch.float32, 300, 32): False, ("cpu", torch.float32, 300, 64): False}
+    monkeypatch.setattr(fused_sample, "sample_top_k", torch_draws)
+    assert torch.equal(engine_mod.sample_with(logits, u, 0.9, 3), torch_draws(logits, u, 0.9, 3))
+    assert fused_sample._verdicts[("cpu", torch.float32, 300, 4)] is True
