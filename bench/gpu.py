@@ -521,7 +521,7 @@ def _check_static_decode(b, fast):
     ok = max(logits_err, full_err) <= tol["logits"] and worst_margin <= margin_tol  # unequal streams: only at ties
     check_note = ""
     if fast == "fused":
-        check_tol = engine_mod.FUSED_CHECK_TOL.get(model.compute_dtype, 5e-2)
+        check_tol = engine_mod.fused_check_tol(model.compute_dtype)
         check_note = (" · check before first use " + " / ".join(f"{e:.1e}" for e in fused_check.values())
                       + f" ({'passes' if max(fused_check.values()) <= check_tol else 'REFUSES'} at {check_tol:g})")
     return dict(status="ok" if ok else "FAIL", met=ok, target=f"logits ≤ {tol['logits']:g}, greedy",
@@ -821,6 +821,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         env["NANOCHAT_FUSED_SAMPLE"] = "0"
     if combine:
         env["NANOCHAT_FUSED_COMBINE"] = combine
+    env["NANOCHAT_FUSED_CHECK"] = "0"  # the kernels timed even if the engine's check would refuse them: its figures are noted
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
@@ -840,6 +841,12 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         out["notes"] += "; " + profile_notes(prof)
     if res.get("fused_gemv") is not None and "fused" in (res.get("decode"), decode, "fused" if mode == "batched" else None):
         out["notes"] += f"; fused kernels {'with' if res['fused_pdl'] else 'without'} PDL, {res['fused_gemv']} GEMVs for a lone row"
+    if res.get("fused_check"):
+        errors, tol = res["fused_check"], res["fused_check_tol"]
+        verdict = "passes" if max(errors.values()) <= tol else "REFUSES: auto would decode on the graph path"
+        out["notes"] += f"; the engine's check of the fused step at this size {' / '.join(f'{e:.1e}' for e in errors.values())} ({verdict})"
+    if res.get("sample_verdicts") and not all(res["sample_verdicts"]):
+        out["notes"] += "; the top-k sampling kernels FAILED their check: torch sampled"
     eager = b.infer.get((batch, "eager"))
     one = b.infer.get((batch, res.get("decode", decode)))  # auto: the path it resolved to
     if mode == "batched" and one:

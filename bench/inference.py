@@ -178,6 +178,13 @@ def measure(row, device, repeats, threads):
         result["bw_limit_tok_s"] = B / ((weight_bytes + kv_bytes) / bw) if bw else None
     else:
         result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    if engine.decode_mode(1) == "fused":  # the engine's checks before first use, at this model's size (after the timing)
+        import nanochat.engine as engine_mod
+        weights = engine.shared_weights()
+        result["fused_check"] = engine_mod.fused_step_errors(model, weights)
+        result["fused_check_tol"] = engine_mod.fused_check_tol(weights.dtype)
+    if "nanochat.fused_sample" in sys.modules:
+        result["sample_verdicts"] = list(sys.modules["nanochat.fused_sample"]._verdicts.values())
     return result
 
 
