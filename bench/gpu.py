@@ -521,9 +521,9 @@ def _check_static_decode(b, fast):
     ok = max(logits_err, full_err) <= tol["logits"] and worst_margin <= margin_tol  # unequal streams: only at ties
     check_note = ""
     if fast == "fused":
-        check_tol = engine_mod.fused_check_tol(model.compute_dtype)
+        failure = engine_mod.fused_check_failure(fused_check, model.compute_dtype)
         check_note = (" · check before first use " + " / ".join(f"{e:.1e}" for e in fused_check.values())
-                      + f" ({'passes' if max(fused_check.values()) <= check_tol else 'REFUSES'} at {check_tol:g})")
+                      + f" ({f'REFUSES: {failure}' if failure else 'passes'})")
     return dict(status="ok" if ok else "FAIL", met=ok, target=f"logits ≤ {tol['logits']:g}, greedy",
                 result=f"logits {logits_err:.1e} (vs full {full_err:.1e}) · greedy margin {worst_margin:.1e} · "
                        f"streams equal {sum(equal.values())}/{len(equal)}" + check_note,
@@ -842,9 +842,8 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     if res.get("fused_gemv") is not None and "fused" in (res.get("decode"), decode, "fused" if mode == "batched" else None):
         out["notes"] += f"; fused kernels {'with' if res['fused_pdl'] else 'without'} PDL, {res['fused_gemv']} GEMVs for a lone row"
     if res.get("fused_check"):
-        errors, tol = res["fused_check"], res["fused_check_tol"]
-        verdict = "passes" if max(errors.values()) <= tol else "REFUSES: auto would decode on the graph path"
-        out["notes"] += f"; the engine's check of the fused step at this size {' / '.join(f'{e:.1e}' for e in errors.values())} ({verdict})"
+        verdict = f"REFUSES, {res['fused_check_failure']}: auto would decode on the graph path" if res["fused_check_failure"] else "passes"
+        out["notes"] += f"; the engine's check of the fused step at this size {' / '.join(f'{e:.1e}' for e in res['fused_check'].values())} ({verdict})"
     if res.get("sample_verdicts") and not all(res["sample_verdicts"]):
         out["notes"] += "; the top-k sampling kernels FAILED their check: torch sampled"
     eager = b.infer.get((batch, "eager"))

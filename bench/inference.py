@@ -182,7 +182,7 @@ def measure(row, device, repeats, threads):
         import nanochat.engine as engine_mod
         weights = engine.shared_weights()
         result["fused_check"] = engine_mod.fused_step_errors(model, weights)
-        result["fused_check_tol"] = engine_mod.fused_check_tol(weights.dtype)
+        result["fused_check_failure"] = engine_mod.fused_check_failure(result["fused_check"], weights.dtype)
     if "nanochat.fused_sample" in sys.modules:
         result["sample_verdicts"] = list(sys.modules["nanochat.fused_sample"]._verdicts.values())
     return result
