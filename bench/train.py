@@ -5,8 +5,8 @@ Pretraining throughput: forward + backward + MuonAdamW step on random tokens, on
                                                    batch 4x512, vocab 8192, head dim 64, full attention,
                                                    fp32), torch.compile (cold + warm cache) and eager
     python bench/train.py --dtypes float32,bf16-mixed,bfloat16
-                                                   also bf16 matmuls under autocast (the default on CPUs
-                                                   with AVX-512 BF16 / AMX) and all-bf16 compute
+                                                   also bf16 matmuls under autocast (auto's choice on CPUs
+                                                   whose bf16 matmuls measured 1.3x fp32's) and all-bf16 compute
     python bench/train.py --device cuda            d12 (batch 32) and d20 (batch 16) at seq 2048, bf16,
                                                    with/without compile and fp8, MFU vs the GPU's peak
 
@@ -49,7 +49,7 @@ def worker(args):
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = common.autocast_dtype(device)  # NANOCHAT_DTYPE=bf16-mixed (or auto on a CPU with native bf16)
+    autocast = common.autocast_dtype(device)  # NANOCHAT_DTYPE=bf16-mixed (or auto where common.fast_bf16_cpu)
 
     def step():
         with common.autocast(device, autocast):

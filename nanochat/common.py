@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -56,11 +58,36 @@ MIXED = "bf16-mixed"  # fp32 weights and activations, matmuls in bf16 under torc
 PG_TIMEOUT_S = 1800  # collectives wait this long for a slow rank (NANOCHAT_PG_TIMEOUT_S overrides)
 
 
+BF16_MIN_SPEEDUP = 1.3  # auto multiplies in bf16 on a CPU only when its bf16 matmul beats fp32's by this much
+
+
 def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX): ~3x fp32's matmul rate on 2 Zen 5 cores.
-    Without it oneDNN emulates bf16, slower than fp32."""
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX). Having them is not enough: see cpu_bf16_speedup."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private, so guarded)
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """fp32's time over bf16's for a training-sized matmul on this CPU, measured once per process (~50 ms); 0 without
+    bf16 instructions. Measured, not read from the flags: ~3.5x on 2 Zen 5 cores, but 0.55x on a Xeon that reports
+    AVX-512 BF16 without AMX, where bf16 made the tiny speedrun's training 1.5x slower."""
+    if not native_bf16_cpu():
+        return 0.0
+    a, b = torch.randn(1024, 512), torch.randn(512, 1024)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    best = dict.fromkeys(pairs, float("inf"))
+    for _ in range(6):  # interleaved, best of each: a busy neighbour slows both alike
+        for dtype, (x, y) in pairs.items():
+            start = time.perf_counter()
+            x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether bf16 matmuls pay on this CPU: auto's bf16-mixed training and bf16 Muon orthogonalization follow it."""
+    return cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
 def _requested_precision(requested: str) -> str:
@@ -91,9 +118,9 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
 
 def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype | None:
     """The dtype training forwards autocast their matmuls to, or None: bf16 under bf16-mixed, and by default (auto)
-    on a CPU with native bf16 (the weights, the residual stream and evaluation stay fp32)."""
+    on a CPU whose bf16 matmuls are measurably faster (the weights, the residual stream and evaluation stay fp32)."""
     requested = _requested_precision(requested)
-    if requested == MIXED or (requested == "auto" and torch.device(device).type == "cpu" and native_bf16_cpu()):
+    if requested == MIXED or (requested == "auto" and torch.device(device).type == "cpu" and fast_bf16_cpu()):
         return torch.bfloat16
     return None
 

@@ -40,7 +40,7 @@ class StageConfig:
     config: str = opt("", "YAML/JSON config file: top-level common keys and per-stage sections", hash=False)
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "torch device: auto, cpu, cuda", hash=False)
-    dtype: str = opt("auto", "precision: auto (bfloat16 on SM80+ GPUs; bf16-mixed for training on CPUs with AVX-512 BF16 or AMX; "
+    dtype: str = opt("auto", "precision: auto (bfloat16 on SM80+ GPUs; bf16-mixed for training on CPUs whose bf16 matmuls measure >=1.3x fp32's; "
                               "else float32), float32, bfloat16, bf16-mixed (fp32 weights and activations, training matmuls in bf16)",
                      choices=["auto", "float32", "bfloat16", "bf16-mixed"])
     metrics_port: int = opt(0, "serve Prometheus /metrics on this port while running (0 = off; local rank is added)", hash=False)

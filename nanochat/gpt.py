@@ -406,10 +406,11 @@ class GPT(nn.Module):
         return counts
 
     def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5,
-                        weight_decay=0.0, adam_betas=(0.8, 0.95), compile=None, ortho_dtype=torch.bfloat16):
+                        weight_decay=0.0, adam_betas=(0.8, 0.95), compile=None, ortho_dtype=None):
         """One MuonAdamW: Muon for block matrices (grouped by shape), AdamW for everything else.
 
-        AdamW learning rates were tuned at width 768 and scale as 1/sqrt(width/768).
+        AdamW learning rates were tuned at width 768 and scale as 1/sqrt(width/768). Muon orthogonalizes in bf16 on
+        GPUs and on CPUs where bf16 matmuls pay (common.fast_bf16_cpu), else in fp32.
         """
         from nanochat.optim import MuonAdamW
         matrices = list(self.transformer.h.parameters())
@@ -430,6 +431,9 @@ class GPT(nn.Module):
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
         if compile is None:
             compile = self.get_device().type == "cuda"
+        if ortho_dtype is None:
+            from nanochat.common import fast_bf16_cpu
+            ortho_dtype = torch.bfloat16 if self.get_device().type == "cuda" or fast_bf16_cpu() else torch.float32
         optimizer = MuonAdamW(groups, compile=compile, ortho_dtype=ortho_dtype)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]

@@ -129,7 +129,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups, compile=False, ortho_dtype=torch.bfloat16):
         super().__init__(param_groups, defaults={})
-        self.ortho_dtype = ortho_dtype  # Polar Express runs in bf16 (fast on GPUs and AVX-512 CPUs alike)
+        self.ortho_dtype = ortho_dtype  # Polar Express in bf16 by default (GPT.setup_optimizer picks fp32 on CPUs where bf16 is slow)
         for group in self.param_groups:
             if group.get("kind") == "adamw":
                 group.setdefault("betas", (0.9, 0.999))

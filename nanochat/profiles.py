@@ -14,7 +14,7 @@ PROFILES: dict[str, dict] = {
         "common": {},
         "stages": {
             "tok_train": {"vocab_size": 4096},
-            # 500 steps: bf16-mixed (auto on AVX-512 BF16 / AMX CPUs) reaches fp32's 400-step val bpb here, ~45 s sooner
+            # 500 steps: bf16-mixed (auto on CPUs with fast bf16, e.g. Zen 5) reaches fp32's 400-step val bpb here, ~45 s sooner
             "base_train": {"depth": 4, "head_dim": 64, "window_pattern": "L", "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": -1,
                            "num_iterations": 500, "eval_every": 100, "eval_tokens": 32768, "save_every": 100, "log_every": 25,
                            "core_metric_every": 0},

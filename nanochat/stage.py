@@ -231,6 +231,9 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         return _fail(stage, f"--metrics-port {cfg.metrics_port}: {e}", EXIT_CONFIG)
     started = time.time()
     ctx.log(f"start: profile={cfg.profile} store={store.root} device={device} dtype={common.precision_name(dtype, autocast)} world_size={world_size} config={chash}")
+    if device.type == "cpu" and common.native_bf16_cpu() and common._requested_precision(cfg.dtype) == "auto":
+        ctx.log(f"precision: bf16 matmuls ran {common.cpu_bf16_speedup():.2f}x fp32's speed on this CPU, so auto picked "
+                f"{common.precision_name(dtype, autocast)} (needs {common.BF16_MIN_SPEEDUP}x for bf16-mixed; --dtype overrides)")
     code = 0
     try:
         metrics = run(ctx) or {}

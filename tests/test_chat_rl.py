@@ -28,7 +28,7 @@ SFT_STEPS, SFT_BATCH = 40, 16  # after this the model solves ~10% of its samples
 # the "easier setting": 4 fixed problems, so the per-step reward is not dominated by which problems came up
 FLAGS = ["--task=synthetic_arithmetic", "--train-examples=4", "--examples-per-step=4", "--device-batch-size=8", "--max-new-tokens=64",
          "--init-lr-frac=0.3", "--eval-examples=4", "--eval-samples=2", "--eval-every=0",
-         "--dtype=float32"]  # the seeded figures below are fp32's (auto is bf16-mixed on a CPU with native bf16)
+         "--dtype=float32"]  # the seeded figures below are fp32's (auto is bf16-mixed on a CPU with fast bf16)
 
 
 def sft(model, tokenizer, task, steps, batch_size):

@@ -1,5 +1,5 @@
 """Precision policy: float32, bfloat16 and bf16-mixed (fp32 weights and residual stream, matmuls autocast to bf16),
-and what auto picks: bfloat16 on SM80+ GPUs, bf16-mixed for training on a CPU that multiplies bf16 in hardware."""
+and what auto picks: bfloat16 on SM80+ GPUs, bf16-mixed for training on a CPU whose bf16 matmuls are measurably faster."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,19 +13,32 @@ from nanochat.gpt import GPT, GPTConfig, compute_dtype_for
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_picks_bf16_mixed_only_on_a_cpu_with_native_bf16(monkeypatch, native):
-    monkeypatch.setattr(common, "native_bf16_cpu", lambda: native)
+@pytest.mark.parametrize("speedup, fast", [(3.5, True), (1.31, True), (1.2, False), (0.55, False), (0.0, False)])
+def test_auto_picks_bf16_mixed_only_where_bf16_matmuls_were_measured_faster(monkeypatch, speedup, fast):
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: speedup)
     assert common.compute_dtype(CPU) == compute_dtype_for(CPU) == torch.float32  # the model's dtype: fp32 either way
-    assert common.autocast_dtype(CPU) == (torch.bfloat16 if native else None)
-    assert common.precision_name(torch.float32, common.autocast_dtype(CPU)) == ("bf16-mixed" if native else "float32")
+    assert common.autocast_dtype(CPU) == (torch.bfloat16 if fast else None)
+    assert common.precision_name(torch.float32, common.autocast_dtype(CPU)) == ("bf16-mixed" if fast else "float32")
+    model = GPT.create(GPTConfig.from_depth(1, 256, 32, head_dim=32, window_pattern="L"), CPU)
+    assert model.setup_optimizer().ortho_dtype == (torch.bfloat16 if fast else torch.float32)  # Muon follows the probe
+
+
+def test_the_bf16_speed_probe_measures_only_where_there_are_bf16_instructions(monkeypatch):
+    speedup = common.cpu_bf16_speedup()
+    assert speedup == common.cpu_bf16_speedup()  # measured once per process
+    assert (speedup > 0) == common.native_bf16_cpu()
+    assert speedup == 0 or 0.05 < speedup < 50  # a ratio of two timings of the same matmul, not a flag
+    common.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(common, "native_bf16_cpu", lambda: False)
+    assert common.cpu_bf16_speedup() == 0.0 and not common.fast_bf16_cpu()
+    common.cpu_bf16_speedup.cache_clear()
 
 
 @pytest.mark.parametrize("requested, dtype, autocast", [
     ("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None), ("bf16", torch.bfloat16, None),
     ("bf16-mixed", torch.float32, torch.bfloat16)])
 def test_an_explicit_precision_wins_over_the_device_default(monkeypatch, requested, dtype, autocast):
-    monkeypatch.setattr(common, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: 3.5)
     assert (common.compute_dtype(CPU, requested), common.autocast_dtype(CPU, requested)) == (dtype, autocast)
     monkeypatch.setenv("NANOCHAT_DTYPE", requested)  # the environment stands in for an absent --dtype
     assert (common.compute_dtype(CPU), common.autocast_dtype(CPU), compute_dtype_for(CPU)) == (dtype, autocast, dtype)
