@@ -132,6 +132,9 @@ def bench_cpu(args):
     print(f"CPU pretraining step: seq {c['seq']}, batch {c['batch']}x{c['seq']}, vocab {c['vocab']}, head dim {c['head_dim']}, "
           f"full attention, median of {args.steps} steps; compile = torch.compile(model) + compiled optimizer math; "
           f"first step = cold / warm inductor cache")
+    from nanochat import common
+    auto = "bf16-mixed, Muon in bf16" if common.fast_bf16_cpu() else "float32, Muon in fp32"
+    print(f"this CPU's bf16 matmul runs at {common.cpu_bf16_speedup():.2f}x fp32's speed (0 = no bf16 instructions): auto trains in {auto}")
     print("| depth | width | mode | dtype | ms/step | anchor | tokens/s | anchor | peak RSS GB | anchor | first step s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for depth in args.depths:

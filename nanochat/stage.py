@@ -30,6 +30,7 @@ from nanochat.store import StoreError, check_reachable, default_store_uri, open_
 EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 143
 HISTORY_FLUSH_S = 10.0
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")  # gloo, when another rank died
+TRAINING_STAGES = ("base_train", "mid_train", "chat_sft", "chat_rl")  # the stages whose forwards run under ctx.autocast()
 
 
 class StageInterrupted(Exception):
@@ -216,7 +217,8 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
 
     try:
         device = common.autodetect_device(cfg.device)
-        dtype, autocast = common.compute_dtype(device, cfg.dtype), common.autocast_dtype(device, cfg.dtype)
+        dtype = common.compute_dtype(device, cfg.dtype)
+        autocast = common.autocast_dtype(device, cfg.dtype) if stage in TRAINING_STAGES else None  # evaluation stays in dtype
         rank, local_rank, world_size = common.init_distributed(device)
     except ValueError as e:
         return _fail(stage, str(e), EXIT_CONFIG)
@@ -231,7 +233,7 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         return _fail(stage, f"--metrics-port {cfg.metrics_port}: {e}", EXIT_CONFIG)
     started = time.time()
     ctx.log(f"start: profile={cfg.profile} store={store.root} device={device} dtype={common.precision_name(dtype, autocast)} world_size={world_size} config={chash}")
-    if device.type == "cpu" and common.native_bf16_cpu() and common._requested_precision(cfg.dtype) == "auto":
+    if stage in TRAINING_STAGES and device.type == "cpu" and common.native_bf16_cpu() and common._requested_precision(cfg.dtype) == "auto":
         ctx.log(f"precision: bf16 matmuls ran {common.cpu_bf16_speedup():.2f}x fp32's speed on this CPU, so auto picked "
                 f"{common.precision_name(dtype, autocast)} (needs {common.BF16_MIN_SPEEDUP}x for bf16-mixed; --dtype overrides)")
     code = 0
