@@ -130,6 +130,8 @@ class LocalExecutor:
         log_path = self.log_dir / f"{step.name}.attempt{attempt}.log"
         env = dict(self.env if self.env is not None else os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if nproc > 1:  # torchrun's own default, set here so it does not print its banner about it in every stage's log
+            env.setdefault("OMP_NUM_THREADS", "1")
         with open(log_path, "wb") as log:  # a new process: a log of its own, not appended to one a wiped store left
             # own session: survives a killed runner (to be adopted) and gets signals as a group
             p = subprocess.Popen(self.command(step, args, nproc), stdout=log, stderr=subprocess.STDOUT, env=env,

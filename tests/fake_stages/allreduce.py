@@ -22,7 +22,7 @@ def run(ctx):
     if ctx.world_size > 1:
         dist.all_reduce(x)
     if ctx.is_master:
-        ctx.store.put_json("outputs/allreduce.json", {"sum": x.item(), "world_size": ctx.world_size})
+        ctx.store.put_json("outputs/allreduce.json", {"sum": x.item(), "world_size": ctx.world_size, "threads": torch.get_num_threads()})
     return {"sum": x.item()}
 
 
