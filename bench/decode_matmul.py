@@ -10,6 +10,7 @@ L3, are cycled through), in three forms:
   linear  F.linear(x, W), W (out, in) as the parameter is stored: what GPT.forward runs
   T       x @ W.T made contiguous, (in, out): DecodeMatrix's one-row path where out >= in (nanochat.gpt.input_major)
   packed  oneDNN on W packed once (mkldnn._reorder_linear_weight): DecodeMatrix's path for 2+ rows (gpt.cpu_packing)
+          where it measured faster on this CPU (gpt.cpu_packing_speedup)
 The "picked" column is what DecodeMatrix runs for that shape and row count. Times in microseconds, median of --rounds.
 """
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.gpt import cpu_packing, input_major, pack_for_cpu  # noqa: E402
+from nanochat.gpt import cpu_packing, cpu_packing_pays, cpu_packing_speedup, input_major, pack_for_cpu  # noqa: E402
 
 
 def shapes(depth, vocab):
@@ -46,7 +47,7 @@ def time_us(fn, weights, calls, rounds):
 
 
 def picked(out, inn, rows):
-    if rows > 1 and cpu_packing("cpu", torch.float32, out, inn):
+    if rows > 1 and cpu_packing("cpu", torch.float32, out, inn) and cpu_packing_pays():
         return "packed"
     return "T" if input_major("cpu", out, inn) else "linear"
 
@@ -64,6 +65,8 @@ def main():
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     print(f"# decode matmul, fp32, torch {torch.__version__}, {args.threads} thread(s), weights cold ({args.cold_mb} MB cycled)")
+    print(f"# this CPU's packing probe (gpt.cpu_packing_speedup): packed {cpu_packing_speedup():.2f}x as fast as (in, out) "
+          f"at 8 rows, so steps of 2+ rows {'use' if cpu_packing_pays() else 'skip'} the packed copies")
     print("| depth | weight | out × in | rows | linear µs | T µs | packed µs | picked | picked vs linear |")
     print("|---|---|---|---|---|---|---|---|---|")
     for depth in (int(d) for d in args.depths.split(",")):

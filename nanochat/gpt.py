@@ -17,8 +17,10 @@ then `model.init_weights()` (or just `GPT.create(config, device)`).
 """
 
 import contextlib
+import functools
 import math
 import threading
+import time
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -531,6 +533,7 @@ def logits_at(model, idx, at, kv_cache=None):
 
 PACK_MIN_ELEMENTS = 1 << 17  # smaller matrices lose to oneDNN's call overhead (~12 us) what its packing saves them
 PACK_ROWS = 8  # the batch size oneDNN's weight packing is chosen for (4 to 32 rows run equally fast on it)
+PACK_MIN_SPEEDUP = 1.1  # steps of 2+ rows use the packed copies only where they measured at least this much faster
 
 
 def input_major(device, out_features, in_features):
@@ -548,6 +551,34 @@ def cpu_packing(device, dtype, out_features, in_features):
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+@functools.cache
+def cpu_packing_speedup() -> float:
+    """How much faster an 8-row decode matmul runs on oneDNN's packed weight than on MKL's (in, out) copy on this CPU
+    (1024x256 fp32 weights cycled through 8 MB, past the L2 as in a step through a whole model; best of 5 passes,
+    interleaved), measured once per process at the first step of 2+ rows, under decoding's thread count (~30 ms).
+    Measured, not assumed: packing made such steps 1.3-3x faster on the Zen 5 host it was chosen on, but a 2-core Xeon
+    ran them 1.8x slower on it (bench/decode_matmul.py)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return 0.0
+    weights = [torch.randn(1024, 256) for _ in range(8)]
+    forms = {"T": [w.t().contiguous() for w in weights], "packed": [pack_for_cpu(w) for w in weights]}
+    x = torch.randn(PACK_ROWS, 256)
+    run = {"T": lambda w: x @ w, "packed": lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
+    best = dict.fromkeys(forms, float("inf"))
+    with torch.no_grad():
+        for _ in range(5):
+            for name, ws in forms.items():
+                start = time.perf_counter()
+                for w in ws:
+                    run[name](w)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["T"] / best["packed"]
+
+
+def cpu_packing_pays() -> bool:
+    return cpu_packing_speedup() >= PACK_MIN_SPEEDUP
+
+
 def pack_for_cpu(w):
     """oneDNN's prepacked form of an (out, in) fp32 weight (an opaque tensor for mkldnn._linear_pointwise)."""
     return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
@@ -556,14 +587,15 @@ def pack_for_cpu(w):
 class DecodeMatrix:
     """A Linear's weight W (out, in) as the static step applies it: matrix(x, add) = add + x @ W.T.
     w is W.T, (in, out): a view of the parameter, or a copy laid out (in, out) where input_major() says so. Where
-    cpu_packing() says so, `source` gives W and steps of 2+ rows run on oneDNN's packing of it, made at the first such
-    step after each refresh (one-row decoding never pays for it; torch.compile traces the w path)."""
+    cpu_packing() says so, `source` gives W and, on a CPU where packing measured faster (cpu_packing_pays), steps of 2+
+    rows run on oneDNN's packing of it, made at the first such step after each refresh (one-row decoding never pays
+    for it; torch.compile traces the w path)."""
 
     def __init__(self, w, source=None):
         self.w, self.source, self.packed = w, source, None
 
     def __call__(self, x, add=None):
-        if self.source is not None and x.size(0) > 1 and not torch.compiler.is_compiling():
+        if self.source is not None and x.size(0) > 1 and not torch.compiler.is_compiling() and cpu_packing_pays():
             packed = self.packed  # one read: a refresh in another thread may reset it meanwhile
             if packed is None:
                 with torch.no_grad():

@@ -196,6 +196,7 @@ def test_cpu_packed_matrices_run_steps_of_several_rows(monkeypatch):
     """Large enough fp32 CPU matrices also carry oneDNN's packed copy: a step of 2+ rows runs on it and gives the
     plain matmul's result (a single row takes the GEMV); refresh() repacks it from the parameters. bf16: none."""
     monkeypatch.setattr(gpt_module, "PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(gpt_module, "cpu_packing_pays", lambda: True)
     model = make_model(depth=2)
     W, C = model.transformer.h[1].mlp.c_fc.weight, model.config.n_embd
     fc = DecodeWeights(model).layers[1].fc
@@ -286,9 +287,32 @@ def test_engine_streams_equal_the_eager_path(mode, num_samples, fake_graph):
     assert fake_graph.captures == (1 if mode == "graph" else 0)
 
 
+def test_packing_is_used_only_where_it_measured_faster(monkeypatch):
+    """A CPU where oneDNN's packed weight measured slower than MKL on the (in, out) copy (cpu_packing_speedup below
+    PACK_MIN_SPEEDUP) runs steps of 2+ rows on the copy: same result, nothing packed."""
+    monkeypatch.setattr(gpt_module, "PACK_MIN_ELEMENTS", 0)
+    model = make_model(depth=2)
+    W, C = model.transformer.h[1].mlp.c_fc.weight, model.config.n_embd
+    x = torch.randn(5, C)
+    for speedup, packs in ((0.62, False), (1.5, True)):
+        monkeypatch.setattr(gpt_module, "cpu_packing_speedup", lambda: speedup)
+        fc = DecodeWeights(model).layers[1].fc
+        with torch.no_grad():
+            torch.testing.assert_close(fc(x), x @ W.t(), rtol=1e-5, atol=1e-5)
+        assert fc.source is not None and (fc.packed is not None) == packs
+
+
+def test_the_packing_probe_times_both_forms_once_per_process():
+    speedup = gpt_module.cpu_packing_speedup()
+    assert speedup == gpt_module.cpu_packing_speedup()  # cached
+    available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    assert (speedup > 0) == available and (speedup == 0 or 0.05 < speedup < 50)  # a ratio of two timings
+
+
 def test_packed_matrices_stream_what_the_eager_path_streams(monkeypatch):
     """Every matrix packed for oneDNN (3 rows per step): the same streams as GPT.forward, greedy and sampled."""
     monkeypatch.setattr(gpt_module, "PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(gpt_module, "cpu_packing_pays", lambda: True)
     model = random_gpt(depth=4, window_pattern="SSSL")
     eager, fast = Engine(model, TOK, decode="eager"), Engine(model, TOK, decode="static")
     assert fast.shared_weights().lm_head.source is not None
