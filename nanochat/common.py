@@ -67,11 +67,28 @@ def native_bf16_cpu() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-@functools.cache
+_rank0_bf16_speedup: float | None = None  # set by share_cpu_bf16_speedup: every rank of a job then decides alike
+
+
 def cpu_bf16_speedup() -> float:
-    """fp32's time over bf16's for a training-sized matmul on this CPU, measured once per process (~50 ms); 0 without
+    """fp32's time over bf16's for a training-sized matmul on this CPU, measured once per process (~0.1 s); 0 without
     bf16 instructions. Measured, not read from the flags: ~3.5x on 2 Zen 5 cores, but 0.55x on a Xeon that reports
-    AVX-512 BF16 without AMX, where bf16 made the tiny speedrun's training 1.5x slower."""
+    AVX-512 BF16 without AMX, where bf16 made the tiny speedrun's training 1.5x slower. In a multi-process stage,
+    rank 0's figure (share_cpu_bf16_speedup)."""
+    return _measure_bf16_speedup() if _rank0_bf16_speedup is None else _rank0_bf16_speedup
+
+
+def share_cpu_bf16_speedup():
+    """Every rank takes rank 0's measurement (called by all ranks after init_distributed), so that a figure near the
+    threshold cannot give one rank bf16-mixed and another fp32."""
+    global _rank0_bf16_speedup
+    figure = torch.tensor([_measure_bf16_speedup()], dtype=torch.float64)
+    dist.broadcast(figure, 0)
+    _rank0_bf16_speedup = figure.item()
+
+
+@functools.cache
+def _measure_bf16_speedup() -> float:
     if not native_bf16_cpu():
         return 0.0
     a, b = torch.randn(1024, 512), torch.randn(512, 1024)

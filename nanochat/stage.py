@@ -218,8 +218,10 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
     try:
         device = common.autodetect_device(cfg.device)
         dtype = common.compute_dtype(device, cfg.dtype)
-        autocast = common.autocast_dtype(device, cfg.dtype) if stage in TRAINING_STAGES else None  # evaluation stays in dtype
         rank, local_rank, world_size = common.init_distributed(device)
+        if stage in TRAINING_STAGES and device.type == "cpu" and world_size > 1:
+            common.share_cpu_bf16_speedup()
+        autocast = common.autocast_dtype(device, cfg.dtype) if stage in TRAINING_STAGES else None  # evaluation stays in dtype
     except ValueError as e:
         return _fail(stage, str(e), EXIT_CONFIG)
     if device.type == "cuda":

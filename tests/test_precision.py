@@ -2,6 +2,10 @@
 and what auto picks: bfloat16 on SM80+ GPUs, bf16-mixed for training on a CPU whose bf16 matmuls are measurably faster."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,10 +32,27 @@ def test_the_bf16_speed_probe_measures_only_where_there_are_bf16_instructions(mo
     assert speedup == common.cpu_bf16_speedup()  # measured once per process
     assert (speedup > 0) == common.native_bf16_cpu()
     assert speedup == 0 or 0.05 < speedup < 50  # a ratio of two timings of the same matmul, not a flag
-    common.cpu_bf16_speedup.cache_clear()
+    common._measure_bf16_speedup.cache_clear()
     monkeypatch.setattr(common, "native_bf16_cpu", lambda: False)
     assert common.cpu_bf16_speedup() == 0.0 and not common.fast_bf16_cpu()
-    common.cpu_bf16_speedup.cache_clear()
+    common._measure_bf16_speedup.cache_clear()
+
+
+@pytest.mark.parametrize("rank0, rank1", [(3.0, 0.5), (0.5, 3.0)])
+def test_the_ranks_of_a_job_take_rank_0s_bf16_figure(tmp_path, rank0, rank1):
+    """Two ranks that measured either side of the threshold both train as rank 0 measured (torchrun, gloo)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DTYPE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(repo), TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(repo / "tests" / "dist_precision_check.py"), str(rank0), str(rank1)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    fast = rank0 >= common.BF16_MIN_SPEEDUP
+    assert [r["before"] for r in rows] == [str(torch.bfloat16 if f >= common.BF16_MIN_SPEEDUP else None) for f in (rank0, rank1)]
+    assert all(r["after"] == str(torch.bfloat16 if fast else None) and r["speedup"] == rank0 for r in rows)
+    assert all(r["ortho"] == str(torch.bfloat16 if fast else torch.float32) for r in rows)
 
 
 @pytest.mark.parametrize("requested, dtype, autocast", [
