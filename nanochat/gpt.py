@@ -555,9 +555,9 @@ def cpu_packing(device, dtype, out_features, in_features):
 def cpu_packing_speedup() -> float:
     """How much faster an 8-row decode matmul runs on oneDNN's packed weight than on MKL's (in, out) copy on this CPU
     (1024x256 fp32 weights cycled through 8 MB, past the L2 as in a step through a whole model; best of 5 passes,
-    interleaved), measured once per process at the first step of 2+ rows, under decoding's thread count (~30 ms).
+    interleaved), measured once per process at the first step of 2+ rows, under decoding's thread count (~35 ms).
     Measured, not assumed: packing made such steps 1.3-3x faster on the Zen 5 host it was chosen on, but a 2-core Xeon
-    ran them 1.8x slower on it (bench/decode_matmul.py)."""
+    ran them 1.5-1.8x slower on it (bench/decode_matmul.py)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return 0.0
     weights = [torch.randn(1024, 256) for _ in range(8)]
@@ -576,6 +576,7 @@ def cpu_packing_speedup() -> float:
 
 
 def cpu_packing_pays() -> bool:
+    """Whether steps of 2+ rows run on the packed copies that cpu_packing() keeps (else on the (in, out) copy)."""
     return cpu_packing_speedup() >= PACK_MIN_SPEEDUP
 
 
