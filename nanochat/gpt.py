@@ -560,9 +560,10 @@ def cpu_packing_speedup() -> float:
     ran them 1.5-1.8x slower on it (bench/decode_matmul.py)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return 0.0
-    weights = [torch.randn(1024, 256) for _ in range(8)]
+    rng = torch.Generator().manual_seed(0)  # its own: it runs mid-decode, where a seeded sampler may use the global one
+    weights = [torch.randn(1024, 256, generator=rng) for _ in range(8)]
     forms = {"T": [w.t().contiguous() for w in weights], "packed": [pack_for_cpu(w) for w in weights]}
-    x = torch.randn(PACK_ROWS, 256)
+    x = torch.randn(PACK_ROWS, 256, generator=rng)
     run = {"T": lambda w: x @ w, "packed": lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
     best = dict.fromkeys(forms, float("inf"))
     with torch.no_grad():

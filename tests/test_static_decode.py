@@ -303,7 +303,12 @@ def test_packing_is_used_only_where_it_measured_faster(monkeypatch):
 
 
 def test_the_packing_probe_times_both_forms_once_per_process():
+    gpt_module.cpu_packing_speedup.cache_clear()
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
     speedup = gpt_module.cpu_packing_speedup()
+    assert torch.equal(torch.rand(4), want)  # the probe drew from its own generator, not the seeded global one
     assert speedup == gpt_module.cpu_packing_speedup()  # cached
     available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     assert (speedup > 0) == available and (speedup == 0 or 0.05 < speedup < 50)  # a ratio of two timings
