@@ -123,11 +123,13 @@ def chat_loop(engine, source, banner, sampling, seed, read=input, out=sys.stdout
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from nanochat.checkpoint import load_model, newest_source
+    from nanochat.common import fit_threads_to_cpu_limit
     from nanochat.engine import Engine
     from nanochat.store import StoreError, open_store
     from nanochat.tokenizer import get_tokenizer
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device cuda: no CUDA device is available")
+    fit_threads_to_cpu_limit()  # in a pod (kubectl exec), torch's threads to its CPU limit
     try:
         store = open_store(store_uri(args))
         tokenizer = get_tokenizer(store)

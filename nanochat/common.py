@@ -164,6 +164,38 @@ def pg_timeout_s() -> float:
     return timeout
 
 
+CGROUP_CPU_FILES = (("/sys/fs/cgroup/cpu.max",),  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))  # v1: -1 = none
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPUs this container may use (its cgroup's CPU quota over period: a pod's limits.cpu), or None if unlimited."""
+    for files in CGROUP_CPU_FILES:
+        try:
+            fields = " ".join(open(f).read().strip() for f in files).split()
+            quota, period = fields[0], int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if quota in ("max", "-1") or period <= 0:
+            return None
+        return int(quota) / period
+    return None
+
+
+def fit_threads_to_cpu_limit() -> int | None:
+    """In a container with a CPU limit, torch still starts one thread per CPU of the node: 64 threads in a pod limited
+    to 8 CPUs spend their time throttled. Lower torch's intra-op threads to this process's share of the limit (the
+    limit over LOCAL_WORLD_SIZE, at least 1) and return it; None if nothing changed. OMP_NUM_THREADS, when set, wins."""
+    limit = cgroup_cpu_limit()
+    if os.environ.get("OMP_NUM_THREADS") or limit is None:
+        return None
+    threads = max(1, int(limit / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    if threads >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    return threads
+
+
 def init_distributed(device: torch.device, timeout_s: float | None = None):
     """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): nccl on GPU, gloo on CPU.
 

@@ -937,6 +937,9 @@ def main(argv=None) -> int:
             raise checkpoints.no_such_step(args.step)
     except (StoreError, ValueError) as e:
         error(str(e), 1)
+    from nanochat.common import fit_threads_to_cpu_limit
+    if threads := fit_threads_to_cpu_limit():
+        print(f"nanochat serve: {threads} torch thread(s), from this container's CPU limit", file=sys.stderr)
     limits = Limits(**{k: getattr(args, k) for k in asdict(Limits())})
     app = create_app(uri, source=source, step=args.step, devices=devices, api_key=args.api_key or None,
                      max_queue=args.max_queue, limits=limits, batch_rows=args.batch_rows)

@@ -219,6 +219,7 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         device = common.autodetect_device(cfg.device)
         dtype = common.compute_dtype(device, cfg.dtype)
         rank, local_rank, world_size = common.init_distributed(device)
+        fitted_threads = common.fit_threads_to_cpu_limit()
         if stage in TRAINING_STAGES and device.type == "cpu" and world_size > 1:
             common.share_cpu_bf16_speedup()
         autocast = common.autocast_dtype(device, cfg.dtype) if stage in TRAINING_STAGES else None  # evaluation stays in dtype
@@ -235,6 +236,9 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         return _fail(stage, f"--metrics-port {cfg.metrics_port}: {e}", EXIT_CONFIG)
     started = time.time()
     ctx.log(f"start: profile={cfg.profile} store={store.root} device={device} dtype={common.precision_name(dtype, autocast)} world_size={world_size} config={chash}")
+    if fitted_threads:
+        ctx.log(f"threads: {fitted_threads} per process, from this container's CPU limit ({common.cgroup_cpu_limit():g}) "
+                f"over {os.environ.get('LOCAL_WORLD_SIZE', '1')} local process(es) (OMP_NUM_THREADS overrides)")
     if stage in TRAINING_STAGES and device.type == "cpu" and common.native_bf16_cpu() and common._requested_precision(cfg.dtype) == "auto":
         ctx.log(f"precision: bf16 matmuls ran {common.cpu_bf16_speedup():.2f}x fp32's speed on this CPU, so auto picked "
                 f"{common.precision_name(dtype, autocast)} (needs {common.BF16_MIN_SPEEDUP}x for bf16-mixed; --dtype overrides)")

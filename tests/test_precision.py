@@ -103,3 +103,47 @@ def test_bf16_mixed_multiplies_in_bf16_and_keeps_the_residual_stream_fp32():
     assert mixed.item() != fp32.item() and abs(mixed.item() - fp32.item()) < 1e-2 * fp32.item()
     flat = [torch.cat([g.flatten() for g in grads]) for grads in (mixed_grads, [p.grad for p in model.parameters()])]
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "150000 100000\n"}, 1.5), ({"cpu.max": "max 100000\n"}, None),
+    ({"cfs_quota_us": "200000\n", "cfs_period_us": "100000\n"}, 2.0), ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),
+    ({}, None)])
+def test_the_cgroup_cpu_limit_is_read_from_v2_or_v1_files(tmp_path, monkeypatch, files, limit):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(common, "CGROUP_CPU_FILES", ((str(tmp_path / "cpu.max"),),
+                                                     (str(tmp_path / "cfs_quota_us"), str(tmp_path / "cfs_period_us"))))
+    assert common.cgroup_cpu_limit() == limit
+
+
+@pytest.mark.parametrize("limit, local, omp, threads", [(1.5, "1", "", 1), (4.0, "4", "", 1), (1.0, "1", "2", None), (None, "1", "", None)])
+def test_torch_threads_follow_the_containers_cpu_limit(monkeypatch, limit, local, omp, threads):
+    """A pod limited to fewer CPUs than torch's thread count gets its share of the limit per local process, at least
+    one; OMP_NUM_THREADS, when set, wins; no limit, no change."""
+    monkeypatch.setattr(common, "cgroup_cpu_limit", lambda: limit)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert common.fit_threads_to_cpu_limit() == threads
+        assert torch.get_num_threads() == (threads or 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_stage_in_a_cpu_limited_container_runs_on_its_share(tmp_path, monkeypatch, capsys):
+    """stage_main fits torch's threads to the container's CPU limit before the stage runs, and says so."""
+    from nanochat.store import open_store
+    from tests.fake_stages import allreduce
+    monkeypatch.setattr(common, "cgroup_cpu_limit", lambda: 1.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert allreduce.main([f"--store=file://{tmp_path}/st", "--device=cpu"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert open_store(f"file://{tmp_path}/st").get_json("outputs/allreduce.json")["threads"] == 1
+    assert "threads: 1 per process, from this container's CPU limit (1)" in capsys.readouterr().err
