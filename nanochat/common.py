@@ -93,14 +93,21 @@ def _measure_bf16_speedup() -> float:
         return 0.0
     rng = torch.Generator().manual_seed(0)  # its own: a probe must not move the global RNG a seeded run draws from
     a, b = torch.randn(1024, 512, generator=rng), torch.randn(512, 1024, generator=rng)
-    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
-    best = dict.fromkeys(pairs, float("inf"))
-    for _ in range(6):  # interleaved, best of each: a busy neighbour slows both alike
-        for dtype, (x, y) in pairs.items():
-            start = time.perf_counter()
-            x @ y
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    best = fastest({"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16}, rounds=6)
+    return best["fp32"] / best["bf16"]
+
+
+def fastest(candidates: dict, rounds: int) -> dict:
+    """Each candidate's best time in seconds over `rounds` interleaved runs (a busy neighbour slows all alike)."""
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def fast_bf16_cpu() -> bool:

@@ -20,7 +20,6 @@ import contextlib
 import functools
 import math
 import threading
-import time
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -548,7 +547,11 @@ def cpu_packing(device, dtype, out_features, in_features):
     """Whether the static step also keeps a oneDNN-packed copy of an fp32 CPU weight for steps of 2+ rows: MKL's
     small-batch GEMM runs 2-4x slower there than oneDNN on a prepacked weight (bench/decode_matmul.py)."""
     return (torch.device(device).type == "cpu" and dtype == torch.float32 and out_features * in_features >= PACK_MIN_ELEMENTS
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and onednn_packing_available())
+
+
+def onednn_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 @functools.cache
@@ -558,21 +561,15 @@ def cpu_packing_speedup() -> float:
     interleaved), measured once per process at the first step of 2+ rows, under decoding's thread count (~35 ms).
     Measured, not assumed: packing made such steps 1.3-3x faster on the Zen 5 host it was chosen on, but a 2-core Xeon
     ran them 1.5-1.8x slower on it (bench/decode_matmul.py)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    from nanochat.common import fastest
+    if not onednn_packing_available():
         return 0.0
     rng = torch.Generator().manual_seed(0)  # its own: it runs mid-decode, where a seeded sampler may use the global one
     weights = [torch.randn(1024, 256, generator=rng) for _ in range(8)]
-    forms = {"T": [w.t().contiguous() for w in weights], "packed": [pack_for_cpu(w) for w in weights]}
+    copies, packed = [w.t().contiguous() for w in weights], [pack_for_cpu(w) for w in weights]
     x = torch.randn(PACK_ROWS, 256, generator=rng)
-    run = {"T": lambda w: x @ w, "packed": lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
-    best = dict.fromkeys(forms, float("inf"))
-    with torch.no_grad():
-        for _ in range(5):
-            for name, ws in forms.items():
-                start = time.perf_counter()
-                for w in ws:
-                    run[name](w)
-                best[name] = min(best[name], time.perf_counter() - start)
+    best = fastest({"T": lambda: [x @ w for w in copies],
+                    "packed": lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed]}, rounds=5)
     return best["T"] / best["packed"]
 
 

@@ -46,3 +46,14 @@ def write_shards(store, texts: list[str], num_shards: int = 3):
         split = "val" if i == num_shards - 1 else "train"
         index.append({"name": key.rsplit("/", 1)[1], "key": key, "split": split, "sha256": store.put_bytes(key, buf.getvalue())})
     store.put_json("data/shards/index.json", {"shards": index})
+
+
+def measure_leaving_rng(probe):
+    """probe() measured with its cache cleared; asserts it drew nothing from the seeded global RNG (its own generator)."""
+    probe.cache_clear()
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    value = probe()
+    assert torch.equal(torch.rand(4), want), "the probe moved the global RNG"
+    return value

@@ -13,6 +13,7 @@ import torch
 
 from nanochat import common
 from nanochat.gpt import GPT, GPTConfig, compute_dtype_for
+from tests.fixtures import measure_leaving_rng
 
 CPU = torch.device("cpu")
 
@@ -28,12 +29,7 @@ def test_auto_picks_bf16_mixed_only_where_bf16_matmuls_were_measured_faster(monk
 
 
 def test_the_bf16_speed_probe_measures_only_where_there_are_bf16_instructions(monkeypatch):
-    common._measure_bf16_speedup.cache_clear()
-    torch.manual_seed(3)
-    want = torch.rand(4)
-    torch.manual_seed(3)
-    speedup = common.cpu_bf16_speedup()
-    assert torch.equal(torch.rand(4), want)  # the probe drew from its own generator, not the seeded global one
+    speedup = measure_leaving_rng(common._measure_bf16_speedup)
     assert speedup == common.cpu_bf16_speedup()  # measured once per process
     assert (speedup > 0) == common.native_bf16_cpu()
     assert speedup == 0 or 0.05 < speedup < 50  # a ratio of two timings of the same matmul, not a flag
