@@ -80,6 +80,14 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     p.add_(exp_avg / denom * (-lr / bias1))
 
 
+def fused_adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
+    """adamw_update in torch's fused AdamW kernel: one pass over the four tensors instead of ~12 (eager on CPU,
+    4x(4096, 256): 1.4 ms instead of 25). Same formula as torch.optim.AdamW; hyperparameters as Python floats."""
+    steps = [torch.tensor(float(step), device=p.device)]
+    torch._fused_adamw_([p], [grad], [exp_avg], [exp_avg_sq], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+
+
 def polar_express(G, steps=5):
     """Approximately orthogonalize each matrix of G (..., rows, cols): U S V^T -> U V^T."""
     X = G / (G.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # singular values into [0, 1)
@@ -88,13 +96,20 @@ def polar_express(G, steps=5):
         X = X.mT
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = _gemm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A
+        X = _gemm(X, B, X, beta=a, alpha=1.0)  # a * X + B @ X
     return X.mT if tall else X
 
 
-def muon_update(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2, ns_steps, ortho_dtype):
-    """One Muon step on stacked same-shape matrices (K, rows, cols); grads is used as scratch."""
+def _gemm(C, A, B, beta, alpha):
+    """beta * C + alpha * A @ B as one GEMM call: the scaling and the sum ride in the matmul, no temporaries."""
+    return (torch.baddbmm if C.dim() == 3 else torch.addmm)(C, A, B, beta=beta, alpha=alpha)
+
+
+def muon_update(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2, ns_steps, ortho_dtype,
+                decay=True):
+    """One Muon step on stacked same-shape matrices (K, rows, cols); grads is used as scratch. decay=False (weight decay
+    0, the stages' default) skips the cautious mask's passes over the matrices."""
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buffer, momentum)  # Nesterov
     g = polar_express(g.to(ortho_dtype), ns_steps)
@@ -109,6 +124,9 @@ def muon_update(grads, params, momentum_buffer, second_momentum_buffer, momentum
         v_norm_new = ((v_mean * n) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
         g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
     g = g.to(params.dtype)
+    if not decay:
+        params.addcmul_(g, lr, value=-1.0)  # params -= lr * g in one pass
+        return
     mask = (g * params) >= 0  # cautious weight decay: only where the update already shrinks the weight
     params.sub_(lr * g + lr * wd * params * mask)
 
@@ -214,8 +232,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p_slice)
             state["step"] += 1
             beta1, beta2 = group["betas"]
-            scalars = self._scalars(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
-            self._adamw(p_slice, info["grad"], state["exp_avg"], state["exp_avg_sq"], *scalars)
+            hyper = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
+            if self.compile:
+                self._adamw(p_slice, info["grad"], state["exp_avg"], state["exp_avg_sq"], *self._scalars(**hyper))
+            else:
+                fused_adamw_update(p_slice, info["grad"], state["exp_avg"], state["exp_avg_sq"], **hyper)
             if info["sharded"]:
                 gathers.append((_all_gather(p, p_slice, async_op=True), None))
 
@@ -238,7 +259,7 @@ class MuonAdamW(torch.optim.Optimizer):
             momentum, lr, wd, beta2 = self._scalars(momentum=group["momentum"], lr=group["lr"] * muon_lr_scale(shape),
                                                     wd=group["weight_decay"], beta2=group["beta2"] or 0.0)
             self._muon(info["grad_chunk"][:len(owned)], stacked, state["momentum_buffer"], state.get("second_momentum_buffer"),
-                       momentum, lr, wd, beta2, group["ns_steps"], self.ortho_dtype)
+                       momentum, lr, wd, beta2, group["ns_steps"], self.ortho_dtype, group["weight_decay"] != 0)
         if world == 1:
             torch._foreach_copy_(params, list(stacked.unbind(0)))
             return

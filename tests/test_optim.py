@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_lr_scale, polar_express, set_hyperparams
+from nanochat.optim import (POLAR_EXPRESS_COEFFS, MuonAdamW, adamw_update, fused_adamw_update, lr_multiplier, muon_lr_scale,
+                            muon_momentum, polar_express, set_hyperparams)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_optim_check.py"
@@ -32,6 +33,17 @@ def test_polar_express_orthogonalizes(shape, dtype):
     # 5 Polar Express steps land every singular value in a band around 1 (not exactly 1: the
     # published coefficients trade exactness for speed)
     assert s.min() > 0.8 and s.max() < 1.2, (s.min().item(), s.max().item())
+
+
+def test_polar_express_matches_the_written_out_iteration():
+    # the iteration runs as fused GEMMs (beta * C + alpha * A @ B); stacked (3D) and single (2D) matrices alike
+    G = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(3))
+    X = (G / (G.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)).mT  # tall: iterate on the transpose
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    torch.testing.assert_close(polar_express(G), X.mT, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack([polar_express(g) for g in G]), X.mT, rtol=1e-5, atol=1e-5)
 
 
 def muon_group(params, **kw):
@@ -90,18 +102,19 @@ def reference_muon(W, grads, lr, momentum, wd, beta2):
     return W
 
 
-def test_muon_matches_a_per_matrix_reference():
+@pytest.mark.parametrize("wd", [0.0, 0.5])  # 0 skips the cautious mask
+def test_muon_matches_a_per_matrix_reference(wd):
     g = torch.Generator().manual_seed(2)
     Ws = [torch.nn.Parameter(torch.randn(48, 16, generator=g)) for _ in range(3)]
     W0 = [W.detach().clone() for W in Ws]
     grads = [[torch.randn(48, 16, generator=g) for _ in Ws] for _ in range(4)]
-    opt = MuonAdamW([muon_group(Ws, lr=0.05, momentum=0.9, beta2=0.9, weight_decay=0.5)], ortho_dtype=torch.float32)
+    opt = MuonAdamW([muon_group(Ws, lr=0.05, momentum=0.9, beta2=0.9, weight_decay=wd)], ortho_dtype=torch.float32)
     for step_grads in grads:
         for W, grad in zip(Ws, step_grads):
             W.grad = grad.clone()
         opt.step()
     for i, W in enumerate(Ws):
-        expected = reference_muon(W0[i], [step_grads[i] for step_grads in grads], 0.05, 0.9, 0.5, 0.9)
+        expected = reference_muon(W0[i], [step_grads[i] for step_grads in grads], 0.05, 0.9, wd, 0.9)
         torch.testing.assert_close(W.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -132,6 +145,42 @@ def test_adamw_part_matches_torch_adamw():
         ref.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_update_matches_the_fused_kernel(dtype):
+    # eager steps run torch's fused AdamW kernel, compiled ones adamw_update: the same update either way
+    g = torch.Generator().manual_seed(4)
+    p = torch.randn(64, 16, generator=g).to(dtype)
+    tensors = {name: [p.clone(), torch.zeros_like(p), torch.zeros_like(p)] for name in ("plain", "fused")}
+    for step in range(1, 6):
+        grad = torch.randn(64, 16, generator=g).to(dtype)
+        hyper = dict(step=step, lr=0.01 / step, beta1=0.8, beta2=0.95, eps=1e-8, wd=0.1)
+        adamw_update(*tensors["plain"][:1], grad, *tensors["plain"][1:], *(torch.tensor(float(v)) for v in hyper.values()))
+        fused_adamw_update(*tensors["fused"][:1], grad, *tensors["fused"][1:], **hyper)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # plain rounds each op to bf16
+    for plain, fused in zip(tensors["plain"], tensors["fused"]):
+        torch.testing.assert_close(fused.float(), plain.float(), **tol)
+    assert not torch.equal(tensors["fused"][0], p)  # it moved
+
+
+def test_compiled_steps_match_eager_steps():
+    # GPUs run the update rules torch.compile'd (fused GEMMs, adamw_update), CPUs eagerly (fused AdamW kernel)
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        Ws, E = [torch.nn.Parameter(torch.randn(48, 16)) for _ in range(3)], torch.nn.Parameter(torch.randn(32, 8))
+        opt = MuonAdamW([muon_group(Ws, lr=0.05, momentum=0.9, beta2=0.9, weight_decay=0.1),
+                         dict(kind="adamw", params=[E], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)],
+                        compile=compile_, ortho_dtype=torch.float32)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in Ws + [E]:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append([p.detach().clone() for p in Ws + [E]])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_schedules():
