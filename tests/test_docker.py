@@ -164,6 +164,15 @@ def test_extras_and_wheels_exist(dockerfile):
             assert PYPROJECT["project"]["name"].replace("-", "_") == "nanochat_k8s"
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_the_locked_versions(dockerfile):
+    """The image's dependencies are the versions `make test` passed with: pip constraints from constraints.txt."""
+    installs = [r for r in run_lines(final(dockerfile)) if "nanochat_k8s-*.whl" in r]
+    assert len(installs) == 1, installs
+    assert "source=constraints.txt,target=/tmp/constraints.txt" in installs[0]
+    assert re.search(r"pip install --no-cache-dir -c /tmp/constraints.txt .*nanochat_whl", installs[0]), installs[0]
+
+
 # ----------------------------------------------------------------------------- build context
 
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
@@ -204,7 +213,7 @@ def build_context() -> set[str]:
 
 def test_build_context_holds_what_the_images_copy_and_nothing_else():
     ctx = build_context()
-    for needed in ("pyproject.toml", "README.md", "nanochat/cli.py", "nanochat/stages/base_train.py", "operators/cli.py",
+    for needed in ("pyproject.toml", "README.md", "constraints.txt", "nanochat/cli.py", "nanochat/stages/base_train.py", "operators/cli.py",
                    "operators/crds/nanochatrun.yaml", "operators/schemas/kubeflow.org_pytorchjobs.v1.json",
                    "rustbpe/Cargo.toml", "rustbpe/pyproject.toml", "rustbpe/src/lib.rs"):
         assert needed in ctx, needed
@@ -220,6 +229,11 @@ def test_build_context_holds_what_the_images_copy_and_nothing_else():
                 if instr == "COPY" and "--from" not in rest:
                     for src in rest.split()[:-1]:
                         assert any(p == src.rstrip("/") or p.startswith(src.rstrip("/") + "/") for p in ctx), f"{dockerfile.name}: {src}"
+                if instr == "RUN":  # and every bind mount from the context (no from=)
+                    for mount in re.findall(r"--mount=(\S+)", rest):
+                        opts = dict(o.split("=", 1) for o in mount.split(",") if "=" in o)
+                        if opts.get("type") == "bind" and "from" not in opts:
+                            assert opts["source"] in ctx, f"{dockerfile.name}: {opts['source']}"
 
 
 def test_dockerignore_matcher():
