@@ -164,6 +164,20 @@ def test_adamw_update_matches_the_fused_kernel(dtype):
     assert not torch.equal(tensors["fused"][0], p)  # it moved
 
 
+@pytest.mark.parametrize("layout", ["grad transposed", "moments transposed"])
+def test_the_fused_kernel_follows_strides(layout):
+    # the CPU kernel ignores strides: a gradient (or moments) laid out unlike the parameter must still pair up right
+    g = torch.Generator().manual_seed(5)
+    p, grad = torch.randn(16, 8, generator=g), torch.randn(8, 16, generator=g).t()
+    moments = lambda: (torch.zeros(8, 16).t(), torch.zeros(8, 16).t()) if layout == "moments transposed" else (torch.zeros(16, 8), torch.zeros(16, 8))
+    plain, fused = [p.clone(), *moments()], [p.clone(), *moments()]
+    for step in (1, 2):
+        adamw_update(plain[0], grad, *plain[1:], *(torch.tensor(v) for v in (float(step), 0.1, 0.9, 0.95, 1e-8, 0.1)))
+        fused_adamw_update(fused[0], grad, *fused[1:], step=step, lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.1)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_steps_match_eager_steps():
     # GPUs run the update rules torch.compile'd (fused GEMMs, adamw_update), CPUs eagerly (fused AdamW kernel)
     results = []
