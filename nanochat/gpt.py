@@ -146,6 +146,29 @@ def softcap(logits, cap):
     return torch.sigmoid(logits * (2.0 / cap)) * (2.0 * cap) - cap
 
 
+class ReluSquared(torch.autograd.Function):
+    """relu(x)^2 with a two-pass backward, grad * 2 * relu(x) (autograd's pow and threshold backward take four)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad * (r + r)
+
+
+def relu_squared(x):
+    """The MLP's activation. Eager CPU training takes ReluSquared (d4's (8, 256, 1024) activation: 2.4 ms forward and
+    backward instead of 5, the tiny training step ~1.5% faster); GPUs compile the step, and inductor fuses the plain ops."""
+    if x.requires_grad and not x.is_cuda and not torch.compiler.is_compiling():
+        return ReluSquared.apply(x)
+    return F.relu(x).square()
+
+
 def has_ve(layer_idx, n_layer):
     """Value embeddings on alternating layers, the last layer always included."""
     return layer_idx % 2 == (n_layer - 1) % 2
@@ -275,7 +298,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.fp8)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -304,6 +304,19 @@ def test_loss_decreases_on_a_repeated_batch():
     assert losses[-1] < 0.2 * losses[0]
 
 
+def test_relu_squared_matches_autograd():
+    from nanochat.gpt import ReluSquared, relu_squared
+    x = torch.cat([torch.tensor([-2.0, -0.0, 0.0, 0.5]), torch.randn(60, generator=torch.Generator().manual_seed(0))])
+    x = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
+    grad = torch.randn_like(x)
+    ours = torch.autograd.grad(relu_squared(x), x, grad)[0]
+    torch.testing.assert_close(ours, torch.autograd.grad(F.relu(x).square(), x, grad)[0], rtol=0, atol=0)
+    assert type(relu_squared(x).grad_fn).__name__ == "ReluSquaredBackward"  # CPU training takes it
+    with torch.no_grad():
+        torch.testing.assert_close(relu_squared(x), F.relu(x).square())  # inference: the plain ops
+
+
 def test_torch_compile_matches_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = make_model(window_pattern="SL", short_window=5, n_kv_head=2)
