@@ -11,7 +11,8 @@ per row. Each row runs a small state machine for tool use: when the model writes
 Decode paths (Engine(decode=...), else NANOCHAT_DECODE, else auto):
   eager    GPT.forward with a growing KVCache per step: the reference
   static   the static-shape step (nanochat.gpt.DecodeWeights.step over a StaticKVCache), run eagerly over the slots
-           in use: the default on CPU
+           in use (a request's rows share one position, which the step takes from the host: slices, no mask): the
+           default on CPU
   graph    that step captured in a CUDA graph per (batch, cache length), replayed per token: auto's choice on CUDA
            for more than one row
   compile  the same, torch.compile'd (fewer, fused kernels) before capture (on CPU: compiled, not captured); costs
@@ -479,7 +480,7 @@ class StaticSteps(Steps):
             return self.eager.step(ids)
         self.pos += 1
         if self.decoder.mode == "static":
-            return self.decoder.run_window(ids, self.pos)
+            return self.decoder.run_at(ids, self.pos - 1)
         self.decoder.ids.copy_(ids)
         return self.decoder.run()
 
@@ -516,6 +517,11 @@ class StaticDecoder:
         # a graph when asked for one; compile and fused capture theirs on CUDA only (on a CPU: compiled / interpreted)
         self.graphed = mode == "graph" or (mode != "static" and device.type == "cuda")
         self.run = capture_step(run, mode) if self.graphed else run
+
+    def run_at(self, ids, at):
+        """One uncaptured step with every row at position `at`, known to the host: attends exactly the visible slots,
+        with no mask (DecodeWeights.step's `at`)."""
+        return self.step(ids, self.cache, self.cos, self.sin, at=at)
 
     def run_window(self, ids, reached):
         """One uncaptured step for the first ids.size(0) rows (ids (rows, 1)), attending only the first `reached` slots

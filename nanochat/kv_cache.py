@@ -164,6 +164,15 @@ class StaticKVCache:
         v_all[self.rows, :, self.pos] = v[:, :, 0]
         return k_all, v_all
 
+    def write_at(self, layer_idx, k, v, at):
+        """write() when every row is at position `at`, which the host knows: k, v (B, H_kv, D) for the first B rows;
+        returns those rows of the layer's (B, H_kv, max_len, D)."""
+        B = k.size(0)
+        k_all, v_all = self.k[layer_idx][:B], self.v[layer_idx][:B]
+        k_all[:, :, at] = k
+        v_all[:, :, at] = v
+        return k_all, v_all
+
     def visible(self, window):
         """Boolean (B, max_len) mask of the slots each row's query attends to (window -1 = unlimited)."""
         pos = self.pos[:, None]

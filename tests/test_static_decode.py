@@ -23,14 +23,17 @@ def static_cache(model, batch, max_len):
 
 
 @torch.inference_mode()
-def static_decode(model, prompt, continuation, max_len):
+def static_decode(model, prompt, continuation, max_len, host_position=False):
     """Prefill prompt (1, P) into row 0, start every row, then step continuation (B, N) one column at a time:
-    logits (B, N, vocab) of the static step."""
+    logits (B, N, vocab) of the static step (host_position: told each step's position, `at`, as Engine.generate's
+    uncaptured steps are)."""
     weights, cache = DecodeWeights(model), static_cache(model, continuation.size(0), max_len)
     cos, sin = model.rotary_tables(max_len)
     model(prompt, kv_cache=cache.prefill_cache())
-    cache.start(prompt.size(1))
-    out = [weights.step(continuation[:, t:t + 1], cache, cos, sin) for t in range(continuation.size(1))]
+    P = prompt.size(1)
+    cache.start(P)
+    out = [weights.step(continuation[:, t:t + 1], cache, cos, sin, at=P + t if host_position else None)
+           for t in range(continuation.size(1))]
     assert cache.pos.tolist() == [prompt.size(1) + continuation.size(1)] * continuation.size(0)
     return torch.stack(out, 1)
 
@@ -38,16 +41,18 @@ def static_decode(model, prompt, continuation, max_len):
 # -----------------------------------------------------------------------------
 # the step against GPT.forward
 
+@pytest.mark.parametrize("host_position", [False, True], ids=["masked", "at"])
 @pytest.mark.parametrize("pattern,n_kv,seq", [("L", 8, 32), ("SSSL", 2, 32), ("SL", 1, 4)])
-def test_static_step_matches_kv_cache_and_full_forward(pattern, n_kv, seq):
+def test_static_step_matches_kv_cache_and_full_forward(pattern, n_kv, seq, host_position):
     """Windows of 3 tokens on S layers (the context reaches 25), GQA, value embeddings (every other layer), 3 rows
-    after the batch-1 prefill; seq 4: the rotary precompute holds 40 positions and decoding reaches 55."""
+    after the batch-1 prefill; seq 4: the rotary precompute holds 40 positions and decoding reaches 55. at: the
+    positions known to the host, so slices of the cache instead of a mask."""
     model = make_model(depth=4, seq=seq, window_pattern=pattern, short_window=3, n_kv_head=n_kv)
     assert model.config.n_head == 8 and len(model.value_embeds) == 2
     P, N = 7, 18 if seq > 4 else 48
     prompt, continuation = tokens(1, P), tokens(3, N, seed=3)
     assert P + N > model.cos.size(1) or seq > 4
-    static = static_decode(model, prompt, continuation, max_len=P + N + 5)  # 5 stale slots at the end, masked
+    static = static_decode(model, prompt, continuation, max_len=P + N + 5, host_position=host_position)  # 5 stale slots
     with torch.inference_mode():
         cache = model.new_kv_cache(1, P + N)
         model(prompt, kv_cache=cache)
@@ -116,6 +121,10 @@ def test_static_cache_mask_and_writes():
     cache.live[1] = 0
     cache.advance()
     assert cache.pos.tolist() == [6, 2]  # a row that is not live stays where it is
+    k_rows, v_rows = cache.write_at(0, torch.full((1, 1, 2), 9.0), torch.full((1, 1, 2), -9.0), at=7)
+    assert k_rows.shape == (1, 1, 8, 2) and k_rows.data_ptr() == cache.k[0].data_ptr()  # row 0 of the cache, in place
+    assert cache.k[0][0, 0, 7].tolist() == [9.0, 9.0] and cache.v[0][0, 0, 7].tolist() == [-9.0, -9.0]
+    assert cache.k[0][1].abs().sum() == k[1].abs().sum()  # row 1 untouched
 
 
 def test_start_copies_the_prefill_into_every_row():
