@@ -321,7 +321,10 @@ class Batcher:
             d.ids.copy_(self.next_ids)
             return d.run()
         # run eagerly, the step computes only those rows and the slots they have reached
-        return d.run_window(self.next_ids[:rows], max(len(request.tokens) + request.generated for request in self.active))
+        reached = {len(request.tokens) + request.generated for request in self.active}
+        if len(reached) == 1:  # every row at one position (a lone request, say): slices of the cache, no mask
+            return d.run_at(self.next_ids[:rows], reached.pop() - 1)
+        return d.run_window(self.next_ids[:rows], max(reached))
 
     def _prefill(self, request):
         device = self.next_ids.device

@@ -122,18 +122,32 @@ def test_a_graphed_batch_replays_the_smallest_graph_holding_the_rows_in_use(fake
 
 
 def test_an_eager_step_computes_only_the_rows_and_slots_in_use(model, monkeypatch):
-    """Without a CUDA graph nothing needs fixed shapes: one request in an 8-row batch steps 1 row over 64 slots."""
+    """Without a CUDA graph nothing needs fixed shapes: rows at different positions step the rows in use over the
+    slots reached, behind a mask; rows all at one position (a lone request) step the rows in use at
+    that position, told by the host (`at`: slices of the cache, no mask)."""
     batcher = Batcher(Engine(model, TOK), rows=8)
-    shapes = []
+    calls = []
     try:
         run(batcher.generate(PROMPT, max_tokens=3, temperature=0.0))  # builds the decoder
         step = batcher.decoder.step
-        monkeypatch.setattr(batcher.decoder, "step", lambda ids, cache, *a: (shapes.append(tuple(cache.k[0].shape[::2])), step(ids, cache, *a))[1])
-        got = run(batcher.generate(PROMPT, max_tokens=60, temperature=0.0))
+
+        def spy(ids, cache, cos, sin, at=None):
+            calls.append((ids.size(0), cache.k[0].size(2), at))
+            return step(ids, cache, cos, sin, at=at)
+        monkeypatch.setattr(batcher.decoder, "step", spy)
+        lone = run(batcher.generate(PROMPT, max_tokens=60, temperature=0.0))
+        lone_calls, calls[:] = list(calls), []
+        with batcher.cond:  # held: both join at the first step, at positions 12 and 4
+            streams = [batcher.generate(PROMPT[:n], max_tokens=60, temperature=0.0) for n in (12, 4)]
+        together = [run(s) for s in streams]
     finally:
         batcher.close()
-    assert got == alone(model, PROMPT, dict(max_tokens=60, temperature=0.0))
-    assert batcher.max_len == 256 and shapes[0] == (1, 64) and shapes[-1] == (1, 128)  # (rows, slots): 9 + 59 slots reached
+    assert lone == alone(model, PROMPT, dict(max_tokens=60, temperature=0.0))
+    assert batcher.max_len == 256 and len(PROMPT) == 12
+    assert lone_calls == [(1, 256, 12 + t) for t in range(59)]  # (rows, cache slots, position): one row, told its position
+    for n, got in zip((12, 4), together):
+        assert got == alone(model, PROMPT[:n], dict(max_tokens=60, temperature=0.0))
+    assert [c[1] for c in calls] == [13 + t for t in range(59)] and {c[::2] for c in calls} == {(2, None)}  # masked
 
 
 def test_a_capture_that_fails_under_auto_falls_back_to_the_uncaptured_step(model, monkeypatch):
@@ -166,7 +180,7 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_decode(model, monke
     try:
         assert run(batcher.generate(PROMPT, max_tokens=3, temperature=0.0)) == alone(model, PROMPT, dict(max_tokens=3, temperature=0.0))
         step = batcher.decoder.step
-        monkeypatch.setattr(batcher.decoder, "step", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost")))
+        monkeypatch.setattr(batcher.decoder, "step", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("device lost")))
         with pytest.raises(RuntimeError, match="batched decoding failed: RuntimeError: device lost"):
             run(batcher.generate(PROMPT, max_tokens=5, temperature=0.0))
         monkeypatch.setattr(batcher.decoder, "step", step)
