@@ -161,6 +161,21 @@ def test_decode_attention_in_bf16_stays_close_to_fp32():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("host_position", [False, True], ids=["masked", "at"])
+def test_the_step_in_bf16_stays_close_to_fp32(host_position):
+    """A bf16 model (its K/V cache and every step's operands in bf16), told its position or not: the logits stay
+    within bf16 rounding of the fp32 step's (measured ~0.7%), windows and GQA included."""
+    fp32 = make_model(depth=4, window_pattern="SSSL", short_window=3, n_kv_head=2)
+    bf16 = GPT.create(fp32.config, "cpu", dtype=torch.bfloat16)
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.eval()
+    prompt, continuation = tokens(1, 7), tokens(3, 18, seed=3)
+    ref = static_decode(fp32, prompt, continuation, max_len=30)
+    got = static_decode(bf16, prompt, continuation, max_len=30, host_position=host_position)
+    assert bf16.compute_dtype == torch.bfloat16
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
 def test_weights_are_copies_in_the_compute_dtype_and_follow_the_parameters(monkeypatch):
     """bf16 compute with fp32 parameters: the step reads bf16 copies, the parameters stay fp32 (a model being
     trained keeps its master weights), and refresh() picks up an in-place update (an optimizer step)."""
