@@ -41,6 +41,8 @@ def worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        common.keep_freed_memory()  # as the stages run (NANOCHAT_KEEP_FREED_MEMORY=0: glibc's defaults)
     cfg = GPTConfig.from_depth(args.depth, args.vocab, args.seq, head_dim=args.head_dim, window_pattern=args.window, fp8=args.fp8)
     torch.manual_seed(0)
     model = GPT.create(cfg, device)

@@ -220,6 +220,8 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         dtype = common.compute_dtype(device, cfg.dtype)
         rank, local_rank, world_size = common.init_distributed(device)
         fitted_threads = common.fit_threads_to_cpu_limit()
+        if device.type == "cpu":  # CPU tensors are malloc's: keep their pages mapped between steps
+            common.keep_freed_memory()
         if stage in TRAINING_STAGES and device.type == "cpu" and world_size > 1:
             common.share_cpu_bf16_speedup()
         autocast = common.autocast_dtype(device, cfg.dtype) if stage in TRAINING_STAGES else None  # evaluation stays in dtype
