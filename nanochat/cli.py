@@ -158,6 +158,8 @@ def cmd_stage(args) -> int:
     if not module_exists(args.name):
         error(f"unknown stage {args.name!r}; available: {', '.join(available)}")
     mod = importlib.import_module(f"nanochat.stages.{args.name}")
+    from nanochat import stage
+    stage.OWN_PROCESS = True  # this process runs the one stage
     return mod.main(args.rest)
 
 

@@ -205,7 +205,7 @@ def fit_threads_to_cpu_limit() -> int | None:
 
 # glibc hands freed blocks of 128 KB and up back to the OS, and the next allocation of that size faults its pages in
 # again: a CPU training step of the tiny model (d4, 8x256 tokens) took ~24,000 page faults, ~25 ms of its ~425.
-MALLOC_KEEP_BYTES = 1 << 30  # blocks up to this come from malloc's heap, which is never trimmed
+MALLOC_KEEP_BYTES = 256 << 20  # blocks up to this come from malloc's heap, which is never trimmed; larger ones as before
 
 
 def keep_freed_memory() -> bool:

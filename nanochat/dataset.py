@@ -670,7 +670,11 @@ FRACTION = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _depths(text: str) -> list[int]:
-    return [POSITIVE_INT(d) for d in text.split(",")]
+    from nanochat.stages.base_train import MAX_DEPTH
+    depths = [POSITIVE_INT(d) for d in text.split(",")]
+    if max(depths) > MAX_DEPTH:  # as base_train: a huge depth would plan layers until memory runs out
+        raise argparse.ArgumentTypeError(f"a depth must be <= {MAX_DEPTH}, got {max(depths)}")
+    return depths
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -190,6 +190,11 @@ def _peer_died(e: BaseException) -> bool:
     return isinstance(e, backend_error) or any(m in str(e) for m in PEER_GONE)
 
 
+# Set when this process exists to run one stage (`python -m nanochat.stages.X`, torchrun, `nanochat stage X`): then
+# process-wide settings are the stage's to make (common.keep_freed_memory); a stage run in-process (tests) leaves them.
+OWN_PROCESS = False
+
+
 def stage_main(stage: str, config_cls, run, argv=None) -> int:
     """Run one stage under the contract; returns the process exit code."""
     common.setup_logging()
@@ -220,7 +225,7 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
         dtype = common.compute_dtype(device, cfg.dtype)
         rank, local_rank, world_size = common.init_distributed(device)
         fitted_threads = common.fit_threads_to_cpu_limit()
-        if device.type == "cpu":  # CPU tensors are malloc's: keep their pages mapped between steps
+        if OWN_PROCESS and device.type == "cpu":  # CPU tensors are malloc's: keep their pages mapped between steps
             common.keep_freed_memory()
         if stage in TRAINING_STAGES and device.type == "cpu" and world_size > 1:
             common.share_cpu_bf16_speedup()
@@ -279,6 +284,8 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
 
 def run_module_main(stage: str, config_cls, run):
     """`if __name__ == "__main__": run_module_main(...)` for `python -m nanochat.stages.X`."""
+    global OWN_PROCESS
+    OWN_PROCESS = True
     sys.exit(stage_main(stage, config_cls, run, sys.argv[1:]))
 
 

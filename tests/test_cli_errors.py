@@ -73,6 +73,16 @@ def test_bare_set_key_no_stage_has_is_one_line(tmp_path, capsys):
     assert error_lines(err) == [err.strip()] and "no stage in this run has --compiel" in err and "STAGE.compiel=false" in err
 
 
+@pytest.mark.parametrize("depth", ["129", "9" * 40])
+def test_a_depth_past_the_bound_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch, depth):
+    """d20's dry run plans base_train's model (layers on the meta device): a 40-digit depth planned layers until the
+    machine ran out of memory (found by tests/faults/test_hostile_input.py, 22 GB and the OOM killer)."""
+    monkeypatch.setattr("nanochat.cli.visible_gpus", lambda: 8)
+    rc, _, err = cli(capsys, "speedrun", "--profile", "d20", "--store", f"file://{tmp_path}/s", "--set", f"base_train.depth={depth}", "--dry-run")
+    assert rc == 2 and error_lines(err) == [f"nanochat: error: stage base_train: --depth must be <= 128 (the speedrun's models are 4 to "
+                                            f"32 layers), got {depth}"], err
+
+
 def test_speedrun_help_says_what_a_bare_key_does_and_shows_defaults(capsys):
     rc, out, _ = cli(capsys, "speedrun", "--help")
     text = " ".join(out.split())
@@ -85,6 +95,7 @@ def test_speedrun_help_says_what_a_bare_key_does_and_shows_defaults(capsys):
 @pytest.mark.parametrize("argv, says", [
     (["recipe", "--depth", "abc"], "argument --depth: expected an integer > 0, got 'abc'"),
     (["recipe", "--depth", "20,0"], "argument --depth: expected an integer > 0, got '0'"),
+    (["recipe", "--depth", "20,129"], "argument --depth: a depth must be <= 128, got 129"),
     (["recipe", "--gpus", "0"], "argument --gpus: expected an integer > 0, got '0'"),
     (["recipe", "--mfu", "x"], "argument --mfu: expected a number in (0, 1], got 'x'"),
     (["download", "--workers", "0"], "argument --workers: expected an integer > 0, got '0'"),

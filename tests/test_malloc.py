@@ -49,3 +49,14 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 def test_it_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("NANOCHAT_KEEP_FREED_MEMORY", "0")
     assert common.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("own_process", [True, False])
+def test_a_stage_in_its_own_process_keeps_freed_memory_one_run_in_process_leaves_malloc_alone(tmp_path, monkeypatch, own_process):
+    from nanochat import stage
+    from tests.fake_stages import echo
+    calls = []
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(stage, "OWN_PROCESS", own_process)
+    assert echo.main([f"--store=file://{tmp_path}/s", "--steps=1", "--device=cpu"]) == 0
+    assert calls == ([1] if own_process else [])
