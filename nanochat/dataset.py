@@ -670,9 +670,9 @@ FRACTION = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _depths(text: str) -> list[int]:
-    from nanochat.stages.base_train import MAX_DEPTH
+    from nanochat.gpt import MAX_DEPTH
     depths = [POSITIVE_INT(d) for d in text.split(",")]
-    if max(depths) > MAX_DEPTH:  # as base_train: a huge depth would plan layers until memory runs out
+    if max(depths) > MAX_DEPTH:
         raise argparse.ArgumentTypeError(f"a depth must be <= {MAX_DEPTH}, got {max(depths)}")
     return depths
 

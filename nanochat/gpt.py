@@ -32,6 +32,7 @@ from nanochat.kv_cache import KVCache
 PAD_VOCAB_TO = 64  # pad embedding/lm_head rows for efficient matmuls and sharding; logits are cropped
 ROTARY_OVERCOMPUTE = 10  # rotary cache covers 10x sequence_len; inference beyond that extends it
 VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of x
+MAX_DEPTH = 128  # layers a config may ask for (GPT-3 175B had 96): 10**40 built layers until memory ran out
 LOSS_CHUNK_ELEMENTS = 2**22  # CPU loss: logits per chunk (16 MB in fp32, about L3-sized)
 # SDPA backends for forwards without grad (generation, evaluation), whose sequence lengths vary call to call: cuDNN
 # attention builds a graph per new shape (bench/gpu.py 2026-11-26, H100: 40.7 vs 1.8 ms per cold decode step)

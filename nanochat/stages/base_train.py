@@ -12,7 +12,6 @@ from nanochat.config import ConfigError, StageConfig, batch_split_error, opt
 from nanochat.stage import run_module_main, stage_main
 
 STAGE = "base_train"
-MAX_DEPTH = 128  # layers: GPT-3 175B had 96
 
 
 @dataclass
@@ -57,7 +56,8 @@ class Config(StageConfig):
         for key in ("depth", "max_seq_len", "device_batch_size", "aspect_ratio", "head_dim"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if self.depth > MAX_DEPTH:  # a depth of 10**40 would build (or plan) layers until memory runs out
+        from nanochat.gpt import MAX_DEPTH
+        if self.depth > MAX_DEPTH:
             raise ConfigError(f"--depth must be <= {MAX_DEPTH} (the speedrun's models are 4 to 32 layers), got {self.depth}")
         if self.window_pattern.strip("SL") or not self.window_pattern:
             raise ConfigError(f"--window-pattern: only letters S and L allowed, got {self.window_pattern!r}")
