@@ -8,10 +8,11 @@ APT_TEST := chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC := $(wildcard rustbpe/Cargo.toml rustbpe/src/*.rs)
 
-.PHONY: setup speedrun test test-fast rustbpe apt-test lock clean help
+.PHONY: setup speedrun test fuzz test-fast rustbpe apt-test lock clean help
 help:
 	@echo "make speedrun   set up .venv and run the tiny speedrun (CPU, minutes)"
 	@echo "make test       set up .venv and run the test suite"
+	@echo "make fuzz       the fuzz tests with FUZZ_SCALE (default 20) times their examples"
 	@echo "make setup      only set up .venv (+ build rustbpe)"
 	@echo "make lock       pin .venv's packages into constraints.txt (after a dependency change)"
 
@@ -53,6 +54,12 @@ speedrun: setup
 TEST_WORKERS ?= 2
 test: setup apt-test
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+# the fuzz tests (CLI flags, configs, the API, the calculator, the tokenizer, batching schedules) with FUZZ_SCALE times their
+# examples, each run random: a longer hunt than make test's; a failure prints the falsifying example
+FUZZ_SCALE ?= 20
+fuzz: setup
+	FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope tests/faults/test_hostile_input.py tests/faults/test_api_fuzz.py tests/test_batching.py::test_any_arrival_schedule_streams_what_each_request_would_alone
 
 # after a dependency change, with a green `make test`: pin what .venv holds (torch stays pinned above; our own packages out)
 lock: $(VENV)/.installed

@@ -1,6 +1,8 @@
 """Builders for test stores: a small trained tokenizer and a (random-init) base checkpoint."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from nanochat.checkpoint import CheckpointManager
@@ -57,3 +59,12 @@ def measure_leaving_rng(probe):
     value = probe()
     assert torch.equal(torch.rand(4), want), "the probe moved the global RNG"
     return value
+
+
+def fuzz(examples: int):
+    """Hypothesis settings for a fuzz test: `examples` runs (times FUZZ_SCALE, for a longer hunt: `make fuzz`), random
+    each time (no example database), no deadline."""
+    from hypothesis import HealthCheck, settings
+    scale = float(os.environ.get("FUZZ_SCALE", "1"))
+    return settings(max_examples=max(1, round(examples * scale)), deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))

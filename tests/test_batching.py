@@ -1,13 +1,17 @@
 """Continuous batching (nanochat.batching): requests decoded together, each in its own rows at its own position,
 stream exactly what each would alone (Engine.generate), whenever they join or leave."""
+import itertools
 import threading
 import time
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nanochat.batching import Batcher
 from nanochat.engine import Engine
+from tests.fixtures import fuzz
 from tests.test_engine import PROMPT, TOK, one_thread, random_gpt, run, text  # noqa: F401 (one_thread: autouse)
 from tests.test_static_decode import A_END, OUT_END, PY_END, PY_START, bigram_gpt, fake_graph  # noqa: F401 (fixture)
 
@@ -148,6 +152,64 @@ def test_an_eager_step_computes_only_the_rows_and_slots_in_use(model, monkeypatc
     for n, got in zip((12, 4), together):
         assert got == alone(model, PROMPT[:n], dict(max_tokens=60, temperature=0.0))
     assert [c[1] for c in calls] == [13 + t for t in range(59)] and {c[::2] for c in calls} == {(2, None)}  # masked
+
+
+ARRIVALS = st.lists(st.tuples(
+    st.integers(0, 12),  # the scheduler iteration it is queued at: some join a running batch, some a later busy period
+    st.text(alphabet="ab xyz.", max_size=30),  # prompt text after PROMPT's tokens
+    st.integers(1, 3),  # num_samples
+    st.integers(1, 24),  # max_tokens
+    st.sampled_from([dict(temperature=0.0), dict(temperature=0.8), dict(temperature=1.0, top_k=20),
+                     dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=5, top_p=0.8)]),  # one sampling call each
+    st.integers(0, 2**31 - 1)), min_size=1, max_size=6)  # seed
+
+
+def test_any_arrival_schedule_streams_what_each_request_would_alone(model, monkeypatch):
+    """Random requests queued at random scheduler iterations, rows freed and reused, rows at one position (the
+    host-position step) or at several (the masked step): each request streams exactly what Engine.generate gives it
+    alone, and the batch ends with every row free."""
+    from nanochat.engine import StaticDecoder
+    paths = {"run_at": 0, "run_window": 0}
+    for name in paths:
+        def counted(self, *args, _name=name, _method=getattr(StaticDecoder, name)):
+            paths[_name] += 1
+            return _method(self, *args)
+        monkeypatch.setattr(StaticDecoder, name, counted)
+
+    @fuzz(40)
+    @given(rows=st.integers(1, 4), arrivals=ARRIVALS)
+    def check(rows, arrivals):
+        requests = [(when, PROMPT + text(extra), dict(num_samples=min(n, rows), max_tokens=m, seed=seed, **sampling))
+                    for when, extra, n, m, sampling, seed in arrivals]
+        batcher = Batcher(Engine(model, TOK), rows=rows)
+        streams, later = {}, {i: r for i, r in enumerate(requests)}
+        iteration, take = itertools.count(), batcher._take_arrivals
+
+        def queue_due(now):
+            for i, (when, prompt, kwargs) in list(later.items()):
+                if when <= now:
+                    streams[i] = batcher.generate(prompt, **kwargs)
+                    del later[i]
+
+        def take_arrivals():  # in the scheduler thread, under batcher.cond (an RLock: generate() takes it again)
+            queue_due(next(iteration))
+            return take()
+        batcher._take_arrivals = take_arrivals
+        try:
+            while later:  # the batch went idle before the next arrival's iteration: it starts the next busy period
+                with batcher.cond:
+                    queue_due(min(when for when, _, _ in later.values()))
+                wait_until(lambda: batcher.thread is None)
+            got = {i: run(s) for i, s in streams.items()}
+            wait_until(lambda: batcher.thread is None)
+            assert batcher.rows_in_use == 0 and not batcher.pending
+        finally:
+            batcher.close()
+        for i, (_, prompt, kwargs) in enumerate(requests):
+            assert got[i] == alone(model, prompt, kwargs), (i, requests)
+
+    check()
+    assert paths["run_at"] > 0 and paths["run_window"] > 0  # both steps ran, over the examples
 
 
 def test_a_capture_that_fails_under_auto_falls_back_to_the_uncaptured_step(model, monkeypatch):

@@ -8,12 +8,12 @@ import json
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nanochat.serve import BackgroundServer, Limits, create_app
 from nanochat.store import open_store
-from tests.fixtures import make_base_checkpoint, make_tokenizer
+from tests.fixtures import fuzz, make_base_checkpoint, make_tokenizer
 
 KEY = "sk-fuzz-key"
 LIMITS = Limits(max_messages=6, max_message_chars=400, max_total_chars=1000, max_tokens=8, max_n=2, max_body_bytes=20_000)
@@ -55,7 +55,7 @@ def test_every_operation_answers_without_a_server_error(api_schema, server):
                        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
     seen = set()
 
-    @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @fuzz(80)
     @given(case=cases)
     def run(case):
         seen.add(case.operation.label)
@@ -87,7 +87,7 @@ VALID = st.fixed_dictionaries({"messages": st.lists(st.text(max_size=60), min_si
 def test_junk_bodies_get_4xx_json_errors_never_5xx(server):
     statuses = []
 
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @fuzz(150)
     @given(body=st.one_of(st.binary(max_size=300), JSON.map(lambda v: json.dumps(v).encode()),
                           NEAR_VALID.map(lambda v: json.dumps(v).encode()), VALID.map(lambda v: json.dumps(v).encode()),
                           st.integers(20_001, 60_000).map(lambda n: b'{"messages": "' + b"a" * n + b'"}')))

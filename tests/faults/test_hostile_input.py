@@ -17,7 +17,7 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nanochat import cli
@@ -29,10 +29,9 @@ from nanochat.pipeline import MODULES, module_exists
 from nanochat.store import open_store
 from operators import cli as k8s_cli
 from tests.faults.harness import REPO
+from tests.fixtures import fuzz
 
 STAGES = {m: importlib.import_module(f"nanochat.stages.{m}") for m in MODULES if module_exists(m)}
-def fuzz(n: int):
-    return settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 VALUES = st.one_of(
     st.text(max_size=24),
     st.sampled_from(["", "-1", "0", "1e999", "-1e999", "nan", "inf", "0x10", "0b2", "1_000", "true", "None", "[]", "{}",
