@@ -24,6 +24,10 @@ from urllib.parse import urlparse
 CHUNK = 8 * 1024 * 1024
 RETRIES = int(os.environ.get("NANOCHAT_STORE_RETRIES", "8"))
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+# a local write in progress: tempfile.mkstemp(prefix=".NAME.", suffix=".tmp") beside its object; list() hides these only
+LOCAL_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# what the OS answers for a key that is not a file (a folder, or a path through a file): no such object, as S3 says
+NOT_A_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 class StoreError(RuntimeError):
@@ -150,6 +154,9 @@ class LocalStore(Store):
         except BaseException as e:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError)):  # S3 holds both `a` and `a/b`
+                raise StoreError(f"cannot write {'file://' + str(path)}: a local store cannot hold an object and a "
+                                 f"folder of objects under one name ({e.strerror or e}), as S3 can") from e
             if isinstance(e, OSError):  # disk full, quota, read-only, permissions: one line naming the object
                 cls = AccessDenied if isinstance(e, PermissionError) else StoreError
                 raise cls(f"cannot write {'file://' + str(path)}: {e.strerror or e}") from e
@@ -172,7 +179,7 @@ class LocalStore(Store):
     def get_bytes(self, key, sha256=None) -> bytes:
         try:
             data = self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+        except NOT_A_FILE:
             raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
         except PermissionError:
             raise AccessDenied(f"permission denied reading {self.uri(key)}") from None
@@ -197,23 +204,22 @@ class LocalStore(Store):
     def open(self, key):
         try:
             return open(self._path(key), "rb")
-        except FileNotFoundError:
+        except NOT_A_FILE:
             raise ObjectNotFound(f"no such object: {self.uri(key)}") from None
 
     def exists(self, key) -> bool:
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        start = self._path(prefix) if prefix else self.base
-        if start.is_file():
-            return [prefix]
-        # prefix may be a partial name ("shards/shard_0"), so walk its parent and filter
-        walk_root = start if start.is_dir() else start.parent
-        if not walk_root.exists():
+        """Every key that starts with prefix, as S3 lists: a partial name ("shards/shard_0") or a whole key ("a") takes
+        its siblings that start with it too ("shards/shard_00.parquet", "ab"), so walk the folder up to its last /."""
+        folder = prefix.rpartition("/")[0]
+        walk_root = self._path(folder) if folder else self.base
+        if not walk_root.is_dir():
             return []
         out = []
         for p in walk_root.rglob("*"):
-            if p.is_file() and not p.name.endswith(".tmp"):
+            if p.is_file() and not LOCAL_TEMP.fullmatch(p.name):
                 rel = p.relative_to(self.base).as_posix()
                 if rel.startswith(prefix):
                     out.append(rel)
@@ -221,7 +227,10 @@ class LocalStore(Store):
 
     def delete(self, key):
         path = self._path(key)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink()
+        except NOT_A_FILE:  # no such object: nothing to do, as on S3
+            return
         for folder in path.parents:  # like S3, no empty folders: a pruned checkpoint step leaves nothing behind
             if folder == self.base or self.base not in folder.parents:
                 break

@@ -7,14 +7,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nanochat import store as store_mod
 from nanochat.store import AccessDenied, BucketNotFound, DigestMismatch, ObjectNotFound, StoreError, open_store, sha256_bytes
 from tests.conftest import make_bucket
+from tests.fixtures import fuzz
 from tests.s3util import FaultProxy
 
 
@@ -192,3 +196,59 @@ def test_local_store_rejects_escaping_keys(tmp_path):
     s = open_store(f"file://{tmp_path}/st")
     with pytest.raises(StoreError, match="escapes"):
         s.put_bytes("../outside", b"x")
+
+
+SEGMENTS = ["a", "b", "ab", "a.tmp", "a b", "é"]  # siblings that share a start, a name like our temp files', odd bytes
+KEYS = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3).map("/".join)
+PREFIXES = st.one_of(st.just(""), KEYS, KEYS.map(lambda k: k + "/"), KEYS.map(lambda k: k[:-1]))
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("put"), KEYS, st.binary(max_size=8)),
+    st.tuples(st.sampled_from(["get", "open", "exists", "delete"]), KEYS),
+    st.tuples(st.sampled_from(["list", "delete_prefix"]), PREFIXES)), min_size=1, max_size=25)
+
+
+def apply_to(store, model: dict, op, local: bool):
+    """One operation on a store and on the dict it should behave as (S3's semantics): the results must agree.
+    A local store cannot hold both `a` and `a/b` (a file and a folder): it refuses such a write in one line."""
+    kind, key, *data = op
+    if kind == "put":
+        if local and any(k.startswith(key + "/") or key.startswith(k + "/") for k in model):
+            with pytest.raises(StoreError, match="cannot hold an object and a folder"):
+                store.put_bytes(key, data[0])
+            return
+        assert store.put_bytes(key, data[0]) == sha256_bytes(data[0])
+        model[key] = data[0]
+    elif kind in ("get", "open"):
+        read = store.get_bytes if kind == "get" else lambda k: store.open(k).read()
+        if key in model:
+            assert read(key) == model[key]
+        else:
+            with pytest.raises(ObjectNotFound):
+                read(key)
+    elif kind == "exists":
+        assert store.exists(key) == (key in model)
+    elif kind == "list":
+        assert store.list(key) == sorted(k for k in model if k.startswith(key))
+    elif kind == "delete":
+        store.delete(key)
+        model.pop(key, None)
+    else:
+        store.delete_prefix(key)
+        for k in [k for k in model if k.startswith(key)]:
+            del model[k]
+
+
+def test_file_and_s3_stores_behave_as_one_model(s3_env, tmp_path):
+    """Random sequences of writes, reads, listings and deletes on a local store and on S3 (moto on 127.0.0.1), each
+    checked against a dict: whatever backend a stage writes to, it reads and lists the same keys back."""
+    bucket = make_bucket(s3_env.url)
+
+    @fuzz(60)
+    @given(OPERATIONS)
+    def check(operations):
+        run = uuid.uuid4().hex[:8]
+        stores = [(open_store(f"file://{tmp_path}/{run}"), {}, True), (open_store(f"s3://{bucket}/{run}"), {}, False)]
+        for op in operations:
+            for store, model, local in stores:
+                apply_to(store, model, op, local)
+    check()
