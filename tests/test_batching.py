@@ -6,13 +6,13 @@ import time
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nanochat.batching import Batcher
 from nanochat.engine import Engine
 from tests.fixtures import fuzz
-from tests.test_engine import PROMPT, TOK, one_thread, random_gpt, run, text  # noqa: F401 (one_thread: autouse)
+from tests.test_engine import BOS, PROMPT, TOK, one_thread, random_gpt, run, text  # noqa: F401 (one_thread: autouse)
 from tests.test_static_decode import A_END, OUT_END, PY_END, PY_START, bigram_gpt, fake_graph  # noqa: F401 (fixture)
 
 REQUESTS = [  # prompt, Engine.generate's keyword arguments
@@ -164,24 +164,53 @@ ARRIVALS = st.lists(st.tuples(
     st.integers(0, 2**31 - 1)), min_size=1, max_size=6)  # seed
 
 
-def test_any_arrival_schedule_streams_what_each_request_would_alone(model, monkeypatch):
+TOOL_CHAIN = [PROMPT[-1], *text("x"), PY_START, *text("2+3"), PY_END, OUT_END, *text("!"), A_END]
+
+
+@pytest.mark.parametrize("weights,decode", [("random", "static"), ("tool calls", "static"), ("tool calls", "graph")])
+def test_any_arrival_schedule_streams_what_each_request_would_alone(weights, decode, model, monkeypatch, request):
     """Random requests queued at random scheduler iterations, rows freed and reused, rows at one position (the
-    host-position step) or at several (the masked step): each request streams exactly what Engine.generate gives it
-    alone, and the batch ends with every row free."""
+    host-position step) or at several (the masked step), on the CPU's uncaptured step or a graphed one that runs a step
+    ahead (fake_graph), with random weights or ones that call the calculator (forced tokens take the step ahead back):
+    each request streams exactly what Engine.generate gives it alone, from the same logits at every step (the tool-call
+    weights follow their chain whatever the cache holds: only the logits show a cache gone wrong), and the batch ends
+    with every row free."""
+    import nanochat.engine as engine_mod
     from nanochat.engine import StaticDecoder
+    if decode == "graph":
+        request.getfixturevalue("fake_graph")
+    if weights == "tool calls":
+        model = bigram_gpt(TOOL_CHAIN)
     paths = {"run_at": 0, "run_window": 0}
     for name in paths:
         def counted(self, *args, _name=name, _method=getattr(StaticDecoder, name)):
             paths[_name] += 1
             return _method(self, *args)
         monkeypatch.setattr(StaticDecoder, name, counted)
+    batched_logits, sample = {}, Batcher._sample  # request -> the logits each of its steps sampled from
 
-    @fuzz(40)
+    def recording_sample(self):
+        for r in self.active:
+            batched_logits.setdefault(r, []).append((r.logits if r.logits is not None else self.out[r.index]).clone())
+        sample(self)
+    monkeypatch.setattr(Batcher, "_sample", recording_sample)
+    alone_logits, sample_next = [], engine_mod.sample_next_token
+
+    def recording_sample_next(logits, *args, **kwargs):
+        alone_logits.append(logits.clone())
+        return sample_next(logits, *args, **kwargs)
+    monkeypatch.setattr(engine_mod, "sample_next_token", recording_sample_next)
+
+    @fuzz(30)
     @given(rows=st.integers(1, 4), arrivals=ARRIVALS)
+    @example(rows=2, arrivals=[(0, "", 2, 12, dict(temperature=0.0), 0)])  # two rows at one position
+    @example(rows=3, arrivals=[(0, "", 1, 12, dict(temperature=0.0), 0), (0, "ab", 1, 12, dict(temperature=1.0, top_k=20), 1),
+                               (4, "x", 1, 8, dict(temperature=0.8), 2)])  # rows at several positions, one joining
     def check(rows, arrivals):
-        requests = [(when, PROMPT + text(extra), dict(num_samples=min(n, rows), max_tokens=m, seed=seed, **sampling))
+        requests = [(when, PROMPT[:-1] + text(extra) + PROMPT[-1:],  # a user turn, then the assistant's
+                     dict(num_samples=min(n, rows), max_tokens=m, seed=seed, **sampling))
                     for when, extra, n, m, sampling, seed in arrivals]
-        batcher = Batcher(Engine(model, TOK), rows=rows)
+        batcher = Batcher(Engine(model, TOK, decode=decode), rows=rows)
         streams, later = {}, {i: r for i, r in enumerate(requests)}
         iteration, take = itertools.count(), batcher._take_arrivals
 
@@ -206,10 +235,24 @@ def test_any_arrival_schedule_streams_what_each_request_would_alone(model, monke
         finally:
             batcher.close()
         for i, (_, prompt, kwargs) in enumerate(requests):
-            assert got[i] == alone(model, prompt, kwargs), (i, requests)
+            alone_logits.clear()
+            assert got[i] == alone(model, prompt, kwargs, decode="eager" if decode == "graph" else "static"), (i, requests)
+            steps, columns = batched_logits.pop(streams[i].request), got[i][0]
+            assert len(steps) == len(alone_logits) == len(columns)
+            live = torch.ones(kwargs["num_samples"], dtype=torch.bool)  # a finished row's logits are nobody's
+            for step, (b, a) in enumerate(zip(steps, alone_logits)):
+                torch.testing.assert_close(b[live], a.expand_as(b)[live], rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"request {i} step {step} of {rows} rows, {requests}: {m}")
+                live &= ~torch.tensor([t in (A_END, BOS) for t in columns[step]])
+        if weights == "tool calls":
+            tool_outputs[0] += sum(OUT_END in column for columns, _ in got.values() for column in columns)
 
+    tool_outputs = [0]
     check()
-    assert paths["run_at"] > 0 and paths["run_window"] > 0  # both steps ran, over the examples
+    if decode == "static":
+        assert paths["run_at"] > 0 and paths["run_window"] > 0  # both uncaptured steps ran, over the examples
+    if weights == "tool calls":
+        assert tool_outputs[0] > 0  # the calculator's forced output was streamed
 
 
 def test_a_capture_that_fails_under_auto_falls_back_to_the_uncaptured_step(model, monkeypatch):
