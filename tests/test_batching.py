@@ -156,7 +156,7 @@ def test_an_eager_step_computes_only_the_rows_and_slots_in_use(model, monkeypatc
 
 ARRIVALS = st.lists(st.tuples(
     st.integers(0, 12),  # the scheduler iteration it is queued at: some join a running batch, some a later busy period
-    st.text(alphabet="ab xyz.", max_size=30),  # prompt text after PROMPT's tokens
+    st.text(alphabet="ab xyz.", max_size=30),  # prompt text, before the assistant's turn starts
     st.integers(1, 3),  # num_samples
     st.integers(1, 24),  # max_tokens
     st.sampled_from([dict(temperature=0.0), dict(temperature=0.8), dict(temperature=1.0, top_k=20),
@@ -207,7 +207,7 @@ def test_any_arrival_schedule_streams_what_each_request_would_alone(weights, dec
     @example(rows=3, arrivals=[(0, "", 1, 12, dict(temperature=0.0), 0), (0, "ab", 1, 12, dict(temperature=1.0, top_k=20), 1),
                                (4, "x", 1, 8, dict(temperature=0.8), 2)])  # rows at several positions, one joining
     def check(rows, arrivals):
-        requests = [(when, PROMPT[:-1] + text(extra) + PROMPT[-1:],  # a user turn, then the assistant's
+        requests = [(when, PROMPT[:-1] + text(extra) + PROMPT[-1:],  # the tool-call weights take over from <|assistant_start|>
                      dict(num_samples=min(n, rows), max_tokens=m, seed=seed, **sampling))
                     for when, extra, n, m, sampling, seed in arrivals]
         batcher = Batcher(Engine(model, TOK, decode=decode), rows=rows)
