@@ -1,6 +1,7 @@
 """nanochat.store against file:// and a real S3 server on 127.0.0.1 (moto), through boto3 and pyarrow."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -207,6 +208,11 @@ OPERATIONS = st.lists(st.one_of(
     st.tuples(st.sampled_from(["list", "delete_prefix"]), PREFIXES)), min_size=1, max_size=25)
 
 
+def read_opened(store, key: str) -> bytes:
+    with store.open(key) as f:
+        return f.read()
+
+
 def apply_to(store, model: dict, op, local: bool):
     """One operation on a store and on the dict it should behave as (S3's semantics): the results must agree.
     A local store cannot hold both `a` and `a/b` (a file and a folder): it refuses such a write in one line."""
@@ -219,7 +225,7 @@ def apply_to(store, model: dict, op, local: bool):
         assert store.put_bytes(key, data[0]) == sha256_bytes(data[0])
         model[key] = data[0]
     elif kind in ("get", "open"):
-        read = store.get_bytes if kind == "get" else lambda k: store.open(k).read()
+        read = store.get_bytes if kind == "get" else functools.partial(read_opened, store)
         if key in model:
             assert read(key) == model[key]
         else:
