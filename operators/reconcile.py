@@ -14,7 +14,9 @@ restarted operator picks up exactly where the last one stopped:
   past its timeout is deleted and counted as failed (the training operator restarts only the dead
   pod, which leaves the NCCL peers hanging, so the whole job is recreated);
 - failures are counted per job template: a spec change that alters what a step runs replaces its
-  running job and resets its failure count;
+  running job and resets its failure count (changed back, the Failed jobs of the old template still
+  listed count again, and their backoff holds); a Succeeded job without its done.json is a failure
+  only while it is the step's newest job (an older one's marker may since have been overwritten);
 - GPU steps run one at a time, in pipeline order (one node pool; no job waits Pending for GPUs
   another stage holds); CPU steps run as soon as their dependencies are done.
 """
@@ -259,12 +261,15 @@ def _reconcile_step(run, spec, step, jobs, prev, obs, now, overrides, states, gp
     failed_attempts = set(prev.get("failedAttempts") or []) if same_template else set()
     attempts = max([job_attempt(j) for j in jobs] + [prev.get("attempts", 0)])
     last_failure = parse_time(prev.get("lastFailureTime")) if same_template else None
+    latest = jobs[-1] if jobs else None
     for j in jobs:  # failed jobs of this template count, even if the status never recorded them
-        if _template(j) == template and (job_state(j) == "Failed" or (job_state(j) == "Succeeded" and not done_ok(step, obs))):
+        # a Succeeded job whose marker is missing failed only if it is the newest: an older one's marker may since
+        # have been replaced by a later attempt's (a spec changed and changed back)
+        silent = job_state(j) == "Succeeded" and j is latest and not done_ok(step, obs)
+        if _template(j) == template and (job_state(j) == "Failed" or silent):
             if job_attempt(j) not in failed_attempts:
                 failed_attempts.add(job_attempt(j))
                 last_failure = max(last_failure or 0, since(j, job_state(j)) or now)
-    latest = jobs[-1] if jobs else None
     row = {"name": step.name, "attempts": attempts, "templateHash": template}
     if latest is not None:
         row["jobName"] = latest["metadata"]["name"]
@@ -315,17 +320,17 @@ def _reconcile_step(run, spec, step, jobs, prev, obs, now, overrides, states, gp
                               + (f": {why}" if why else "")))
         return _finish_row(row, failed_attempts, last_failure), acts
 
-    # 4. waiting out the backoff after a failure
+    # 4. waiting out the backoff after the last failure of this template (also when a job of another template
+    # came in between: a spec changed and changed back)
     latest_failed = attempts in failed_attempts
-    if latest_failed:
-        retry_at = (last_failure or now) + backoff(spec, len(failed_attempts))
-        if prev_state not in ("Retrying",):
-            why = condition_message(latest, "Failed") if latest is not None else ""
-            acts.append(Event("Warning", "StageRetrying", f"{step.name}: attempt {attempts} failed{': ' + why if why else ''}; "
-                              f"retry {len(failed_attempts)}/{limit} at {rfc3339(retry_at)}"))
-        if now < retry_at:
-            row.update(state="Retrying", nextRetryTime=rfc3339(retry_at), startTime=prev.get("startTime"))
-            return _finish_row(row, failed_attempts, last_failure), acts
+    retry_at = (last_failure or now) + backoff(spec, len(failed_attempts)) if failed_attempts else now
+    if latest_failed and prev_state != "Retrying":
+        why = condition_message(latest, "Failed") if latest is not None else ""
+        acts.append(Event("Warning", "StageRetrying", f"{step.name}: attempt {attempts} failed{': ' + why if why else ''}; "
+                          f"retry {len(failed_attempts)}/{limit} at {rfc3339(retry_at)}"))
+    if now < retry_at:
+        row.update(state="Retrying", nextRetryTime=rfc3339(retry_at), startTime=prev.get("startTime"))
+        return _finish_row(row, failed_attempts, last_failure), acts
 
     # 5. start the next attempt when the dependencies are done and it is this step's turn
     blocked = [d for d in step.depends_on if states.get(d) != "Succeeded"]

@@ -282,6 +282,26 @@ def test_spec_change_that_alters_the_job_replaces_it_and_resets_failures():
     assert any(isinstance(e, rc.Event) and e.reason == "SpecChanged" for e in actions)
 
 
+def test_a_spec_changed_and_changed_back_reruns_the_step_without_counting_a_failure():
+    spec = copy.deepcopy(SPEC)
+    spec["retries"]["limit"] = 0  # one failure would fail the run
+    run = make_run(spec)
+    actions, after = step_once(run, rc.Observed(), T0)
+    a1 = observed_job(first_create(actions), cond("Created"), cond("Succeeded", t=T0 + 30))
+    actions, after = step_once(after, rc.Observed(jobs=[a1], done={"a": marker("a", chash="h0")}, hashes={"a": "h0"}), T0 + 40)
+    changed = copy.deepcopy(after)
+    changed["spec"]["overrides"], changed["metadata"]["generation"] = ["value=7"], 2
+    actions, after = step_once(changed, rc.Observed(jobs=[a1], done={"a": marker("a", chash="h0")}, hashes={"a": "h7"}), T0 + 50)
+    a2 = observed_job(first_create(actions, "a"), cond("Created"), cond("Succeeded", t=T0 + 80))
+    # a2 wrote its marker over a1's; the spec goes back: a must run again, and a1's success is no failure
+    back = copy.deepcopy(after)
+    back["spec"]["overrides"], back["metadata"]["generation"] = [], 3
+    actions, _ = step_once(back, rc.Observed(jobs=[a1, a2], done={"a": marker("a", chash="h7")}, hashes={"a": "h0"}), T0 + 90)
+    assert [c.name for c in actions if isinstance(c, rc.CreateJob)] == ["r1-a-a3"]
+    st = status_of(actions)
+    assert st["phase"] == "Running" and row(st, "a")["failures"] == 0
+
+
 def test_spec_change_that_does_not_alter_the_job_keeps_it_running():
     run = make_run()
     actions, after = step_once(run, rc.Observed(), T0)
