@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 from nanochat import dataset
 from nanochat.dataloader import DataLoader, val_batches
 from nanochat.dataset import ShardWriter
 from nanochat.store import ObjectNotFound, open_store
 from tests.dist_loader_check import BOS, DOC_ID_BASE, IntTokenizer, write_int_corpus
+from tests.fixtures import fuzz
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -223,6 +225,42 @@ def test_resume_equals_uninterrupted(tmp_path, k):
     for (x, y), (rx, ry) in zip(resumed, reference[k:]):
         assert torch.equal(x, rx) and torch.equal(y, ry)
     assert make(state).epoch == state["epoch"]
+
+
+@fuzz(30)
+@given(n_docs=st.integers(12, 90), max_len=st.integers(1, 50), shards=st.integers(2, 5), row_group_rows=st.integers(1, 9),
+       B=st.integers(1, 4), T=st.integers(1, 40), buffer_docs=st.integers(1, 40), prefetch=st.integers(1, 4),
+       world=st.integers(1, 3), data=st.data(), epochs=st.sampled_from([None, 1, 2]),
+       cuts=st.lists(st.integers(0, 15), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_any_chain_of_resumes_equals_uninterrupted(n_docs, max_len, shards, row_group_rows, B, T, buffer_docs, prefetch, world,
+                                                   data, epochs, cuts, seed):
+    """Stop after any number of batches, save the state as a checkpoint does, resume, stop again...: the batches are
+    exactly those of one uninterrupted loader, for any corpus shape, batch shape, buffer, rank and epoch count."""
+    import tempfile
+    rank = data.draw(st.integers(0, world - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"file://{tmp}/s")
+        write_int_corpus(store, n_docs, max_len=max_len, docs_per_shard=-(-n_docs // shards), row_group_rows=row_group_rows,
+                         seed=seed)
+
+        def make(state=None):
+            return DataLoader(store, IntTokenizer(), "train", B, T, rank=rank, world_size=world, buffer_docs=buffer_docs,
+                              prefetch=prefetch, epochs=epochs, state=state)
+        total = sum(cuts) + 10
+        reference = make()
+        expected = batches(reference, total)
+        reference.close()
+        got, state = [], None
+        for n in cuts + [total - sum(cuts)]:
+            loader = make(state)
+            got += batches(loader, n)
+            buf = io.BytesIO()
+            torch.save(loader.state_dict(), buf)  # as in a checkpoint
+            state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+            loader.close()
+        assert len(got) == len(expected)
+        for i, ((x, y), (rx, ry)) in enumerate(zip(got, expected)):
+            assert torch.equal(x, rx) and torch.equal(y, ry), f"batch {i} differs (resumed after {cuts})"
 
 
 def test_resume_with_the_real_tokenizer_and_a_finished_epoch(tmp_path, bpe):
