@@ -1,6 +1,8 @@
 """Checkpoints in the store: atomic visibility, digest verification, fallback, retention, 2 ranks."""
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import subprocess
@@ -8,9 +10,11 @@ import sys
 
 import pytest
 import torch
+from hypothesis import example, given, strategies as st
 
 from nanochat.checkpoint import CheckpointManager, load_model_state, rng_state, set_rng_state
 from nanochat.store import ObjectNotFound, StoreError, open_store
+from tests.fixtures import fuzz
 
 
 def small_state(seed):
@@ -149,3 +153,107 @@ def test_resuming_with_another_number_of_processes_is_refused_not_restarted(tmp_
         mgr.load()
     assert mgr.steps() == [10, 20]
     assert mgr.load(load_rank_state=False)[0] == 20  # the weights alone (a later stage's input) load whoever wrote them
+
+
+# ----------------------------------------------------------------------------- model test
+
+STEPS = st.integers(1, 6)
+DAMAGE = ["truncate model.pt", "bump a byte of optim_rank0.pt", "delete model.pt", "garble meta.json", "delete meta.json"]
+SAVE = st.tuples(st.just("save"), STEPS, st.integers(0, 99), st.sampled_from(["h1", "h2"]))
+CKPT_OPS = st.lists(st.one_of(
+    SAVE, SAVE, SAVE,
+    st.tuples(st.just("torn"), STEPS),
+    st.tuples(st.just("damage"), st.integers(0, 5), st.sampled_from(DAMAGE)),
+    st.tuples(st.just("load"), st.one_of(st.none(), STEPS)),
+    st.tuples(st.just("load"), st.none()),
+    st.tuples(st.just("delete_other_configs"), st.sampled_from(["h1", "h2"])),
+), min_size=4, max_size=24)
+
+
+def apply_ckpt(mgr, model: dict, keep: int, op):
+    """One operation on a CheckpointManager and on the dict it should behave as: step → {meta: ok|garbled|None,
+    files_ok, payload, config}. A checkpoint exists while its meta.json does; it loads while that parses and every
+    file matches its digest; a save keeps the newest `keep` checkpoints up to its step and removes older torn ones."""
+    store, prefix = mgr.store, mgr.prefix
+    kind, *args = op
+    if kind == "save":
+        step, payload, config = args
+        mgr.save(step, {"w": torch.full((2,), float(payload))}, {"payload": payload}, {"config_hash": config})
+        model[step] = {"meta": "ok", "files_ok": True, "payload": payload, "config": config}
+        complete = sorted(s for s, c in model.items() if c["meta"] and s <= step)
+        for s in complete[:-keep] if keep > 0 else []:
+            del model[s]
+        for s in [s for s, c in model.items() if s < step and not c["meta"]]:
+            del model[s]
+    elif kind == "torn":  # a save that died before its meta.json: a whole new model.pt, over whatever was there
+        (step,) = args
+        buf = io.BytesIO()
+        torch.save({"w": torch.full((2,), -1.0)}, buf)
+        store.put_bytes(f"{mgr.step_prefix(step)}/model.pt", buf.getvalue())
+        model.setdefault(step, {"meta": None, "payload": None, "config": None})["files_ok"] = False
+    elif kind == "damage" and model:
+        index, how = args
+        step = sorted(model)[index % len(model)]
+        what, name = how.rsplit(" ", 1)
+        key = f"{mgr.step_prefix(step)}/{name}"
+        if name == "meta.json" and not model[step]["meta"]:
+            return
+        if what == "delete":
+            store.delete(key)
+        elif not store.exists(key):
+            return
+        elif what == "garble":
+            store.put_bytes(key, b"{not json")
+        else:
+            data = store.get_bytes(key)
+            mid = len(data) // 2
+            store.put_bytes(key, data[:mid] if what == "truncate" else data[:mid] + bytes([(data[mid] + 1) % 256]) + data[mid + 1:])
+        if name == "meta.json":
+            model[step]["meta"] = None if what == "delete" else "garbled"
+        else:
+            model[step]["files_ok"] = False
+    elif kind == "load":
+        (step,) = args
+        complete = sorted((s for s, c in model.items() if c["meta"]), reverse=True)
+        candidates = complete if step is None else [step] if step in complete else []
+        usable = [s for s in candidates if model[s]["meta"] == "ok" and model[s]["files_ok"]]
+        got = mgr.load(step)
+        if not usable or (step is not None and usable[0] != step):
+            assert got is None
+        else:
+            s, model_state, rank_state, meta = got
+            assert (s, rank_state["payload"], meta["config_hash"]) == (usable[0], model[s]["payload"], model[s]["config"])
+            assert torch.equal(model_state["w"], torch.full((2,), float(model[s]["payload"])))
+    elif kind == "delete_other_configs":
+        (config,) = args
+        stale = sorted((s, c["config"]) for s, c in model.items() if c["meta"] == "ok" and c["config"] != config)
+        assert sorted(mgr.delete_other_configs(config)) == stale
+        for s, _ in stale:
+            del model[s]
+    assert mgr.steps() == sorted(s for s, c in model.items() if c["meta"])
+    assert mgr.latest() == max((s for s, c in model.items() if c["meta"]), default=None)
+    if kind in ("save", "delete_other_configs"):  # what they remove, they remove whole (no orphan files)
+        on_disk = {int(k[len(prefix) + 1:].split("/")[0]) for k in store.list(prefix + "/")}
+        assert on_disk <= set(model), f"{sorted(on_disk - set(model))} left behind"
+
+
+def test_checkpoints_behave_as_one_model(tmp_path, s3_env):
+    """Random saves, torn saves, damaged files, loads and config purges on a local store and on S3 (moto on 127.0.0.1),
+    each checked against a dict: load() always returns the newest intact checkpoint, retention keeps what it says."""
+    import uuid
+
+    from tests.conftest import make_bucket
+    bucket = make_bucket(s3_env.url)
+    logging.getLogger("nanochat.checkpoint").setLevel(logging.ERROR)  # every damaged load warns
+
+    @fuzz(40)
+    @given(st.integers(0, 3), CKPT_OPS)
+    @example(0, [("save", 1, 7, "h1"), ("save", 2, 8, "h1"), ("damage", 1, "truncate model.pt"), ("load", None)])
+    @example(0, [("save", 1, 7, "h1"), ("save", 2, 8, "h1"), ("torn", 2), ("load", None)])  # well-formed, wrong digest
+    def check(keep, ops):
+        run = uuid.uuid4().hex[:8]
+        for uri in (f"file://{tmp_path}/{run}", f"s3://{bucket}/{run}"):
+            mgr, model = CheckpointManager(open_store(uri), "base_train", keep=keep), {}
+            for op in ops:
+                apply_ckpt(mgr, model, keep, op)
+    check()
