@@ -15,10 +15,11 @@ restarted operator picks up exactly where the last one stopped:
   pod, which leaves the NCCL peers hanging, so the whole job is recreated);
 - failures are counted per job template: a spec change that alters what a step runs replaces its
   running job and resets its failure count (changed back, the Failed jobs of the old template still
-  listed count again, and their backoff holds); a Succeeded job without its done.json is a failure
-  only while it is the step's newest job (an older one's marker may since have been overwritten);
+  listed count again, and their backoff holds); a Succeeded job without its done.json is a failure,
+  unless the store's done.json was written after it ended (a later run's, over the job's own);
 - GPU steps run one at a time, in pipeline order (one node pool; no job waits Pending for GPUs
-  another stage holds); CPU steps run as soon as their dependencies are done.
+  another stage holds; of the steps waiting out a backoff, the first holds the turn); CPU steps
+  run as soon as their dependencies are done.
 """
 from __future__ import annotations
 
@@ -187,20 +188,26 @@ def reconcile(run: dict, steps: list[Step], obs: Observed, now: float) -> list:
     prev_rows = {r["name"]: r for r in status.get("stages") or []}
     jobs_by_step = _jobs_by_step(obs.jobs)
 
-    # GPU steps take turns: a step holding the turn (active job or waiting to retry) blocks the others
-    gpu_holders = {s.name for s in steps if _uses_gpu(spec, s) and (
-        any(job_state(j) in ACTIVE for j in jobs_by_step.get(s.name, [])) or prev_rows.get(s.name, {}).get("state") == "Retrying")
-        and not done_ok(s, obs)}
-    states: dict[str, str] = {}
-    rows = []
-    halted = False
-    for step in steps:
-        row, acts = _reconcile_step(run, spec, step, jobs_by_step.get(step.name, []), prev_rows.get(step.name, {}),
-                                    obs, now, overrides, states, gpu_holders, halted)
-        states[step.name] = row["state"]
-        halted = halted or row["state"] == "Failed"
-        rows.append(row)
-        actions += acts
+    # GPU steps take turns: a step with an active job holds the turn, and so does the first (in pipeline order) that
+    # waits to retry; one only (two steps that failed together would otherwise wait for each other forever)
+    gpu_steps = [s for s in steps if _uses_gpu(spec, s) and not done_ok(s, obs)]
+    gpu_holders = {s.name for s in gpu_steps if any(job_state(j) in ACTIVE for j in jobs_by_step.get(s.name, []))}
+    gpu_holders |= set([s.name for s in gpu_steps if prev_rows.get(s.name, {}).get("state") == "Retrying"][:1])
+
+    def plan_steps_once(halted: bool) -> tuple[list[dict], list]:
+        states, holders, rows, acts = {}, set(gpu_holders), [], []
+        for step in steps:
+            row, step_acts = _reconcile_step(run, spec, step, jobs_by_step.get(step.name, []), prev_rows.get(step.name, {}),
+                                             obs, now, overrides, states, holders, halted)
+            states[step.name] = row["state"]
+            halted = halted or row["state"] == "Failed"
+            rows.append(row)
+            acts += step_acts
+        return rows, acts
+    rows, step_actions = plan_steps_once(halted=False)
+    if any(r["state"] == "Failed" for r in rows):  # a step out of retries halts the run: no new job anywhere
+        rows, step_actions = plan_steps_once(halted=True)
+    actions += step_actions
 
     if not obs.report_header and not obs.done and any(isinstance(a, CreateJob) for a in actions):
         gpus = max((stage_resources(spec, s)["nodes"] * stage_resources(spec, s)["gpusPerNode"] for s in steps), default=0)
@@ -263,10 +270,7 @@ def _reconcile_step(run, spec, step, jobs, prev, obs, now, overrides, states, gp
     last_failure = parse_time(prev.get("lastFailureTime")) if same_template else None
     latest = jobs[-1] if jobs else None
     for j in jobs:  # failed jobs of this template count, even if the status never recorded them
-        # a Succeeded job whose marker is missing failed only if it is the newest: an older one's marker may since
-        # have been replaced by a later attempt's (a spec changed and changed back)
-        silent = job_state(j) == "Succeeded" and j is latest and not done_ok(step, obs)
-        if _template(j) == template and (job_state(j) == "Failed" or silent):
+        if _template(j) == template and (job_state(j) == "Failed" or _succeeded_without_marker(j, step, obs)):
             if job_attempt(j) not in failed_attempts:
                 failed_attempts.add(job_attempt(j))
                 last_failure = max(last_failure or 0, since(j, job_state(j)) or now)
@@ -350,6 +354,16 @@ def _reconcile_step(run, spec, step, jobs, prev, obs, now, overrides, states, gp
         gpu_holders.add(step.name)
     row.update(state="Pending", attempts=attempt, jobName=job["metadata"]["name"], startTime=None)
     return _finish_row(row, failed_attempts, last_failure), acts
+
+
+def _succeeded_without_marker(job: dict, step: Step, obs: Observed) -> bool:
+    """A Succeeded job whose step has no done.json for this config exited 0 without finishing: a failure. Unless the
+    store's marker was written when or after the job ended: a later run (a spec changed and changed back) replaced
+    the job's own marker."""
+    if job_state(job) != "Succeeded" or done_ok(step, obs):
+        return False
+    ended, marker = since(job, "Succeeded"), obs.done.get(step.name) or {}
+    return not (ended is not None and isinstance(marker.get("ended"), (int, float)) and marker["ended"] >= ended)
 
 
 def _finish_row(row: dict, failed_attempts: set, last_failure: float | None) -> dict:

@@ -8,7 +8,7 @@ import pytest
 from nanochat.pipeline import Step
 from operators import children, crd, reconcile as rc, validate
 from operators.children import rfc3339
-from operators.pytorchjob import ANN_TEMPLATE_HASH, new_run, plan_steps
+from operators.pytorchjob import ANN_TEMPLATE_HASH, new_run, plan_steps, render_stage_job
 
 ECHO = "tests.fake_stages.echo"
 T0 = 1_800_000_000.0
@@ -296,7 +296,8 @@ def test_a_spec_changed_and_changed_back_reruns_the_step_without_counting_a_fail
     # a2 wrote its marker over a1's; the spec goes back: a must run again, and a1's success is no failure
     back = copy.deepcopy(after)
     back["spec"]["overrides"], back["metadata"]["generation"] = [], 3
-    actions, _ = step_once(back, rc.Observed(jobs=[a1, a2], done={"a": marker("a", chash="h7")}, hashes={"a": "h0"}), T0 + 90)
+    obs = rc.Observed(jobs=[a1, a2], done={"a": marker("a", chash="h7", ended=T0 + 78)}, hashes={"a": "h0"})
+    actions, _ = step_once(back, obs, T0 + 90)
     assert [c.name for c in actions if isinstance(c, rc.CreateJob)] == ["r1-a-a3"]
     st = status_of(actions)
     assert st["phase"] == "Running" and row(st, "a")["failures"] == 0
@@ -399,6 +400,26 @@ def test_gpu_steps_take_turns_cpu_steps_do_not():
     job = creates[0].job
     c = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" and job["spec"]["nprocPerNode"] == "8"
+
+
+def test_two_gpu_steps_waiting_to_retry_do_not_wait_for_each_other():
+    spec = {**SPEC, "profile": "d20"}
+    run = make_run(spec)
+    done = {"prep": marker("prep"), "train": marker("train")}
+    actions, after = step_once(run, rc.Observed(done=done), T0, GPU_CANDIDATES)
+    eval1 = first_create(actions, "eval1")
+    # both evals failed at once (their jobs overlapped: say a resources edit made them GPU steps mid-run)
+    eval2 = rc.CreateJob("eval2", 1, render_stage_job(after, GPU_CANDIDATES[3], 1, {}))
+    failed = [observed_job(c, cond("Created"), cond("Failed", t=T0 + 10)) for c in (eval1, eval2)]
+    actions, after = step_once(after, rc.Observed(jobs=failed, done=done), T0 + 20, GPU_CANDIDATES)
+    assert [row(after["status"], n)["state"] for n in ("eval1", "eval2")] == ["Retrying", "Retrying"]
+    # past the backoff the first in pipeline order takes the turn; the other waits for it, not forever
+    actions, after = step_once(after, rc.Observed(jobs=failed, done=done), T0 + 100, GPU_CANDIDATES)
+    assert [c.name for c in actions if isinstance(c, rc.CreateJob)] == ["r1-eval1-a2"]
+    retry = observed_job(first_create(actions), cond("Created"), cond("Succeeded", t=T0 + 200))
+    done = {**done, "eval1": marker("eval1")}
+    actions, _ = step_once(after, rc.Observed(jobs=[*failed, retry], done=done), T0 + 210, GPU_CANDIDATES)
+    assert [c.name for c in actions if isinstance(c, rc.CreateJob)] == ["r1-eval2-a2"]
 
 
 def test_template_hash_annotation_is_what_reconcile_compares():
