@@ -268,12 +268,12 @@ def _reconcile_step(run, spec, step, jobs, prev, obs, now, overrides, states, gp
     failed_attempts = set(prev.get("failedAttempts") or []) if same_template else set()
     attempts = max([job_attempt(j) for j in jobs] + [prev.get("attempts", 0)])
     last_failure = parse_time(prev.get("lastFailureTime")) if same_template else None
-    latest = jobs[-1] if jobs else None
     for j in jobs:  # failed jobs of this template count, even if the status never recorded them
         if _template(j) == template and (job_state(j) == "Failed" or _succeeded_without_marker(j, step, obs)):
             if job_attempt(j) not in failed_attempts:
                 failed_attempts.add(job_attempt(j))
                 last_failure = max(last_failure or 0, since(j, job_state(j)) or now)
+    latest = jobs[-1] if jobs else None
     row = {"name": step.name, "attempts": attempts, "templateHash": template}
     if latest is not None:
         row["jobName"] = latest["metadata"]["name"]
