@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hypothesis import example, given, strategies as st
 
 from nanochat.checkpoint import CheckpointManager, load_model_state, rng_state, set_rng_state
 from nanochat.store import ObjectNotFound, StoreError, open_store
+from tests.conftest import make_bucket
 from tests.fixtures import fuzz
 
 
@@ -237,14 +239,11 @@ def apply_ckpt(mgr, model: dict, keep: int, op):
         assert on_disk <= set(model), f"{sorted(on_disk - set(model))} left behind"
 
 
-def test_checkpoints_behave_as_one_model(tmp_path, s3_env):
+def test_checkpoints_behave_as_one_model(tmp_path, s3_env, caplog):
     """Random saves, torn saves, damaged files, loads and config purges on a local store and on S3 (moto on 127.0.0.1),
     each checked against a dict: load() always returns the newest intact checkpoint, retention keeps what it says."""
-    import uuid
-
-    from tests.conftest import make_bucket
     bucket = make_bucket(s3_env.url)
-    logging.getLogger("nanochat.checkpoint").setLevel(logging.ERROR)  # every damaged load warns
+    caplog.set_level(logging.ERROR, logger="nanochat.checkpoint")  # every damaged load warns; restored after the test
 
     @fuzz(40)
     @given(st.integers(0, 3), CKPT_OPS)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -236,7 +237,6 @@ def test_any_chain_of_resumes_equals_uninterrupted(n_docs, max_len, shards, row_
                                                    data, epochs, cuts, seed):
     """Stop after any number of batches, save the state as a checkpoint does, resume, stop again...: the batches are
     exactly those of one uninterrupted loader, for any corpus shape, batch shape, buffer, rank and epoch count."""
-    import tempfile
     rank = data.draw(st.integers(0, world - 1))
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(f"file://{tmp}/s")

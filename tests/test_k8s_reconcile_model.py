@@ -10,7 +10,7 @@ from collections import Counter
 from hypothesis import example, given, strategies as st
 
 from operators import reconcile as rc
-from operators.children import ANN_CHECKPOINT, rfc3339
+from operators.children import ANN_CHECKPOINT, ANN_REPORT_DIGEST, rfc3339
 from operators.pytorchjob import ANN_TEMPLATE_HASH, LABEL_STAGE, plan_steps
 from tests.fixtures import fuzz
 from tests.test_k8s_reconcile import CANDIDATES, GPU_CANDIDATES, SPEC, T0, make_run, step_once
@@ -70,7 +70,7 @@ class Cluster:
         steps = self.steps()
         report = None
         if self.report_digest:
-            report = {"metadata": {"annotations": {"nanochat.dev/report-digest": self.report_digest}}}
+            report = {"metadata": {"annotations": {ANN_REPORT_DIGEST: self.report_digest}}}
         obs = rc.Observed(jobs=[copy.deepcopy(self.jobs[n]) for n in sorted(self.jobs)], done=dict(self.markers),
                           hashes={s.name: self.expected_hash(s.name) for s in steps}, report=report)
         if self.run["spec"].get("serving", {}).get("enabled") and all(self.done(s.name) for s in steps):
