@@ -56,8 +56,8 @@ test: setup apt-test
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # the fuzz tests (CLI flags, configs, the API, the calculator, the tokenizer, batching schedules, the stores, operator
-# histories, dataloader resumes, checkpoints) with FUZZ_SCALE times their examples, each run random: a longer hunt
-# than make test's; a failure prints the falsifying example
+# and runner histories, dataloader resumes, checkpoints) with FUZZ_SCALE times their examples, each run random: a
+# longer hunt than make test's; a failure prints the falsifying example
 FUZZ_SCALE ?= 20
 fuzz: setup
 	FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope \
@@ -65,7 +65,8 @@ fuzz: setup
 	  tests/test_batching.py::test_any_arrival_schedule_streams_what_each_request_would_alone \
 	  tests/test_store.py::test_file_and_s3_stores_behave_as_one_model \
 	  tests/test_dataloader.py::test_any_chain_of_resumes_equals_uninterrupted \
-	  tests/test_checkpoint.py::test_checkpoints_behave_as_one_model
+	  tests/test_checkpoint.py::test_checkpoints_behave_as_one_model \
+	  tests/test_runner_model.py
 
 # after a dependency change, with a green `make test`: pin what .venv holds (torch stays pinned above; our own packages out)
 lock: $(VENV)/.installed

@@ -1,9 +1,11 @@
 """Backend-agnostic pipeline state machine and the local executor.
 
-Each step goes pending → running → succeeded | failed, with retries and exponential backoff.
-State lives in the store (runner/state.json), so a runner that is killed and restarted adopts a
-still-running stage process instead of starting a duplicate, and never redoes finished stages.
-"Finished" is decided by the stage's own done.json marker and config hash, not by runner memory.
+Each step goes pending → running → succeeded | failed, with retries (each invocation gets all of them) and
+exponential backoff. State lives in the store (runner/state.json), so a runner that is killed and restarted adopts a
+still-running stage process instead of starting a duplicate (before its dependents start, even when an earlier
+done.json says the step is current: the process will rewrite its outputs), and never redoes finished stages.
+"Finished" is decided by the stage's own done.json marker and config hash, not by runner memory; an adopted process,
+whose exit code is unknown, succeeded only if it wrote done.json after its attempt started.
 """
 from __future__ import annotations
 
@@ -274,10 +276,19 @@ class Runner:
         done = self.store.get_json_or(f"stages/{name}/done.json")
         return bool(done) and done.get("config_hash") == h
 
+    def done_since(self, name: str, started: float) -> bool:
+        """Whether done.json was written by a stage that ended after `started`: an adopted process's exit code is
+        unknown, and a done.json from an earlier run with the same config must not pass for its success."""
+        return (self.store.get_json_or(f"stages/{name}/done.json") or {}).get("ended", 0) >= started
+
     def reason_to_run(self, step: Step, args: list[str], name: str, h: str, forced: bool,
                       rerun: set[str]) -> tuple[str | None, list[str]]:
         """Why run() starts this step, with the args it starts it with; None when it is done and current.
         `rerun`: the steps this run started before it. The dry run asks the same question (preview)."""
+        if (orphan := self.live_process(step)) is not None:  # a killed runner's stage: its outputs are changing, so
+            # wait for it, and if it fails run the step again for real (the old done.json no longer describes them)
+            why = f"still running from a previous runner (pid {orphan.pid}), adopting it"
+            return why, args if "--force" in args else [*args, "--force"]
         if forced:
             return "forced by --from/--only", args
         done = self.store.get_json_or(f"stages/{name}/done.json")
@@ -302,6 +313,13 @@ class Runner:
                 rerun.add(step.name)
             out.append((step, args, why))
         return out
+
+    def live_process(self, step: Step) -> Handle | None:
+        """The stage process a killed runner left running for this step (this host only), or None."""
+        st = (self.state or self.load_state()).get("steps", {}).get(step.name, {})
+        if st.get("state") != "running" or st.get("host") != socket.gethostname():
+            return None
+        return self.executor.adopt(st.get("pid"), st.get("log", ""), step)
 
     def newer_upstream(self, step: Step, name: str) -> str | None:
         """A dependency that finished after this step's last run (make's rule): its output is stale."""
@@ -359,7 +377,7 @@ class Runner:
                     self.on_event(f"{step.name}: done (config {h}), skipping")
                     results[step.name] = True
                     continue
-                if not forced and why != "not run yet":
+                if not forced and why != "not run yet" and not why.startswith("still running"):  # _run_step says adopting
                     self.on_event(f"{step.name}: {why}, re-running")
                 started.add(step.name)
                 if step.background:
@@ -380,13 +398,12 @@ class Runner:
     def _run_step(self, step: Step, args: list[str], name: str, h: str) -> bool:
         st = self.step_state(step.name)
         nproc = self.nproc_for(step)
+        failures = 0  # retries are per invocation: a re-run after a failure (or after many runs) gets all of them
         while True:
-            handle = None
-            if st.get("state") == "running":
-                handle = self.executor.adopt(st.get("pid"), st.get("log", ""), step) if st.get("host") == socket.gethostname() else None
-                if handle:
-                    self.on_event(f"{step.name}: adopting running process {handle.pid} from a previous runner")
-            if handle is None:
+            handle = self.live_process(step)
+            if handle:
+                self.on_event(f"{step.name}: adopting running process {handle.pid} from a previous runner")
+            else:
                 attempt = st.get("attempts", 0) + 1
                 handle = self.executor.launch(step, args, nproc, attempt)
                 self.set_state(step.name, state="running", attempts=attempt, pid=handle.pid, host=socket.gethostname(),
@@ -398,20 +415,20 @@ class Runner:
                 self.executor.terminate(handle)
                 self.set_state(step.name, state="interrupted", ended=time.time(), pid=None)
                 return False
-            ok = self.is_done(name, h) and code in (0, -1)
+            ok = self.is_done(name, h) and (code == 0 or code == -1 and self.done_since(name, st["started"]))
             self._upload_log(step, handle)
             if ok:
                 self.set_state(step.name, state="succeeded", exit_code=code, ended=time.time(), pid=None)
                 self.on_event(f"{step.name}: succeeded in {time.time() - st['started']:.1f}s")
                 return True
-            attempts = st["attempts"]
-            if attempts > self.max_retries:
+            failures += 1
+            if failures > self.max_retries:
                 self.set_state(step.name, state="failed", exit_code=code, ended=time.time(), pid=None)
-                self.on_event(f"{step.name}: failed (exit {code}) after {attempts} attempt(s); log: {handle.log_path}")
+                self.on_event(f"{step.name}: failed (exit {code}) after {failures} attempt(s); log: {handle.log_path}")
                 return False
-            delay = self.backoff_s * 2 ** (attempts - 1)
+            delay = self.backoff_s * 2 ** (failures - 1)
             self.set_state(step.name, state="retrying", exit_code=code, ended=time.time(), pid=None)
-            self.on_event(f"{step.name}: failed (exit {code}); retry {attempts}/{self.max_retries} in {delay:.0f}s")
+            self.on_event(f"{step.name}: failed (exit {code}); retry {failures}/{self.max_retries} in {delay:.0f}s")
             if self.stop.wait(delay):
                 self.set_state(step.name, state="interrupted")
                 return False

@@ -58,6 +58,9 @@ def test_retries_exhausted_stops_the_pipeline(tmp_path):
     state = store.get_json(STATE_KEY)["steps"]
     assert state["echo_x"]["state"] == "failed" and state["echo_x"]["attempts"] == 3
     assert "echo_y" not in state and executions(store, "echo_y") == 0
+    # running it again is a new try with every retry, not the one attempt the step's count would leave
+    assert not make_runner(store, steps, tmp_path, max_retries=2).run()
+    assert executions(store, "echo_x") == 6 and store.get_json(STATE_KEY)["steps"]["echo_x"]["attempts"] == 6
 
 
 def test_only_and_from_force_reruns(tmp_path):
