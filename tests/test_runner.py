@@ -174,8 +174,8 @@ def test_torchrun_two_process_stage(tmp_path, monkeypatch):
     assert store.get_json("stages/allreduce/done.json")["world_size"] == 2
 
 
-def spawn_runner(store_uri, steps, tmp_path, name="runner"):
-    spec = json.dumps({"steps": steps, "max_retries": 0})
+def spawn_runner(store_uri, steps, tmp_path, name="runner", only=None):
+    spec = json.dumps({"steps": steps, "max_retries": 0, "only": only})
     log = open(tmp_path / f"{name}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "tests.fake_stages.pipeline_main", store_uri, spec], stdout=log, stderr=subprocess.STDOUT)
 
@@ -214,6 +214,28 @@ def test_killed_runner_restarts_and_adopts(tmp_path):
     assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
     assert "adopting running process" in (tmp_path / "r2.log").read_text()
     assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 1, 1]
+
+
+def test_a_plain_run_waits_for_a_killed_runners_rerun_of_a_done_step(tmp_path):
+    """`--only echo_b` re-runs a done step; its runner is SIGKILLed. The next plain run must not skip echo_b as done
+    (its done.json is from the run before, and the live process is rewriting its outputs): it adopts the process,
+    waits for it, and then re-runs what depends on it."""
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    spec = [*SLOW_PIPELINE[:2], {**SLOW_PIPELINE[2], "depends_on": ["echo_b"]}]
+    steps = [Step(**{**s, "args": tuple(s["args"]), "depends_on": tuple(s.get("depends_on", ()))}) for s in spec]
+    assert make_runner(store, steps, tmp_path).run()
+    r1 = spawn_runner(uri, spec, tmp_path, "r1", only=["echo_b"])
+    wait_for(lambda: executions(store, "echo_b") == 2)
+    r1.send_signal(signal.SIGKILL)
+    r1.wait()
+    events = []
+    runner = make_runner(store, steps, tmp_path)
+    runner.on_event = events.append
+    assert runner.run(), events
+    assert any("echo_b: adopting running process" in e for e in events), events
+    assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 2, 2]
+    assert store.get_json("stages/echo_b/done.json")["ended"] <= store.get_json("stages/echo_c/done.json")["started"]
 
 
 def test_second_runner_is_refused_while_first_runs(tmp_path):
