@@ -56,7 +56,7 @@ test: setup apt-test
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # the fuzz tests (CLI flags, configs, the API, the calculator, the tokenizer, batching schedules, the stores, operator
-# and runner histories, dataloader resumes, checkpoints) with FUZZ_SCALE times their examples, each run random: a
+# and runner histories, dataloader resumes, checkpoints, downloads) with FUZZ_SCALE times their examples, each run random: a
 # longer hunt than make test's; a failure prints the falsifying example
 FUZZ_SCALE ?= 20
 fuzz: setup
@@ -66,7 +66,8 @@ fuzz: setup
 	  tests/test_store.py::test_file_and_s3_stores_behave_as_one_model \
 	  tests/test_dataloader.py::test_any_chain_of_resumes_equals_uninterrupted \
 	  tests/test_checkpoint.py::test_checkpoints_behave_as_one_model \
-	  tests/test_runner_model.py
+	  tests/test_runner_model.py \
+	  tests/test_download.py::test_any_faults_and_upstream_changes_give_one_whole_version_or_an_error
 
 # after a dependency change, with a green `make test`: pin what .venv holds (torch stays pinned above; our own packages out)
 lock: $(VENV)/.installed

@@ -7,9 +7,14 @@ One attempt streams the body into <dest>.part. Transient failures (connection er
 timeouts, truncated bodies, HTTP 408/425/429/5xx) are retried with exponential backoff and jitter,
 waiting at least what a Retry-After header asks; 404 and the other 4xx fail at once with the URL in
 the message. A cut transfer resumes with an HTTP Range request when the server honours it (206),
-else starts over. The body is checked against `sha256` or, when none is given, against the digest
-Hugging Face announces (X-Linked-Etag: the LFS object's sha256); a mismatch is retried from scratch,
-then reported, and nothing is published. file:// URLs are copied (air-gapped mirrors).
+else starts over. The resume names the version the part holds (If-Range: the strong ETag or the
+Last-Modified it came with, kept in <dest>.part.version so a later run's resume names it too), so a
+file changed upstream comes back whole, not as the old head glued to the new tail, and a 206 naming
+another version is thrown away. The body is checked against `sha256` or, when none is given, against
+the digest Hugging Face announces (X-Linked-Etag: the LFS object's sha256); a mismatch is retried
+from scratch, then reported, and nothing is published. A server that names no version (or only a
+weak ETag) and no digest leave an upstream change mid-download undetectable. file:// URLs are copied
+(air-gapped mirrors).
 """
 from __future__ import annotations
 
@@ -135,14 +140,20 @@ def _attempt(url: str, part: Path, timeout: float, headers: dict | None, bar) ->
         shutil.copyfile(src, part)
         return None
     have = part.stat().st_size if part.exists() else 0
+    held = _read_version(part) if have else None
     # identity: the bytes on disk are the server's bytes, and Range offsets count those bytes
-    hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {}), **({"Range": f"bytes={have}-"} if have else {})}
+    hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {}),
+            **({"Range": f"bytes={have}-"} if have else {}), **({"If-Range": held} if held else {})}
     got, total, encoded = have, None, False
     try:
         with requests.get(url, headers=hdrs, stream=True, timeout=timeout) as resp:
             _check_status(url, resp, have, part)
-            if resp.status_code != 206:  # no Range asked, or the server ignored it: start over
+            if resp.status_code == 206 and held and _version(resp) not in (None, held):  # If-Range not honoured
+                _discard(part)
+                raise _Transient(f"changed upstream while resuming ({held} -> {_version(resp)}); starting over")
+            if resp.status_code != 206:  # no Range asked, or the server ignored it (or the file changed): start over
                 have = got = 0
+                _write_version(part, _version(resp))
             encoded = resp.headers.get("Content-Encoding", "identity") != "identity"  # asked for identity, got gzip anyway
             length = resp.headers.get("Content-Length")
             total = have + int(length) if length and not encoded else None
@@ -162,20 +173,50 @@ def _attempt(url: str, part: Path, timeout: float, headers: dict | None, bar) ->
         raise DownloadError(f"TLS error for {url}: {e}", url) from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as e:  # refused, reset, timed out, cut
         if encoded:  # decoded bytes cannot be resumed with a Range over encoded ones
-            part.unlink(missing_ok=True)
+            _discard(part)
         where = f" after {got} of {total} bytes (truncated body)" if total is not None else ""
         raise _Transient(f"{type(e).__name__}{where}: {e}") from None
+
+
+def _version(resp) -> str | None:
+    """What If-Range can name this response's version by: a strong ETag, else its Last-Modified date."""
+    etag = resp.headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+
+
+def _version_file(part: Path) -> Path:
+    return part.with_name(part.name + ".version")
+
+
+def _read_version(part: Path) -> str | None:
+    try:
+        return _version_file(part).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write_version(part: Path, version: str | None):
+    """Before the first byte of a new part: a part never outlives the note of which version it holds."""
+    if version:
+        _version_file(part).write_text(version)
+    else:
+        _version_file(part).unlink(missing_ok=True)
+
+
+def _discard(part: Path):
+    part.unlink(missing_ok=True)
+    _version_file(part).unlink(missing_ok=True)
 
 
 def _check_status(url: str, resp, have: int, part: Path):
     code = resp.status_code
     if have and code == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-        part.unlink()
+        _discard(part)
         raise _Transient(f"asked for bytes {have}- and got {resp.headers.get('Content-Range')!r}; starting over")
     if code < 400:
         return
     if code == 416 and have:  # our partial file is no prefix of theirs (or it changed upstream)
-        part.unlink()
+        _discard(part)
         raise _Transient("HTTP 416 on resume; starting over")
     if code in RETRY_STATUSES or code >= 500:
         raise _Transient(f"HTTP {code} {resp.reason}", wait=_retry_after(resp))
@@ -204,18 +245,19 @@ def _announced_sha256(resp) -> str | None:
 def _accept(url: str, part: Path, dest: Path, expected: str | None, check) -> Fetched:
     digest = sha256_file(part)
     if expected and digest != expected:
-        part.unlink()  # the next attempt starts from scratch: these bytes are not worth resuming
+        _discard(part)  # the next attempt starts from scratch: these bytes are not worth resuming
         raise _Transient(f"sha256 mismatch: expected {expected}, got {digest} (corrupted in transit, or changed upstream)")
     if check is not None:
         try:
             check(part)
         except Exception as e:  # noqa: BLE001 - any objection to the body
-            part.unlink()
+            _discard(part)
             if expected:  # the bytes are the published ones: another download would be the same
                 raise DownloadError(f"{url}: {e}", url) from None
             raise _Transient(f"bad body: {e}") from None
     size = part.stat().st_size
     os.replace(part, dest)
+    _version_file(part).unlink(missing_ok=True)
     return Fetched(url, digest, size)
 
 
