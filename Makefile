@@ -56,8 +56,8 @@ test: setup apt-test
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # the fuzz tests (CLI flags, configs, the API, the calculator, the tokenizer, batching schedules, the stores, operator
-# and runner histories, dataloader resumes, checkpoints, downloads) with FUZZ_SCALE times their examples, each run random: a
-# longer hunt than make test's; a failure prints the falsifying example
+# and runner histories, dataloader resumes, checkpoints, downloads) with FUZZ_SCALE times their examples, each run
+# random: a longer hunt than make test's; a failure prints the falsifying example
 FUZZ_SCALE ?= 20
 fuzz: setup
 	FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope \
