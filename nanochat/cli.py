@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nproc", type=int, metavar="N",
                     help="processes (GPUs) per GPU stage, as torchrun --nproc_per_node (default: the profile's, 8 for d20, or the "
                          "GPUs this machine has if fewer; gradient accumulation keeps the batch). Resume with the same N")
-    sp.add_argument("--max-retries", type=int, default=1, help="retries per failed stage")
+    sp.add_argument("--max-retries", type=int, default=1, help="retries per failed stage; each run of this command gets them all afresh")
     sp.add_argument("--wandb", metavar="RUN", help="log training stages to Weights & Biases under this run name")
     sp.add_argument("--dry-run", action="store_true", help="validate every stage's config and print the plan, run nothing")
 
