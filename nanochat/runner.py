@@ -226,7 +226,9 @@ class Runner:
 
     # --- locking: one runner per run
     def acquire_lock(self):
-        lock = self.store.get_json_or(LOCK_KEY)
+        """Take runner/lock.json, atomically (a compare-and-swap: of two runners started at once, one wins); a lock
+        whose heartbeat is older than STALE_LOCK_S, or whose pid on this host is gone, is taken over."""
+        lock, version = self.store.get_json_versioned(LOCK_KEY)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
         if lock and (lock["host"], lock["pid"]) != (me["host"], me["pid"]):
             fresh = time.time() - lock.get("heartbeat", 0) < STALE_LOCK_S
@@ -235,11 +237,17 @@ class Runner:
             if same_host_alive or remote_fresh:
                 raise PipelineError(f"another runner (pid {lock['pid']} on {lock['host']}) is driving {self.store.root}; "
                                     "wait for it or stop it first")
-        self.store.put_json(LOCK_KEY, me)
+        version = self.store.put_json_if(LOCK_KEY, me, version)
+        if version is None:
+            raise PipelineError(f"another runner took {self.store.root} just now; wait for it or stop it first")
 
-        def beat():
+        def beat(version=version):
             while not self.stop.wait(HEARTBEAT_S):
-                self.store.put_json(LOCK_KEY, {**me, "heartbeat": time.time()})
+                version = self.store.put_json_if(LOCK_KEY, {**me, "heartbeat": time.time()}, version)
+                if version is None:  # silent past STALE_LOCK_S (a suspended machine): never take it back
+                    self.on_event(f"another runner took over {self.store.root} (this one's heartbeat was late); "
+                                  "stop one of them")
+                    return
         threading.Thread(target=beat, daemon=True).start()
 
     def release_lock(self):

@@ -9,6 +9,7 @@ A multi-file artifact is visible only once its manifest (with sha256 digests) ex
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -81,7 +82,7 @@ class Store:
 
     # --- JSON helpers
     def put_json(self, key: str, obj) -> str:
-        return self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        return self.put_bytes(key, self._json_bytes(obj))
 
     def get_json(self, key: str, sha256: str | None = None):
         return json.loads(self.get_bytes(key, sha256=sha256))
@@ -91,6 +92,20 @@ class Store:
             return self.get_json(key)
         except ObjectNotFound:
             return default
+
+    @staticmethod
+    def _json_bytes(obj) -> bytes:
+        return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+    # --- compare-and-swap, for locks: get_json_versioned → put_json_if(version) wins only if nobody wrote in between
+    def get_json_versioned(self, key: str) -> tuple[object, str | None]:
+        """(object, version), or (None, None) when there is no such object."""
+        raise NotImplementedError
+
+    def put_json_if(self, key: str, obj, version: str | None) -> str | None:
+        """Write obj only if the object is still at `version` (None: only if it does not exist); returns the new
+        version, or None when another writer got there first."""
+        raise NotImplementedError
 
     # --- multi-file artifacts
     def publish(self, prefix: str, files: dict, manifest: str = "manifest.json", meta: dict | None = None) -> dict:
@@ -185,6 +200,27 @@ class LocalStore(Store):
             raise AccessDenied(f"permission denied reading {self.uri(key)}") from None
         _check_digest(self.uri(key), sha256_bytes(data), sha256)
         return data
+
+    def get_json_versioned(self, key):
+        try:
+            data = self._path(key).read_bytes()
+        except NOT_A_FILE:
+            return None, None
+        return json.loads(data), sha256_bytes(data)
+
+    def put_json_if(self, key, obj, version):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # writers of this folder's objects through put_json_if take turns
+            try:
+                current = sha256_bytes(path.read_bytes())
+            except NOT_A_FILE:
+                current = None
+            return self.put_bytes(key, self._json_bytes(obj)) if current == version else None
+        finally:
+            os.close(folder)  # and the flock with it
 
     def put_file(self, key, path) -> str:
         with open(path, "rb") as src:  # opened first: a missing source is not a store write error
@@ -328,6 +364,32 @@ class S3Store(Store):
         data = self._retry("get", key, lambda: self.s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
         _check_digest(self.uri(key), sha256_bytes(data), sha256)
         return data
+
+    def get_json_versioned(self, key):
+        def get():
+            resp = self.s3.get_object(Bucket=self.bucket, Key=self._key(key))
+            return json.loads(resp["Body"].read()), resp["ETag"]
+        try:
+            return self._retry("get", key, get)
+        except ObjectNotFound:
+            return None, None
+
+    def put_json_if(self, key, obj, version):
+        from botocore.exceptions import ClientError
+        data = self._json_bytes(obj)
+        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}  # S3 conditional writes (2024)
+
+        def put():
+            try:
+                return self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                          Metadata={"sha256": sha256_bytes(data)}, **condition)["ETag"]
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                lost = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+                if code in lost or version and code in ("NoSuchKey", "404"):  # If-Match on a deleted object: 404
+                    return None
+                raise
+        return self._retry("put", key, put)
 
     def put_file(self, key, path) -> str:
         digest = sha256_file(path)

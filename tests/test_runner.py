@@ -13,7 +13,7 @@ import pytest
 from nanochat import profiles
 from nanochat.config import ConfigError
 from nanochat.pipeline import Step
-from nanochat.runner import STATE_KEY, LocalExecutor, PipelineError, Runner, parse_overrides, status_rows
+from nanochat.runner import LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, parse_overrides, status_rows
 from nanochat.store import open_store
 
 ECHO = "tests.fake_stages.echo"
@@ -250,6 +250,41 @@ def test_second_runner_is_refused_while_first_runs(tmp_path):
     finally:
         r1.send_signal(signal.SIGINT)
         r1.wait(timeout=120)
+
+
+def test_of_two_runners_starting_at_once_one_wins(tmp_path, monkeypatch):
+    """Both read no lock before either writes one: the lock is a compare-and-swap, so the second write loses."""
+    store = open_store(f"file://{tmp_path}/st")
+    first, second = (make_runner(store, [Step("echo_a", ECHO)], tmp_path) for _ in range(2))
+    reads = [store.get_json_versioned(LOCK_KEY), store.get_json_versioned(LOCK_KEY)]
+    monkeypatch.setattr(store, "get_json_versioned", lambda key: reads.pop(0))
+    try:
+        first.acquire_lock()
+        with pytest.raises(PipelineError, match="another runner took .* just now"):
+            second.acquire_lock()
+    finally:
+        first.stop.set()
+
+
+def test_a_runner_whose_lock_was_taken_over_does_not_take_it_back(tmp_path, monkeypatch):
+    """A runner silent past STALE_LOCK_S (a suspended laptop) finds its lock taken over: it says so and stops beating
+    instead of overwriting the new owner's lock."""
+    import nanochat.runner as runner_mod
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_S", 0.05)
+    store = open_store(f"file://{tmp_path}/st")
+    events = []
+    runner = make_runner(store, [Step("echo_a", ECHO)], tmp_path)
+    runner.on_event = events.append
+    try:
+        runner.acquire_lock()
+        wait_for(lambda: store.get_json(LOCK_KEY)["heartbeat"] > runner_mod.time.time() - 1)
+        usurper = {"host": "elsewhere", "pid": 7, "heartbeat": 1.0}
+        store.put_json(LOCK_KEY, usurper)
+        wait_for(lambda: any("another runner took over" in e for e in events), timeout=10)
+        time.sleep(0.3)
+        assert store.get_json(LOCK_KEY) == usurper
+    finally:
+        runner.stop.set()
 
 
 def test_sigint_checkpoints_and_rerun_resumes(tmp_path):

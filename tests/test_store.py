@@ -46,6 +46,40 @@ def test_bytes_json_files_roundtrip(store_uri, tmp_path):
     assert s.list("a/") == []
 
 
+def test_put_json_if_is_a_compare_and_swap(store_uri):
+    """The lock's primitive: a write wins only against the version its writer read (None: only a new object)."""
+    store = open_store(store_uri)
+    assert store.get_json_versioned("runner/lock.json") == (None, None)
+    v1 = store.put_json_if("runner/lock.json", {"pid": 1}, None)
+    assert v1 and store.put_json_if("runner/lock.json", {"pid": 2}, None) is None  # a second creator loses
+    assert store.get_json_versioned("runner/lock.json") == ({"pid": 1}, v1)
+    v2 = store.put_json_if("runner/lock.json", {"pid": 1, "beat": 2}, v1)
+    assert v2 and v2 != v1
+    assert store.put_json_if("runner/lock.json", {"pid": 3}, v1) is None  # read before the last write: loses
+    assert store.get_json("runner/lock.json") == {"pid": 1, "beat": 2}
+    store.delete("runner/lock.json")
+    assert store.put_json_if("runner/lock.json", {"pid": 4}, v2) is None  # the version it expected is gone
+    assert store.put_json_if("runner/lock.json", {"pid": 4}, None)
+
+
+def test_racing_put_json_if_has_one_winner(tmp_path):
+    """Threads that read the same version and all try to write: exactly one wins, every time."""
+    import threading
+    store = open_store(f"file://{tmp_path}/st")
+    for round_ in range(20):
+        _, version = store.get_json_versioned("lock.json")
+        start, wins = threading.Barrier(6), []
+
+        def race(i):
+            start.wait()
+            if store.put_json_if("lock.json", {"round": round_, "by": i}, version):
+                wins.append(i)
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(wins) == 1 and store.get_json("lock.json") == {"round": round_, "by": wins[0]}
+
+
 def test_open_is_seekable_and_reads_parquet(store_uri, tmp_path):
     s = open_store(store_uri)
     table = pa.table({"text": [f"doc {i}" for i in range(1000)]})
