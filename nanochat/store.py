@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -29,6 +30,7 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 LOCAL_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 # what the OS answers for a key that is not a file (a folder, or a path through a file): no such object, as S3 says
 NOT_A_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+log = logging.getLogger("nanochat")
 
 
 class StoreError(RuntimeError):
@@ -388,6 +390,11 @@ class S3Store(Store):
                 lost = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
                 if code in lost or version and code in ("NoSuchKey", "404"):  # If-Match on a deleted object: 404
                     return None
+                if code in ("NotImplemented", "501"):  # an S3-compatible server without conditional writes
+                    log.warning("%s: this S3 server has no conditional writes; %s is written without a "
+                                "compare-and-swap", self.endpoint or "S3", self.uri(key))
+                    return self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                              Metadata={"sha256": sha256_bytes(data)})["ETag"]
                 raise
         return self._retry("put", key, put)
 

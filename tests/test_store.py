@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import signal
@@ -200,6 +201,23 @@ def test_transient_errors_are_retried(s3_env, monkeypatch):
             s.put_bytes(f"obj{i}", payload)
             assert s.get_bytes(f"obj{i}", sha256=sha256_bytes(payload)) == payload
         assert len(proxy.injected) == len(plan)
+    finally:
+        proxy.stop()
+
+
+def test_an_s3_server_without_conditional_writes_still_takes_the_lock(s3_env, monkeypatch, caplog):
+    """A server that answers a conditional PUT with 501 NotImplemented: put_json_if writes plainly and warns, so a
+    runner still starts (one runner per store is then up to the user, as before conditional writes)."""
+    bucket = make_bucket(s3_env.url)
+    proxy = FaultProxy(s3_env.port, lambda method, path, n: ("status", 501, "NotImplemented")
+                       if method == "PUT" and path.endswith("lock.json") and n == 1 else None).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s = open_store(f"s3://{bucket}/p")
+        with caplog.at_level(logging.WARNING, logger="nanochat"):
+            assert s.put_json_if("runner/lock.json", {"pid": 1}, None)
+        assert s.get_json("runner/lock.json") == {"pid": 1} and "no conditional writes" in caplog.text
+        assert [a for _, _, a in proxy.injected] == [("status", 501, "NotImplemented")]
     finally:
         proxy.stop()
 
