@@ -9,6 +9,7 @@ A multi-file artifact is visible only once its manifest (with sha256 digests) ex
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -215,7 +216,8 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(folder, fcntl.LOCK_EX)  # writers of this folder's objects through put_json_if take turns
+            with contextlib.suppress(OSError):  # a filesystem without flock (some NFS) gets a best-effort check
+                fcntl.flock(folder, fcntl.LOCK_EX)  # writers of this folder's objects through put_json_if take turns
             try:
                 current = sha256_bytes(path.read_bytes())
             except NOT_A_FILE:
