@@ -87,7 +87,7 @@ def test_speedrun_help_says_what_a_bare_key_does_and_shows_defaults(capsys):
     rc, out, _ = cli(capsys, "speedrun", "--help")
     text = " ".join(out.split())
     assert rc == 0 and "a bare KEY=VALUE applies to every stage that has --KEY" in text
-    assert "retries per failed stage (default: 1)" in text and "(default: auto)" in text
+    assert "retries per failed stage; each run of this command gets them all afresh (default: 1)" in text and "(default: auto)" in text
 
 
 # ----------------------------------------------------------------------------- 3. nanochat data flags
