@@ -313,6 +313,7 @@ class Runner:
 
     def preview(self, plan) -> list[tuple[Step, list[str], str | None]]:
         """What run() will do with this plan, running nothing: (step, args, why it runs or None if skipped)."""
+        self.state = self.state or self.load_state()  # read once: live_process looks up every step in it
         rerun: set[str] = set()
         out = []
         for step, args, name, h, forced in plan:
@@ -324,7 +325,7 @@ class Runner:
 
     def live_process(self, step: Step) -> Handle | None:
         """The stage process a killed runner left running for this step (this host only), or None."""
-        st = (self.state or self.load_state()).get("steps", {}).get(step.name, {})
+        st = self.state.get("steps", {}).get(step.name, {})  # loaded by _run or preview
         if st.get("state") != "running" or st.get("host") != socket.gethostname():
             return None
         return self.executor.adopt(st.get("pid"), st.get("log", ""), step)

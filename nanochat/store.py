@@ -381,12 +381,14 @@ class S3Store(Store):
     def put_json_if(self, key, obj, version):
         from botocore.exceptions import ClientError
         data = self._json_bytes(obj)
-        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}  # S3 conditional writes (2024)
+
+        def write(**condition):
+            return self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                      Metadata={"sha256": sha256_bytes(data)}, **condition)["ETag"]
 
         def put():
-            try:
-                return self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                          Metadata={"sha256": sha256_bytes(data)}, **condition)["ETag"]
+            try:  # S3 conditional writes (2024)
+                return write(**({"IfMatch": version} if version else {"IfNoneMatch": "*"}))
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code")
                 lost = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
@@ -395,8 +397,7 @@ class S3Store(Store):
                 if code in ("NotImplemented", "501"):  # an S3-compatible server without conditional writes
                     log.warning("%s: this S3 server has no conditional writes; %s is written without a "
                                 "compare-and-swap", self.endpoint or "S3", self.uri(key))
-                    return self.s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                              Metadata={"sha256": sha256_bytes(data)})["ETag"]
+                    return write()
                 raise
         return self._retry("put", key, put)
 
