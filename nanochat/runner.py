@@ -205,6 +205,9 @@ class Runner:
         self.on_event = on_event or (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
         self.state: dict = {}
         self._lock = threading.Lock()
+        self.lost_to: dict | None = None  # the lock as another runner rewrote it, once this one was taken over
+        self._lock_version = None         # runner/lock.json's version as this runner last wrote it
+        self._lock_io = threading.Lock()  # a heartbeat and an ownership check never interleave
 
     def nproc_for(self, step: Step) -> int:
         return self.nproc if self.nproc and step.gpu else step.nproc(self.profile)
@@ -214,6 +217,8 @@ class Runner:
         return self.store.get_json_or(STATE_KEY) or {}
 
     def save_state(self):
+        if not self.owns_lock():  # taken over: state.json is the new runner's now
+            return
         with self._lock:
             self.store.put_json(STATE_KEY, self.state)
 
@@ -240,20 +245,38 @@ class Runner:
         version = self.store.put_json_if(LOCK_KEY, me, version)
         if version is None:
             raise PipelineError(f"another runner took {self.store.root} just now; wait for it or stop it first")
+        self._lock_version = version
 
-        def beat(version=version):
+        def beat():
             while not self.stop.wait(HEARTBEAT_S):
-                version = self.store.put_json_if(LOCK_KEY, {**me, "heartbeat": time.time()}, version)
-                if version is None:  # silent past STALE_LOCK_S (a suspended machine): never take it back
-                    self.on_event(f"another runner took over {self.store.root} (this one's heartbeat was late); "
-                                  "stop one of them")
-                    return
+                with self._lock_io:
+                    version = self.store.put_json_if(LOCK_KEY, {**me, "heartbeat": time.time()}, self._lock_version)
+                    if version is None:  # silent past STALE_LOCK_S (a suspended machine): never take it back
+                        return self._taken_over(self.store.get_json_or(LOCK_KEY), "this one's heartbeat was late")
+                    self._lock_version = version
         threading.Thread(target=beat, daemon=True).start()
 
+    def owns_lock(self) -> bool:
+        """Whether runner/lock.json is still the one this runner wrote (always, before it locked: a dry run); checked
+        before each launch and state write, so a runner taken over stops at once, not at its next heartbeat."""
+        with self._lock_io:
+            if self._lock_version is not None and self.lost_to is None:
+                lock, version = self.store.get_json_versioned(LOCK_KEY)
+                if version != self._lock_version:
+                    self._taken_over(lock, "its lock changed hands")
+        return self.lost_to is None
+
+    def _taken_over(self, lock: dict | None, why: str):
+        """Stop driving the run: launch nothing more, write no state; run() raises once its stages are let go."""
+        self.lost_to = lock or {}
+        self.on_event(f"another runner took over {self.store.root} ({why}); this one stops driving it")
+        self.stop.set()
+
     def release_lock(self):
-        lock = self.store.get_json_or(LOCK_KEY)
-        if lock and lock.get("pid") == os.getpid():
-            self.store.delete(LOCK_KEY)
+        with self._lock_io:
+            _, version = self.store.get_json_versioned(LOCK_KEY)
+            if version is not None and version == self._lock_version:  # not a lock another runner took over
+                self.store.delete(LOCK_KEY)
 
     # --- the state machine
     def plan(self, from_step: str | None = None, only: list[str] | None = None) -> list[tuple[Step, list[str], str, str, bool]]:
@@ -346,12 +369,17 @@ class Runner:
         self.acquire_lock()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if threading.current_thread() is threading.main_thread() else {}
         try:
-            return self._run(plan)
+            ok = self._run(plan)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             self.stop.set()
             self.release_lock()
+        if self.lost_to is not None:
+            owner = self.lost_to
+            raise PipelineError(f"another runner (pid {owner.get('pid', '?')} on {owner.get('host', '?')}) took over "
+                                f"{self.store.root}; this one stopped driving it. Follow that one with `nanochat status`")
+        return ok
 
     def _on_signal(self, signum, frame):
         self.on_event(f"{signal.Signals(signum).name}: stopping stages (they checkpoint), re-run to resume")
@@ -413,6 +441,8 @@ class Runner:
             if handle:
                 self.on_event(f"{step.name}: adopting running process {handle.pid} from a previous runner")
             else:
+                if not self.owns_lock():
+                    return False
                 attempt = st.get("attempts", 0) + 1
                 handle = self.executor.launch(step, args, nproc, attempt)
                 self.set_state(step.name, state="running", attempts=attempt, pid=handle.pid, host=socket.gethostname(),
@@ -420,6 +450,9 @@ class Runner:
                 self.on_event(f"{step.name}: started (attempt {attempt}, {nproc} proc{'s' if nproc > 1 else ''}, pid {handle.pid})")
             self.handles[step.name] = handle
             code = self.executor.wait(handle, self.stop)
+            if code is None and self.lost_to is not None:
+                self.let_go(step, handle)
+                return False
             if code is None:  # the runner was asked to stop
                 self.executor.terminate(handle)
                 self.set_state(step.name, state="interrupted", ended=time.time(), pid=None)
@@ -441,6 +474,16 @@ class Runner:
             if self.stop.wait(delay):
                 self.set_state(step.name, state="interrupted")
                 return False
+
+    def let_go(self, step: Step, handle: Handle):
+        """A stage of a run another runner took over: left running for it to adopt when it is on this host; else
+        stopped, since that runner cannot adopt it and starts its own."""
+        host = self.lost_to.get("host")
+        if host == socket.gethostname():
+            self.on_event(f"{step.name}: left running (pid {handle.pid}) for the runner that took over")
+            return
+        self.executor.terminate(handle)
+        self.on_event(f"{step.name}: stopped (pid {handle.pid}): the runner that took over is on {host or 'another host'}")
 
     def _upload_log(self, step: Step, handle: Handle):
         try:

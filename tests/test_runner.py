@@ -266,25 +266,71 @@ def test_of_two_runners_starting_at_once_one_wins(tmp_path, monkeypatch):
         first.stop.set()
 
 
-def test_a_runner_whose_lock_was_taken_over_does_not_take_it_back(tmp_path, monkeypatch):
-    """A runner silent past STALE_LOCK_S (a suspended laptop) finds its lock taken over: it says so and stops beating
-    instead of overwriting the new owner's lock."""
+def run_in_thread(runner):
+    """runner.run() in a thread: (thread, outcome) with outcome["ok"] or outcome["error"] once it returns."""
+    import threading
+    outcome = {}
+
+    def go():
+        try:
+            outcome["ok"] = runner.run()
+        except PipelineError as e:
+            outcome["error"] = str(e)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, outcome
+
+
+def take_over_while_echo_b_runs(store, tmp_path, host, heartbeat_s, monkeypatch):
+    """A runner drives SLOW_PIPELINE; while echo_b runs another runner (on `host`) takes the lock and writes its own
+    state. Returns what the first runner left: (outcome, events, echo_b's pid, the usurping lock, its state)."""
+    import socket
     import nanochat.runner as runner_mod
-    monkeypatch.setattr(runner_mod, "HEARTBEAT_S", 0.05)
-    store = open_store(f"file://{tmp_path}/st")
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_S", heartbeat_s)
+    steps = [Step(**{**s, "args": tuple(s["args"])}) for s in SLOW_PIPELINE]
     events = []
-    runner = make_runner(store, [Step("echo_a", ECHO)], tmp_path)
+    runner = make_runner(store, steps, tmp_path)
     runner.on_event = events.append
-    try:
-        runner.acquire_lock()
-        wait_for(lambda: store.get_json(LOCK_KEY)["heartbeat"] > runner_mod.time.time() - 1)
-        usurper = {"host": "elsewhere", "pid": 7, "heartbeat": 1.0}
-        store.put_json(LOCK_KEY, usurper)
-        wait_for(lambda: any("another runner took over" in e for e in events), timeout=10)
-        time.sleep(0.3)
-        assert store.get_json(LOCK_KEY) == usurper
-    finally:
-        runner.stop.set()
+    thread, outcome = run_in_thread(runner)
+    wait_for(lambda: step_state(store, "echo_b") == "running" and store.exists("test/echo_b/attempts"))
+    pid = store.get_json(STATE_KEY)["steps"]["echo_b"]["pid"]
+    usurper = {"host": socket.gethostname() if host == "here" else host, "pid": 1, "heartbeat": time.time() + 1}
+    theirs = {"steps": {}, "owner": "the runner that took over"}
+    store.put_json(LOCK_KEY, usurper)
+    store.put_json(STATE_KEY, theirs)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    return outcome, events, pid, usurper, theirs
+
+
+@pytest.mark.parametrize("heartbeat_s", [0.05, 600.0])
+def test_a_runner_taken_over_on_this_host_stops_driving_and_leaves_its_stage_to_the_new_one(store_uri, tmp_path, monkeypatch,
+                                                                                          heartbeat_s):
+    """A runner silent past STALE_LOCK_S (a suspended laptop) finds its lock taken over, at its next heartbeat or at
+    its next state write, whichever comes first: it launches nothing more, writes no state over the new owner's,
+    never takes the lock back, and leaves its running stage for the new runner to adopt."""
+    from nanochat.runner import pid_alive
+    store = open_store(store_uri)
+    outcome, events, pid, usurper, theirs = take_over_while_echo_b_runs(store, tmp_path, "here", heartbeat_s, monkeypatch)
+    assert "another runner (pid 1 on" in outcome["error"] and "took over" in outcome["error"]
+    assert any("another runner took over" in e for e in events)
+    assert store.get_json(LOCK_KEY) == usurper and store.get_json(STATE_KEY) == theirs
+    assert executions(store, "echo_c") == 0 and not (tmp_path / "logs" / "echo_c.attempt1.log").exists()
+    if heartbeat_s < 1:  # seen by the heartbeat while echo_b runs: left running, the new runner adopts it
+        assert pid_alive(pid) and any(f"left running (pid {pid})" in e for e in events)
+        wait_for(lambda: not pid_alive(pid))
+    assert store.get_json("stages/echo_b/done.json")["config_hash"]  # echo_b ran to its end
+
+
+def test_a_runner_taken_over_from_another_host_stops_its_stage(tmp_path, monkeypatch):
+    """The new runner is elsewhere: it cannot adopt this host's process and starts its own, so this one stops it."""
+    from nanochat.runner import pid_alive
+    store = open_store(f"file://{tmp_path}/st")
+    outcome, events, pid, usurper, theirs = take_over_while_echo_b_runs(store, tmp_path, "elsewhere", 0.05, monkeypatch)
+    assert "on elsewhere) took over" in outcome["error"]
+    assert not pid_alive(pid) and any(f"stopped (pid {pid})" in e and "elsewhere" in e for e in events)
+    assert not store.exists("stages/echo_b/done.json") and executions(store, "echo_c") == 0
+    assert store.get_json(LOCK_KEY) == usurper and store.get_json(STATE_KEY) == theirs
 
 
 def test_sigint_checkpoints_and_rerun_resumes(tmp_path):
