@@ -269,16 +269,17 @@ async def read_body(request: Request, cap: int) -> bytes:
 # text of one sample: UTF-8-safe decoding, stop sequences, finish reason
 
 class StopMatcher:
-    """Holds back text that could be the start of a stop sequence; cuts at the first complete one."""
+    """Holds back text that could be the start of a stop sequence; cuts at the first one to complete, as a stream of
+    single characters would, however many characters a token brings (of stops completing together, the longest)."""
 
     def __init__(self, stops: list[str]):
         self.stops, self.pending = stops, ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i + len(s), i) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[:min(hits)], ""
+            out, self.pending = self.pending[:min(hits)[1]], ""
             return out, True
         keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]

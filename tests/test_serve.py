@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanochat.chat_cli import answer_stops
@@ -23,7 +25,7 @@ from nanochat.engine import Engine
 from nanochat.serve import (DEFAULT_BATCH_ROWS, BackgroundServer, Limits, Replica, StopMatcher, create_app, split_tool_calls)
 from nanochat.store import open_store
 from nanochat.tasks import LETTERS, render_mc
-from tests.fixtures import make_base_checkpoint, make_tokenizer
+from tests.fixtures import fuzz, make_base_checkpoint, make_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core box
 REPO = Path(__file__).resolve().parents[1]
@@ -418,6 +420,38 @@ def test_stop_matcher_and_tool_split_units():
     assert split_tool_calls("a<|python_start|>1+1<|python_end|><|output_start|>2<|output_end|>b<|python_start|>open") == [
         {"type": "text", "text": "a"}, {"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"},
         {"type": "text", "text": "b<|python_start|>open"}]
+
+
+def stop_reference(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Generation is a stream: the stop that completes first ends it (of stops completing at once, the longest)."""
+    ends = [(e, -len(s)) for e in range(1, len(text) + 1) for s in stops if text[:e].endswith(s)]
+    if not ends:
+        return text, False
+    end, minus_len = min(ends)
+    return text[:end + minus_len], True
+
+
+@fuzz(300)
+@given(text=st.text("abc", max_size=24), stops=st.lists(st.text("abc", min_size=1, max_size=4), min_size=1, max_size=4),
+       cuts=st.sets(st.integers(1, 23)))
+@example(text="abcd", stops=["abcd", "c"], cuts=set())  # one chunk holds both: "c" completes first
+@example(text="xabc", stops=["abc", "bc"], cuts={3})     # both complete at once: the longer one cuts earlier
+def test_stop_matcher_cuts_where_a_token_by_token_stream_would_however_the_text_is_chunked(text, stops, cuts):
+    """Whatever the chunks (tokens decode to one character or many), the streamed text is the text up to the first
+    stop to complete, and after each chunk only a possible start of a stop is held back (the longest one)."""
+    bounds = [0, *sorted(c for c in cuts if c < len(text)), len(text)]
+    matcher, out, fed, hit = StopMatcher(stops), "", "", False
+    for a, b in zip(bounds, bounds[1:]):
+        fed += text[a:b]
+        piece, hit = matcher.feed(text[a:b])
+        out += piece
+        if hit:
+            break
+        held = max((k for s in stops for k in range(1, len(s)) if fed.endswith(s[:k])), default=0)
+        assert out == fed[:len(fed) - held]
+    if not hit:
+        out += matcher.flush()
+    assert (out, hit) == stop_reference(text, stops)
 
 
 # -----------------------------------------------------------------------------
