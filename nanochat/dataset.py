@@ -458,6 +458,8 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
     progress = Progress(len(todo), f"download {dataset}", log)
 
     def fetch(i: int, name: str, expected: str | None) -> dict:
+        # records are named by shard, not dataset: until this shard's own record is written, none may vouch for it
+        store.delete(f"{RECORDS_PREFIX}/{name}.json")
         info = _shard_download(dl.fetch, f"{base}/{name}", store, shard_key(name), expected=expected, retries=retries,
                                backoff_s=backoff_s, timeout_s=timeout_s)
         rec = {"name": name, "key": shard_key(name), "split": "val" if i == ds.val_index else "train", "source": dataset,

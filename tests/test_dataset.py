@@ -234,6 +234,36 @@ def _wait(cond, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_a_shard_overwritten_by_another_datasets_cut_download_is_not_trusted(tmp_path, server, monkeypatch):
+    """Records are named by shard, whatever the dataset: climbmix's shard_00000 lands over fineweb's, and the process
+    dies before writing its record. fineweb's old record must not vouch for climbmix's bytes in fineweb's corpus."""
+    store = open_store(f"file://{tmp_path}/store")
+    server.faults = {shard_name(1): ["500"]}
+    with pytest.raises(DownloadError):  # fineweb's first download stops at shard 1: shard 0 recorded, no index yet
+        fetch(store, server, 2, workers=1, retries=0)
+    assert store.exists(f"{RECORDS_PREFIX}/{shard_name(0)}.json") and not store.exists(INDEX_KEY)
+    climb_val = dataset.DATASETS["climbmix"].val_index
+    climb = ShardServer({shard_name(0): make_shard(100), shard_name(climb_val): make_shard(101)})
+    put_json = store.put_json
+
+    def killed_before_the_record(key, obj):
+        if key == f"{RECORDS_PREFIX}/{shard_name(0)}.json" and obj["source"] == "climbmix":
+            raise OSError("killed")
+        return put_json(key, obj)
+    monkeypatch.setattr(store, "put_json", killed_before_the_record)
+    try:
+        with pytest.raises(DownloadError, match="killed"):
+            dataset.download(store, "climbmix", 1, base_url=climb.url, backoff_s=0.01, log=lambda m: None)
+    finally:
+        climb.stop()
+        monkeypatch.setattr(store, "put_json", put_json)
+    assert store.get_bytes(shard_key(shard_name(0))) == make_shard(100)  # climbmix's bytes, unrecorded
+    index = fetch(store, server, 2)
+    assert server.counts[shard_name(0)] == 2  # fetched again: no record vouches for what is stored
+    for e in index["shards"]:
+        assert store.get_bytes(shard_key(e["name"]), sha256=e["sha256"]) == server.files[e["name"]]
+
+
 def test_killed_download_resumes_without_refetching(tmp_path, server):
     uri = f"file://{tmp_path}/store"
     store = open_store(uri)
