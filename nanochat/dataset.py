@@ -190,6 +190,8 @@ class ShardWriter:
         table = pa.table({TEXT_COLUMN: pa.array(docs, type=pa.string())})
         pq.write_table(table, path, row_group_size=self.row_group_rows, compression="zstd", use_dictionary=False,
                        write_page_checksum=True)  # readers verify them: a flipped bit is an error, not other text
+        if not self.entries:  # download records describe the corpus these shards replace: gone before the first lands
+            self.store.delete_prefix(f"{RECORDS_PREFIX}/")
         digest = self.store.put_file(shard_key(name), path)
         entry = {"name": name, "key": shard_key(name), "sha256": digest, "size": path.stat().st_size, "rows": len(docs),
                  "row_groups": math.ceil(len(docs) / self.row_group_rows), "chars": sum(map(len, docs)),
@@ -211,7 +213,6 @@ class ShardWriter:
         old = load_index(self.store)
         index = _index_doc(self.source, self.entries, extra)
         self.store.put_json(INDEX_KEY, index)  # last: the corpus exists from now on
-        self.store.delete_prefix(f"{RECORDS_PREFIX}/")  # download records describe a corpus that is gone
         if old:
             keep = {e["name"] for e in self.entries}
             _remove_shards(self.store, [e["name"] for e in old["shards"] if e["name"] not in keep], self.log)
@@ -450,9 +451,12 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
         name = shard_name(i)
         rec = records.get(name)
         if rec and store.exists(shard_key(name)):
-            if not verify or dl.stored_sha256(store, shard_key(name)) == rec["sha256"]:
+            if manifest.get(name, rec["sha256"]) != rec["sha256"]:
+                log(f"{name}: recorded sha256 is not the manifest's; fetching it again")
+            elif not verify or dl.stored_sha256(store, shard_key(name)) == rec["sha256"]:
                 continue
-            log(f"{name}: stored copy does not match its recorded sha256; fetching it again")
+            else:
+                log(f"{name}: stored copy does not match its recorded sha256; fetching it again")
         todo.append((i, name, manifest.get(name) or (rec or {}).get("sha256")))
     log(f"{dataset}: {len(todo)} shard(s) to fetch from {base} ({len(records)} already in {store.uri(SHARDS_PREFIX)})")
     progress = Progress(len(todo), f"download {dataset}", log)
@@ -713,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base-url", help="mirror base URL (env NANOCHAT_DATA_BASE_URL); shards are <base>/shard_XXXXX.parquet")
     d.add_argument("--retries", type=COUNT, default=DOWNLOAD_RETRIES, help="attempts per shard after the first")
     d.add_argument("--timeout", type=POSITIVE, default=DOWNLOAD_TIMEOUT_S, help="seconds without data before a retry")
-    d.add_argument("--sha256-manifest", help="expected digests: JSON {name: sha256} or sha256sum lines")
+    d.add_argument("--sha256-manifest", help="expected digests: JSON {name: sha256} or sha256sum lines; shards recorded "
+                   "with another digest are fetched again")
     d.add_argument("--verify", action="store_true", help="re-hash shards already in the store; re-fetch mismatches")
     d.add_argument("--background", action="store_true", help="run detached and return now (log file printed)")
     d.add_argument("--log-file", help="with --background: where the detached process logs")

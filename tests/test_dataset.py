@@ -199,6 +199,19 @@ def test_corrupted_download_detected_by_manifest_and_refetched(tmp_path, server)
     assert not store.exists(shard_key(shard_name(3)))
 
 
+def test_a_manifest_refetches_recorded_shards_it_disagrees_with(tmp_path, server):
+    """A shard recorded before upstream changed it is kept by a plain re-run, but not against a manifest of the new files."""
+    store = open_store(f"file://{tmp_path}/store")
+    fetch(store, server, 2)
+    server.files[shard_name(1)] = make_shard(1, rows=41)
+    manifest = {n: sha256_bytes(d) for n, d in server.files.items()}
+    assert server.counts[shard_name(1)] == 1 and fetch(store, server, 2) and server.counts[shard_name(1)] == 1
+    index = fetch(store, server, 2, manifest=manifest)
+    assert server.counts[shard_name(1)] == 2 and server.counts[shard_name(0)] == 1
+    assert {e["name"]: e["sha256"] for e in index["shards"]} == {n: manifest[n] for n in (shard_name(0), shard_name(1), shard_name(FINEWEB_VAL))}
+    assert store.get_bytes(shard_key(shard_name(1))) == server.files[shard_name(1)]
+
+
 def test_corruption_detected_from_huggingface_linked_etag(tmp_path):
     server = ShardServer(fineweb_files(), redirect=True)
     try:
@@ -260,6 +273,31 @@ def test_a_shard_overwritten_by_another_datasets_cut_download_is_not_trusted(tmp
     assert store.get_bytes(shard_key(shard_name(0))) == make_shard(100)  # climbmix's bytes, unrecorded
     index = fetch(store, server, 2)
     assert server.counts[shard_name(0)] == 2  # fetched again: no record vouches for what is stored
+    for e in index["shards"]:
+        assert store.get_bytes(shard_key(e["name"]), sha256=e["sha256"]) == server.files[e["name"]]
+
+
+def test_a_cut_prepare_over_a_downloaded_corpus_leaves_no_record_vouching_for_its_shards(tmp_path, server, monkeypatch):
+    """`data prepare` (or the embedded corpus) writes shard_00000... over a download, and is stopped after its first
+    shard. The download's records must be gone by then: the next download would keep that shard as its own."""
+    store = open_store(f"file://{tmp_path}/store")
+    fetch(store, server, 2)
+    src = tmp_path / "local.jsonl"
+    src.write_text("".join(json.dumps({"text": f"local document {i} " + "words " * 20}) + "\n" for i in range(40)))
+    put_file, calls = store.put_file, []
+
+    def stopped_after_the_first_shard(key, path):
+        calls.append(key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return put_file(key, path)
+    monkeypatch.setattr(store, "put_file", stopped_after_the_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.prepare([str(src)], store, shard_chars=400)
+    monkeypatch.setattr(store, "put_file", put_file)
+    assert store.get_bytes(shard_key(shard_name(0))) != server.files[shard_name(0)]  # the local corpus's first shard
+    index = fetch(store, server, 2)
+    assert server.counts[shard_name(0)] == 2
     for e in index["shards"]:
         assert store.get_bytes(shard_key(e["name"]), sha256=e["sha256"]) == server.files[e["name"]]
 
