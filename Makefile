@@ -56,7 +56,7 @@ test: setup apt-test
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # the fuzz tests (CLI flags, configs, the API, the calculator, the tokenizer, batching schedules, the stores, operator
-# and runner histories, dataloader resumes, checkpoints, downloads) with FUZZ_SCALE times their examples, each run
+# and runner histories, dataloader resumes, checkpoints, downloads, corpora, stop sequences) with FUZZ_SCALE times their examples, each run
 # random: a longer hunt than make test's; a failure prints the falsifying example
 FUZZ_SCALE ?= 20
 fuzz: setup
@@ -67,7 +67,8 @@ fuzz: setup
 	  tests/test_dataloader.py::test_any_chain_of_resumes_equals_uninterrupted \
 	  tests/test_checkpoint.py::test_checkpoints_behave_as_one_model \
 	  tests/test_runner_model.py \
-	  tests/test_download.py::test_any_faults_and_upstream_changes_give_one_whole_version_or_an_error
+	  tests/test_download.py::test_any_faults_and_upstream_changes_give_one_whole_version_or_an_error \
+	  tests/test_dataset_model.py tests/test_serve.py::test_stop_matcher_cuts_where_a_token_by_token_stream_would_however_the_text_is_chunked
 
 # after a dependency change, with a green `make test`: pin what .venv holds (torch stays pinned above; our own packages out)
 lock: $(VENV)/.installed
