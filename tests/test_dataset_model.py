@@ -19,7 +19,7 @@ from nanochat import dataset
 from nanochat.dataset import DataError, INDEX_KEY, RECORDS_PREFIX, shard_key, shard_name
 from nanochat.store import open_store, sha256_bytes
 from tests.fixtures import fuzz
-from tests.test_dataset import ShardServer, make_shard
+from tests.test_dataset import ShardServer
 
 DATASETS = ("fineweb-edu", "climbmix")
 TRAIN = 3  # train shards each mirror serves
