@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", nargs="?", help="stage name")
     st.add_argument("rest", nargs=argparse.REMAINDER)
 
-    s = sub.add_parser("status", help="table of stage states, durations and key metrics", formatter_class=HelpFormatter)
+    s = sub.add_parser("status", help="table of stage states, durations and key metrics, and whether a runner drives the run", formatter_class=HelpFormatter)
     add_store_flags(s)
     r = sub.add_parser("report", help="generate the report card and copy it to ./report.md", formatter_class=HelpFormatter)
     add_store_flags(r)
@@ -297,7 +297,7 @@ def print_table(rows: list[dict]):
 
 def cmd_status(args) -> int:
     from nanochat.pipeline import steps_for
-    from nanochat.runner import STATE_KEY, status_rows
+    from nanochat.runner import STATE_KEY, runner_status, status_rows
     from nanochat.store import StoreError
     uri = store_uri(args)
     try:
@@ -307,11 +307,13 @@ def cmd_status(args) -> int:
             return 0
         state = store.get_json_or(STATE_KEY) or {}
         steps = steps_for(state["profile"]) if state.get("profile") else None
-        rows = status_rows(store, steps)
+        rows, runner = status_rows(store, steps), runner_status(store)
     except StoreError as e:
         error(str(e), 1)
     print(f"store: {store.root}" + (f"   profile: {state['profile']}" if state.get("profile") else ""))
     print_table(rows)
+    if runner:
+        print(runner)
     return 0
 
 

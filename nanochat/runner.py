@@ -96,6 +96,8 @@ class Handle:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0) would signal our own process group: no pid is no process
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -498,6 +500,29 @@ def default_log_dir(store: Store) -> Path:
 
 
 # ----------------------------------------------------------------------------- status
+
+def runner_status(store: Store) -> str | None:
+    """One line on who drives the run: a live runner, one gone silent or killed, or stages a killed runner left
+    showing running; None when nothing is in flight."""
+    lock, here = store.get_json_or(LOCK_KEY), socket.gethostname()
+    steps = (store.get_json_or(STATE_KEY) or {}).get("steps", {})
+    running = {n: st for n, st in steps.items() if st.get("state") == "running"}
+    orphans = "".join(f"; {n} " + (f"still runs (pid {st.get('pid')}): the next run adopts it"
+                                   if pid_alive(st.get("pid") or 0) else "was cut short: the next run starts it again")
+                      for n, st in running.items() if st.get("host") == here)
+    if lock:
+        who, age = f"pid {lock.get('pid')} on {lock.get('host')}", time.time() - lock.get("heartbeat", 0)
+        if lock.get("host") == here and not pid_alive(lock.get("pid") or 0):
+            return f"runner: {who} is gone (killed?){orphans}; re-run the same `nanochat speedrun` to resume"
+        if age < STALE_LOCK_S:
+            return f"runner: {who} drives this run (heartbeat {age:.0f}s ago)"
+        return (f"runner: {who} has been silent for {age / 60:.0f} min (killed, or its machine suspended){orphans}; "
+                "the same `nanochat speedrun` takes over and resumes")
+    if running:
+        return f"runner: none, but {', '.join(running)} shows running (its runner was killed){orphans}; " \
+               "re-run the same `nanochat speedrun` to resume"
+    return None
+
 
 def status_rows(store: Store, steps: list[Step] | None = None) -> list[dict]:
     """One row per step: state, attempts, duration and key metrics, from the store only."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,8 @@ import pytest
 from nanochat import profiles
 from nanochat.config import ConfigError
 from nanochat.pipeline import Step
-from nanochat.runner import LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, parse_overrides, status_rows
+from nanochat.runner import (LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, parse_overrides, runner_status,
+                             status_rows)
 from nanochat.store import open_store
 
 ECHO = "tests.fake_stages.echo"
@@ -206,14 +208,33 @@ def test_killed_runner_restarts_and_adopts(tmp_path):
     store = open_store(uri)
     r1 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r1")
     wait_for(lambda: step_state(store, "echo_b") == "running" and store.exists("test/echo_b/attempts"))
+    assert f"runner: pid {r1.pid} on {socket.gethostname()} drives this run" in runner_status(store)  # `nanochat status`
     r1.send_signal(signal.SIGKILL)
     r1.wait()
     stage_pid = store.get_json(STATE_KEY)["steps"]["echo_b"]["pid"]
     assert os.path.exists(f"/proc/{stage_pid}")  # the stage survived its runner
+    line = runner_status(store)
+    assert f"pid {r1.pid} on {socket.gethostname()} is gone" in line and f"echo_b still runs (pid {stage_pid})" in line
     r2 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r2")
     assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
     assert "adopting running process" in (tmp_path / "r2.log").read_text()
     assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 1, 1]
+    assert runner_status(store) is None  # nothing in flight
+
+
+def test_status_names_a_silent_runner_and_stages_left_running(tmp_path, capsys):
+    from nanochat.cli import main
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    store.put_json(STATE_KEY, {"profile": "tiny", "steps": {"data": {"state": "running", "pid": 0, "host": socket.gethostname()}}})
+    store.put_json(LOCK_KEY, {"host": "elsewhere", "pid": 7, "heartbeat": time.time() - 600})
+    assert main(["status", "--store", uri]) == 0
+    out = capsys.readouterr().out
+    assert "runner: pid 7 on elsewhere has been silent for 10 min" in out and "data was cut short" in out
+    store.delete(LOCK_KEY)
+    assert runner_status(store).startswith("runner: none, but data shows running (its runner was killed)")
+    store.put_json(LOCK_KEY, {"host": "elsewhere", "pid": 7, "heartbeat": time.time() - 3})
+    assert runner_status(store) == "runner: pid 7 on elsewhere drives this run (heartbeat 3s ago)"
 
 
 def test_a_plain_run_waits_for_a_killed_runners_rerun_of_a_done_step(tmp_path):
