@@ -164,6 +164,55 @@ def test_background_step_and_dependency(tmp_path):
     assert after["started"] >= bg["ended"]  # the dependent did
 
 
+PARALLEL_PIPELINE = [  # data_rest's shape on the GPU profiles: a background step, a foreground one beside it, a join
+    {"name": "echo_bg", "module": ECHO, "args": ["--label=bg", "--steps=12", "--step-s=0.25", "--save-every=2"],
+     "background": True},
+    {"name": "echo_fg", "module": ECHO, "args": ["--label=fg", "--steps=12", "--step-s=0.25", "--save-every=2"]},
+    {"name": "echo_join", "module": ECHO, "args": ["--label=join"], "depends_on": ["echo_bg", "echo_fg"]},
+]
+
+
+def both_running(store):
+    return all(step_state(store, n) == "running" and store.exists(f"test/{n}/attempts") for n in ("echo_bg", "echo_fg"))
+
+
+def test_a_killed_runner_with_a_background_step_running_beside_another_leaves_both_to_adopt(tmp_path):
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    r1 = spawn_runner(uri, PARALLEL_PIPELINE, tmp_path, "r1")
+    wait_for(lambda: both_running(store))
+    r1.send_signal(signal.SIGKILL)
+    r1.wait()
+    r2 = spawn_runner(uri, PARALLEL_PIPELINE, tmp_path, "r2")
+    assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
+    log = (tmp_path / "r2.log").read_text()
+    assert log.count("adopting running process") == 2, log
+    assert [executions(store, n) for n in ("echo_bg", "echo_fg", "echo_join")] == [1, 1, 1]
+    join = store.get_json("stages/echo_join/done.json")
+    assert all(join["started"] >= store.get_json(f"stages/{n}/done.json")["ended"] for n in ("echo_bg", "echo_fg"))
+
+
+def test_ctrl_c_stops_a_background_step_and_the_one_beside_it_and_the_rerun_resumes_both(tmp_path):
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    r1 = spawn_runner(uri, PARALLEL_PIPELINE, tmp_path, "r1")
+    wait_for(lambda: both_running(store) and all(store.exists(f"test/{n}/ckpt.json") for n in ("echo_bg", "echo_fg")))
+    r1.send_signal(signal.SIGINT)
+    assert r1.wait(timeout=60) == 1
+    assert step_state(store, "echo_bg") == step_state(store, "echo_fg") == "interrupted"
+    assert not store.exists("stages/echo_join/done.json")
+    saved = {n: store.get_json(f"test/{n}/ckpt.json")["step"] for n in ("echo_bg", "echo_fg")}
+    assert all(0 < v < 12 for v in saved.values()), saved
+    r2 = spawn_runner(uri, PARALLEL_PIPELINE, tmp_path, "r2")
+    assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
+    for n, step in saved.items():
+        log = "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob(f"{n}.attempt2.log"))
+        assert f"resuming from step {step}" in log
+        history = [json.loads(line)["step"] for line in store.get_bytes(f"stages/{n}/history.jsonl").decode().splitlines()]
+        assert history == list(range(1, 13))  # continuous: nothing lost, nothing repeated
+    assert store.exists("stages/echo_join/done.json")
+
+
 def test_torchrun_two_process_stage(tmp_path, monkeypatch):
     monkeypatch.setitem(profiles.PROFILES, "tiny", {**profiles.PROFILES["tiny"], "nproc": {"tests.fake_stages.allreduce": 2}})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
