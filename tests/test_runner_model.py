@@ -1,7 +1,8 @@
 """The local runner against simulated stage processes: random histories of invocations (plain, --only, --from), config
-edits, stage failures, Ctrl-C, and runners killed while a stage runs (the stage lives on, to be adopted by the next
-runner or to end alone), with the runner's promises checked at every launch and after every invocation, and, at the
-end, a plain run on a machine where every stage succeeds must bring the whole pipeline up to date."""
+edits, stage failures, Ctrl-C, runners killed while a stage runs (the stage lives on, to be adopted by the next runner
+or to end alone), and runners suspended while a stage runs until another runner takes the run over (the suspended one
+must stop driving it when it wakes), with the runner's promises checked at every launch and after every invocation,
+and, at the end, a plain run on a machine where every stage succeeds must bring the whole pipeline up to date."""
 from __future__ import annotations
 
 import tempfile
@@ -14,7 +15,7 @@ from hypothesis import example, given, note, strategies as st
 
 from nanochat.config import config_hash, parse_config
 from nanochat.pipeline import Step
-from nanochat.runner import STATE_KEY, Handle, Runner, stage_module
+from nanochat.runner import STATE_KEY, Handle, PipelineError, Runner, stage_module
 from nanochat.store import open_store
 from tests.fixtures import fuzz
 
@@ -22,8 +23,9 @@ ECHO = "tests.fake_stages.echo"
 GRAPH = {"a": (), "b": ("a",), "c": (), "d": ("b", "c")}  # d joins two chains
 NAMES = [f"echo_{n}" for n in GRAPH]
 # what a launched stage does: succeed; exit 1 before done.json; write done.json then exit 1; outlive a runner killed
-# while it runs, to succeed or fail later; be stopped by Ctrl-C on the runner
-OUTCOMES = ("ok", "fail", "crash_after_done", "kill_ok", "kill_fail", "interrupt")
+# while it runs, to succeed or fail later; be stopped by Ctrl-C on the runner; run while its runner is suspended past
+# STALE_LOCK_S and another runner takes the run over, adopts the stage (which then succeeds or fails) and runs on
+OUTCOMES = ("ok", "fail", "crash_after_done", "kill_ok", "kill_fail", "interrupt", "takeover_ok", "takeover_fail")
 PLAIN = ("plain",)  # a run with neither --only nor --from
 
 
@@ -57,6 +59,8 @@ class Machine:
         self.tries: Counter = Counter()          # this invocation: launches + adoptions per step
         self.failures: Counter = Counter()       # this invocation: tries that did not succeed
         self.order: list[str] = []               # this invocation: steps tried, in order
+        self.taken_over: dict | None = None      # state.json as the runner that took this invocation over left it
+        self.tried_at_takeover = 0               # len(order) when that runner started
 
     def steps(self) -> list[Step]:
         return [Step(f"echo_{n}", ECHO, args=(f"--label={n}", f"--value={self.values[f'echo_{n}']}"),
@@ -98,6 +102,13 @@ class Machine:
         """The process exits (successfully if ok); whether it wrote done.json."""
         proc.alive = False
         return ok and self.execute(proc)
+
+    def take_over(self):
+        """This invocation's runner is suspended: a plain run starts meanwhile, takes its lock, and runs to its end."""
+        saved = (self.runner, self.mode, self.script, self.tries, self.failures, self.order)
+        invoke(self, PLAIN, {})
+        self.runner, self.mode, self.script, self.tries, self.failures, self.order = saved
+        self.taken_over, self.tried_at_takeover = self.store.get_json(STATE_KEY), len(self.order)
 
     def end_orphans(self):
         """Processes of killed runners end on their own, as they were going to."""
@@ -148,6 +159,10 @@ class FakeExecutor:
         if proc.outcome in ("kill_ok", "kill_fail"):
             proc.outcome = proc.outcome.removeprefix("kill_")
             raise RunnerKilled
+        if proc.outcome.startswith("takeover_"):
+            proc.outcome = proc.outcome.removeprefix("takeover_")
+            m.take_over()  # which adopts this stage: it has ended when this runner wakes up
+            return 0 if proc.outcome == "ok" else 1
         if proc.outcome == "interrupt":
             m.runner.interrupted = True
             stop.set()
@@ -183,7 +198,7 @@ def expected_reruns(m: Machine) -> set[str]:
 def invoke(m: Machine, mode: tuple, script: dict):
     runner = make_runner(m)
     m.mode, m.script = mode, {k: list(v) for k, v in script.items()}
-    m.tries, m.failures, m.order = Counter(), Counter(), []
+    m.tries, m.failures, m.order, m.taken_over = Counter(), Counter(), [], None
     started_at = m.clock
     kwargs = {"only": list(mode[1])} if mode[0] == "only" else {"from_step": mode[1]} if mode[0] == "from" else {}
     plan = runner.plan(**kwargs)
@@ -197,6 +212,12 @@ def invoke(m: Machine, mode: tuple, script: dict):
         ok = runner.run(**kwargs)
     except RunnerKilled:
         return None
+    except PipelineError as e:  # suspended, then taken over: it must stop driving the run the moment it wakes
+        assert m.taken_over is not None and "took over" in str(e), str(e)
+        assert m.store.get_json(STATE_KEY) == m.taken_over, "a runner taken over wrote state.json over the new one's"
+        assert len(m.order) == m.tried_at_takeover, f"a runner taken over went on to {m.order[m.tried_at_takeover:]}"
+        return None
+    assert m.taken_over is None, "a runner taken over carried on as if it still drove the run"
     mine = runner.executor.mine
     assert not any(p.alive for pid, p in m.procs.items() if pid in mine), "a returning runner left its stage running"
     state = m.store.get_json(STATE_KEY)["steps"]
