@@ -392,6 +392,21 @@ def test_a_runner_taken_over_on_this_host_stops_driving_and_leaves_its_stage_to_
     assert store.get_json("stages/echo_b/done.json")["config_hash"]  # echo_b ran to its end
 
 
+def test_a_runner_taken_over_while_it_waits_to_retry_does_not_launch_the_retry(tmp_path, monkeypatch):
+    """Taken over during the back-off before a retry, long before its next heartbeat: the launch itself checks."""
+    import nanochat.runner as runner_mod
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_S", 600.0)
+    store = open_store(f"file://{tmp_path}/st")
+    runner = make_runner(store, [Step("echo_x", ECHO, args=("--label=x", "--fail-times=1"))], tmp_path, max_retries=1,
+                         backoff_s=2.0)
+    thread, outcome = run_in_thread(runner)
+    wait_for(lambda: step_state(store, "echo_x") == "retrying")
+    store.put_json(LOCK_KEY, {"host": "elsewhere", "pid": 7, "heartbeat": time.time()})
+    thread.join(timeout=60)
+    assert "took over" in outcome["error"] and executions(store, "echo_x") == 1
+    assert not (tmp_path / "logs" / "echo_x.attempt2.log").exists()  # not launched (and stopped at once) either
+
+
 def test_a_runner_taken_over_from_another_host_stops_its_stage(tmp_path, monkeypatch):
     """The new runner is elsewhere: it cannot adopt this host's process and starts its own, so this one stops it."""
     from nanochat.runner import pid_alive
