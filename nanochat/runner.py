@@ -208,7 +208,9 @@ class Runner:
         self.state: dict = {}
         self._lock = threading.Lock()
         self.lost_to: dict | None = None  # the lock as another runner rewrote it, once this one was taken over
+        self._locked = False              # whether this runner took runner/lock.json (a dry run does not)
         self._lock_version = None         # runner/lock.json's version as this runner last wrote it
+        self._unsure: dict | None = None  # a lock write whose answer was lost: it may have landed
         self._lock_io = threading.Lock()  # a heartbeat and an ownership check never interleave
 
     def nproc_for(self, step: Step) -> int:
@@ -244,27 +246,55 @@ class Runner:
             if same_host_alive or remote_fresh:
                 raise PipelineError(f"another runner (pid {lock['pid']} on {lock['host']}) is driving {self.store.root}; "
                                     "wait for it or stop it first")
-        version = self.store.put_json_if(LOCK_KEY, me, version)
-        if version is None:
-            raise PipelineError(f"another runner took {self.store.root} just now; wait for it or stop it first")
         self._lock_version = version
+        if not self._write_lock(me)[0]:
+            raise PipelineError(f"another runner took {self.store.root} just now; wait for it or stop it first")
+        self._locked = True
 
         def beat():
             while not self.stop.wait(HEARTBEAT_S):
                 with self._lock_io:
-                    version = self.store.put_json_if(LOCK_KEY, {**me, "heartbeat": time.time()}, self._lock_version)
-                    if version is None:  # silent past STALE_LOCK_S (a suspended machine): never take it back
-                        return self._taken_over(self.store.get_json_or(LOCK_KEY), "this one's heartbeat was late")
-                    self._lock_version = version
+                    try:
+                        renewed, lock = self._write_lock({**me, "heartbeat": time.time()})
+                    except Exception as e:  # noqa: BLE001 - a store blip must not end the heartbeat: the next beat retries
+                        self.on_event(f"could not renew the runner lock ({e}); trying again in {HEARTBEAT_S:.0f}s")
+                        continue
+                    if not renewed:  # silent past STALE_LOCK_S (a suspended machine): never take it back
+                        return self._taken_over(lock, "this one's heartbeat was late")
         threading.Thread(target=beat, daemon=True).start()
+
+    def _write_lock(self, body: dict) -> tuple[bool, dict | None]:
+        """Compare-and-swap runner/lock.json from the version this runner holds to body: (written, the lock as it is).
+        A write whose answer was lost may have landed (botocore retries it: 412); the content tells it was ours."""
+        try:
+            version = self.store.put_json_if(LOCK_KEY, body, self._lock_version)
+        except Exception:
+            self._unsure = body  # it may have landed
+            raise
+        if version is None:
+            lock, version = self.store.get_json_versioned(LOCK_KEY)
+            if lock is None or lock not in (body, self._unsure):
+                return False, lock
+            if lock != body:  # the earlier write landed after all: swap from it
+                self._lock_version, self._unsure = version, None
+                return self._write_lock(body)
+        self._lock_version, self._unsure = version, None
+        return True, body
+
+    def _holds(self, lock: dict | None, version: str | None) -> bool:
+        """Whether the lock as read is this runner's: the version it wrote, or a write whose answer was lost."""
+        if version is not None and (version == self._lock_version or lock == self._unsure):
+            self._lock_version, self._unsure = version, None
+            return True
+        return False
 
     def owns_lock(self) -> bool:
         """Whether runner/lock.json is still the one this runner wrote (always, before it locked: a dry run); checked
         before each launch and state write, so a runner taken over stops at once, not at its next heartbeat."""
         with self._lock_io:
-            if self._lock_version is not None and self.lost_to is None:
+            if self._locked and self.lost_to is None:
                 lock, version = self.store.get_json_versioned(LOCK_KEY)
-                if version != self._lock_version:
+                if not self._holds(lock, version):
                     self._taken_over(lock, "its lock changed hands")
         return self.lost_to is None
 
@@ -276,8 +306,7 @@ class Runner:
 
     def release_lock(self):
         with self._lock_io:
-            _, version = self.store.get_json_versioned(LOCK_KEY)
-            if version is not None and version == self._lock_version:  # not a lock another runner took over
+            if self._locked and self._holds(*self.store.get_json_versioned(LOCK_KEY)):  # not one another runner took
                 self.store.delete(LOCK_KEY)
 
     # --- the state machine

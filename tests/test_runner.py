@@ -326,14 +326,57 @@ def test_of_two_runners_starting_at_once_one_wins(tmp_path, monkeypatch):
     """Both read no lock before either writes one: the lock is a compare-and-swap, so the second write loses."""
     store = open_store(f"file://{tmp_path}/st")
     first, second = (make_runner(store, [Step("echo_a", ECHO)], tmp_path) for _ in range(2))
-    reads = [store.get_json_versioned(LOCK_KEY), store.get_json_versioned(LOCK_KEY)]
-    monkeypatch.setattr(store, "get_json_versioned", lambda key: reads.pop(0))
+    real = store.get_json_versioned
+    reads = [real(LOCK_KEY), real(LOCK_KEY)]
+    monkeypatch.setattr(store, "get_json_versioned", lambda key: reads.pop(0) if reads else real(key))
     try:
         first.acquire_lock()
         with pytest.raises(PipelineError, match="another runner took .* just now"):
             second.acquire_lock()
     finally:
         first.stop.set()
+
+
+def heartbeat_with(store, tmp_path, monkeypatch, put_json_if):
+    """A locked runner beating every 50 ms through a store whose put_json_if is `put_json_if(real, *args)`."""
+    import nanochat.runner as runner_mod
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_S", 0.05)
+    events = []
+    runner = make_runner(store, [Step("echo_a", ECHO)], tmp_path)
+    runner.on_event = events.append
+    runner.acquire_lock()
+    real = store.put_json_if
+    monkeypatch.setattr(store, "put_json_if", lambda *args: put_json_if(real, *args))
+    return runner, events
+
+
+@pytest.mark.parametrize("answer", ["lost", "error"])
+def test_the_heartbeat_rides_out_a_store_error_and_a_lost_answer(tmp_path, monkeypatch, answer):
+    """A failed lock write (a store blip) is retried at the next beat; a write that landed but whose answer was lost
+    (botocore then retries it: 412) is recognised as this runner's own by its content, not taken for a takeover."""
+    from nanochat.store import StoreError
+    store = open_store(f"file://{tmp_path}/st")
+    calls = []
+
+    def flaky(real, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            if answer == "lost":
+                real(*args)
+            raise StoreError("S3 put failed for runner/lock.json: Connection reset by peer")
+        return real(*args)
+    runner, events = heartbeat_with(store, tmp_path, monkeypatch, flaky)
+    try:
+        wait_for(lambda: len(calls) >= 4, timeout=10)
+        assert runner.owns_lock() and runner.lost_to is None, events
+        assert not any("took over" in e for e in events)
+        assert [e for e in events if "could not renew the runner lock" in e] == [events[0]]
+        beat = store.get_json(LOCK_KEY)["heartbeat"]
+        wait_for(lambda: store.get_json(LOCK_KEY)["heartbeat"] > beat, timeout=10)  # still beating
+    finally:
+        runner.stop.set()
+    runner.release_lock()
+    assert not store.exists(LOCK_KEY)
 
 
 def run_in_thread(runner):
