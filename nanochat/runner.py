@@ -147,14 +147,15 @@ class LocalExecutor:
             return Handle(pid, log_path)
         return None
 
-    def terminate(self, h: Handle, grace_s: float = TERM_GRACE_S):
-        """SIGTERM the stage's process group (it checkpoints and exits), SIGKILL after the grace period."""
+    def terminate(self, h: Handle, grace_s: float = TERM_GRACE_S, hurry: threading.Event | None = None):
+        """SIGTERM the stage's process group (it checkpoints and exits), SIGKILL after the grace period or once hurry
+        is set (a second Ctrl-C)."""
         try:
             os.killpg(h.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         deadline = time.time() + grace_s
-        while time.time() < deadline and h.poll() is None:
+        while time.time() < deadline and h.poll() is None and not (hurry and hurry.is_set()):
             time.sleep(0.2)
         if h.poll() is None:
             try:
@@ -202,6 +203,7 @@ class Runner:
         self.env = env
         self.executor = executor or LocalExecutor(default_log_dir(store), env=env)
         self.stop = threading.Event()
+        self.hurry = threading.Event()  # a second Ctrl-C: kill the stages instead of waiting for their checkpoints
         self.interrupted = False
         self.handles: dict[str, Handle] = {}
         self.on_event = on_event or (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
@@ -413,7 +415,12 @@ class Runner:
         return ok
 
     def _on_signal(self, signum, frame):
-        self.on_event(f"{signal.Signals(signum).name}: stopping stages (they checkpoint), re-run to resume")
+        name = signal.Signals(signum).name
+        if self.interrupted:
+            self.on_event(f"second {name}: killing the stages now; a re-run resumes from their last checkpoint")
+            self.hurry.set()
+            return
+        self.on_event(f"{name}: stopping stages (they checkpoint; Ctrl-C again to kill them now), re-run to resume")
         self.interrupted = True
         self.stop.set()
 
@@ -485,7 +492,7 @@ class Runner:
                 self.let_go(step, handle)
                 return False
             if code is None:  # the runner was asked to stop
-                self.executor.terminate(handle)
+                self.executor.terminate(handle, hurry=self.hurry)
                 self.set_state(step.name, state="interrupted", ended=time.time(), pid=None)
                 return False
             ok = self.is_done(name, h) and (code == 0 or code == -1 and self.done_since(name, st["started"]))
@@ -513,7 +520,7 @@ class Runner:
         if host == socket.gethostname():
             self.on_event(f"{step.name}: left running (pid {handle.pid}) for the runner that took over")
             return
-        self.executor.terminate(handle)
+        self.executor.terminate(handle, hurry=self.hurry)
         self.on_event(f"{step.name}: stopped (pid {handle.pid}): the runner that took over is on {host or 'another host'}")
 
     def _upload_log(self, step: Step, handle: Handle):

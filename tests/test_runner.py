@@ -481,6 +481,32 @@ def test_sigint_checkpoints_and_rerun_resumes(tmp_path):
     assert executions(store, "echo_c") == 1
 
 
+def test_a_second_ctrl_c_kills_a_stage_slow_to_checkpoint(tmp_path):
+    """The first Ctrl-C asks the stage to checkpoint and waits (up to NANOCHAT_TERM_GRACE_S); a second one kills it
+    now. The next run resumes from the last checkpoint the stage saved on its own."""
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    spec = [{"name": "echo_b", "module": ECHO, "args": ["--label=b", "--steps=40", "--step-s=0.25", "--save-every=2",
+                                                        "--stop-s=60"]}]
+    r1 = spawn_runner(uri, spec, tmp_path, "r1")
+    wait_for(lambda: store.exists("test/echo_b/ckpt.json"))
+    r1.send_signal(signal.SIGINT)
+    wait_for(lambda: "Ctrl-C again to kill them now" in (tmp_path / "r1.log").read_text())
+    stage_pid = store.get_json(STATE_KEY)["steps"]["echo_b"]["pid"]
+    time.sleep(0.5)  # the stage is in its 60 s save
+    assert r1.poll() is None and os.path.exists(f"/proc/{stage_pid}")
+    r1.send_signal(signal.SIGINT)
+    assert r1.wait(timeout=20) == 1, (tmp_path / "r1.log").read_text()
+    assert "second SIGINT: killing the stages now" in (tmp_path / "r1.log").read_text()
+    wait_for(lambda: not os.path.exists(f"/proc/{stage_pid}"), timeout=10)
+    assert step_state(store, "echo_b") == "interrupted" and not store.exists(LOCK_KEY)
+    saved = store.get_json("test/echo_b/ckpt.json")["step"]
+    r2 = spawn_runner(uri, spec, tmp_path, "r2")
+    assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
+    log = "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob("echo_b.attempt2.log"))
+    assert f"resuming from step {saved}" in log
+
+
 def test_a_wiped_store_starts_its_stage_logs_afresh(tmp_path):
     """The log directory outlives the store it belongs to (it is keyed by the store's path): a run on a new store at the
     same path writes attempt 1's log anew instead of appending to the old run's, which the runner would replay."""

@@ -172,7 +172,7 @@ class FakeExecutor:
         m.failures[proc.step] += code != 0 or not m.current(proc.step)
         return code
 
-    def terminate(self, handle, grace_s=0):
+    def terminate(self, handle, grace_s=0, hurry=None):
         self.m.procs[handle.pid].alive = False  # Ctrl-C: the stage checkpoints and exits, done.json unwritten
 
 

@@ -18,6 +18,7 @@ class Config(StageConfig):
     fail_times: int = opt(0, "fail this many attempts before succeeding (counted in the store)")
     label: str = opt("", "instance label (stages/echo_<label>)")
     save_every: int = opt(0, "checkpoint every N steps (0 = never)")
+    stop_s: float = opt(0.0, "seconds the checkpoint takes when the stage is stopped (a slow save)")
 
     def validate(self):
         from nanochat.config import ConfigError
@@ -52,6 +53,7 @@ def run(ctx):
             try:
                 ctx.check_stop()
             except Exception:
+                time.sleep(cfg.stop_s)
                 store.put_json(f"test/{ctx.name}/ckpt.json", {"step": done})
                 raise
     digest = store.put_bytes(f"outputs/{ctx.name}.txt", str(cfg.value).encode())
