@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import concurrent.futures
 import itertools
 import json
 import math
@@ -26,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -378,13 +378,14 @@ def read_manifest(path: str) -> dict[str, str]:
     return out
 
 
-def _shard_download(get, url: str, *target, expected: str | None, retries: int, backoff_s: float, timeout_s: float) -> dict:
+def _shard_download(get, url: str, *target, expected: str | None, retries: int, backoff_s: float, timeout_s: float,
+                    cancel=None) -> dict:
     """One shard through nanochat.download's `get` (download_file or fetch), its parquet structure checked too;
     the sha256 checked is `expected`, else the one Hugging Face announces. Returns {sha256, size, rows, row_groups, chars}."""
     info = {}
     try:
         got = get(url, *target, expected, retries, backoff_s, timeout_s, progress=False,  # Progress counts shards instead
-                  check=lambda path: info.update(parquet_info(path)))
+                  check=lambda path: info.update(parquet_info(path)), cancel=cancel)
     except dl.NotFound as e:
         raise DownloadError(f"{e} — check --dataset / -n, or --base-url / NANOCHAT_DATA_BASE_URL for mirrors") from None
     except dl.DownloadError as e:
@@ -460,32 +461,23 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
         todo.append((i, name, manifest.get(name) or (rec or {}).get("sha256")))
     log(f"{dataset}: {len(todo)} shard(s) to fetch from {base} ({len(records)} already in {store.uri(SHARDS_PREFIX)})")
     progress = Progress(len(todo), f"download {dataset}", log)
+    cancel = threading.Event()
 
     def fetch(i: int, name: str, expected: str | None) -> dict:
         # records are named by shard, not dataset: until this shard's own record is written, none may vouch for it
         store.delete(f"{RECORDS_PREFIX}/{name}.json")
         info = _shard_download(dl.fetch, f"{base}/{name}", store, shard_key(name), expected=expected, retries=retries,
-                               backoff_s=backoff_s, timeout_s=timeout_s)
+                               backoff_s=backoff_s, timeout_s=timeout_s, cancel=cancel)
         rec = {"name": name, "key": shard_key(name), "split": "val" if i == ds.val_index else "train", "source": dataset,
                "url": f"{base}/{name}", **info}
         store.put_json(f"{RECORDS_PREFIX}/{name}.json", rec)  # after the shard: a record means a verified shard
         progress.update(f"{name} {info['size'] / 1e6:.1f} MB", info["size"])
         return rec
 
-    errors = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(fetch, *t) for t in todo]
-        try:
-            for fut in concurrent.futures.as_completed(futures):
-                if not fut.cancelled() and fut.exception() is not None:
-                    errors.append(fut.exception())
-                    for other in futures:
-                        other.cancel()  # a 404 or a dead mirror: stop queueing more work
-        except BaseException:  # e.g. SIGTERM: finish only the shards in flight
-            for other in futures:
-                other.cancel()
-            raise
-    progress.close()
+    try:
+        errors = run_parallel(fetch, todo, workers, cancel)
+    finally:
+        progress.close()
     if errors:
         raise errors[0] if isinstance(errors[0], DataError) else DownloadError(str(errors[0]))
     entries = [r for r in _records(store, dataset).values() if store.exists(r["key"])]
@@ -494,6 +486,39 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
     store.put_json(INDEX_KEY, index)
     log(f"{dataset}: {index['num_train']} train + {index['num_val']} val shard(s), {index['chars']:,} chars in {store.uri(SHARDS_PREFIX)}")
     return index
+
+
+def run_parallel(fn, jobs: list[tuple], workers: int, cancel: threading.Event) -> list[BaseException]:
+    """fn(*job) for every job on `workers` daemon threads; returns the errors. The first error stops handing out jobs
+    (a 404 or a dead mirror), while the ones in flight finish. An interrupt (Ctrl-C, a stage's SIGTERM) sets `cancel`,
+    which stops those in flight at their next chunk, and is raised at once: daemon threads never hold up the exit,
+    not even one stuck on a silent server."""
+    pending, errors, lock = list(reversed(jobs)), [], threading.Lock()
+
+    def worker():
+        while not cancel.is_set():
+            with lock:
+                if errors or not pending:
+                    return
+                job = pending.pop()
+            try:
+                fn(*job)
+            except BaseException as e:  # noqa: BLE001 - the caller reports it
+                with lock:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"download-{i}") for i in range(min(max(1, workers), len(jobs)))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:
+        cancel.set()
+        for t in threads:
+            t.join(timeout=2.0)  # one mid-chunk stops and removes its temp file; one stuck on a silent server is left
+        raise
+    return errors
 
 
 def _records(store, dataset: str) -> dict[str, dict]:
@@ -787,6 +812,9 @@ def cli(argv=None) -> int:
     except (DataError, StoreError, OSError) as e:
         print(f"nanochat data {args.cmd}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"nanochat data {args.cmd}: interrupted; what is stored is kept: re-run the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -64,6 +64,10 @@ class NotFound(DownloadError):
     """HTTP 404/410, or a file:// path that does not exist."""
 
 
+class Cancelled(DownloadError):
+    """The caller's `cancel` event was set (Ctrl-C, a stage's SIGTERM): stopped at the next chunk or back-off."""
+
+
 class _Transient(Exception):
     """Worth another attempt; `wait`: the server's Retry-After in seconds, if it sent one."""
 
@@ -85,30 +89,33 @@ def hf_datasets_url() -> str:
 
 
 def fetch(url: str, store, key: str, sha256: str | None = None, retries: int = RETRIES, backoff: float = BACKOFF,
-          timeout: float = TIMEOUT, progress: bool = True, headers: dict | None = None, check=None) -> Fetched:
+          timeout: float = TIMEOUT, progress: bool = True, headers: dict | None = None, check=None,
+          cancel=None) -> Fetched:
     """Download url into store[key]: a temp file, verified, then published with store.put_file (atomic:
     a failed or killed download never leaves an object behind)."""
     with tempfile.TemporaryDirectory(prefix="nanochat-dl-") as tmp:
         path = Path(tmp) / key.rsplit("/", 1)[-1]
-        got = download_file(url, path, sha256, retries, backoff, timeout, progress, headers, check)
+        got = download_file(url, path, sha256, retries, backoff, timeout, progress, headers, check, cancel)
         store.put_file(key, path)
     return got
 
 
 def download_file(url: str, dest, sha256: str | None = None, retries: int = RETRIES, backoff: float = BACKOFF,
-                  timeout: float = TIMEOUT, progress: bool = True, headers: dict | None = None, check=None) -> Fetched:
+                  timeout: float = TIMEOUT, progress: bool = True, headers: dict | None = None, check=None,
+                  cancel=None) -> Fetched:
     """Download url to dest, which appears (os.replace) only once verified.
 
     `check(path)`, if given, inspects the complete body before it is accepted; an exception from it
     counts as a corrupted body (retried, unless the digest proved the bytes are the published ones).
-    After a failure, <dest>.part stays behind: the next call resumes it."""
+    After a failure, <dest>.part stays behind: the next call resumes it. Setting `cancel` (a threading.Event)
+    stops the download at its next chunk or back-off with Cancelled."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     bar = _Progress(url, progress)
     try:
         for attempt in range(retries + 1):
             try:
-                announced = _attempt(url, part, timeout, headers, bar)
+                announced = _attempt(url, part, timeout, headers, bar, cancel)
                 return _accept(url, part, dest, sha256 or announced, check)
             except _Transient as e:
                 if attempt == retries:
@@ -116,9 +123,17 @@ def download_file(url: str, dest, sha256: str | None = None, retries: int = RETR
                 delay = min(MAX_BACKOFF, backoff * 2 ** attempt) * (0.5 + random.random() / 2)  # jitter: failed together, retry apart
                 delay = max(delay, min(e.wait or 0.0, MAX_RETRY_AFTER))
                 log.warning("download: %s: %s; retrying in %.1fs (%d/%d)", url, e, delay, attempt + 1, retries)
-                time.sleep(delay)
+                _pause(delay, cancel, url)
     finally:
         bar.close()
+
+
+def _pause(seconds: float, cancel, url: str):
+    """Back off before a retry; a set `cancel` ends the wait, and the download, at once."""
+    if cancel is None:
+        time.sleep(seconds)
+    elif cancel.wait(seconds):
+        raise Cancelled(f"download cancelled: {url}", url)
 
 
 def stored_sha256(store, key: str) -> str:
@@ -130,7 +145,7 @@ def stored_sha256(store, key: str) -> str:
     return h.hexdigest()
 
 
-def _attempt(url: str, part: Path, timeout: float, headers: dict | None, bar) -> str | None:
+def _attempt(url: str, part: Path, timeout: float, headers: dict | None, bar, cancel=None) -> str | None:
     """One request: append url's bytes to part (from its current size, with a Range request).
     Returns the sha256 the server announced, if any."""
     if urllib.parse.urlsplit(url).scheme == "file":
@@ -161,6 +176,8 @@ def _attempt(url: str, part: Path, timeout: float, headers: dict | None, bar) ->
             with open(part, "ab" if have else "wb") as out:
                 # raw reads: a cut connection still hands over the bytes that arrived, which a Range request then skips
                 for chunk in resp.raw.stream(CHUNK, decode_content=encoded):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"download cancelled: {url}", url)
                     out.write(chunk)
                     got += len(chunk)
                     bar.update(got)

@@ -325,6 +325,35 @@ def test_killed_download_resumes_without_refetching(tmp_path, server):
         assert store.get_bytes(shard_key(e["name"]), sha256=e["sha256"]) == server.files[e["name"]]
 
 
+@pytest.mark.parametrize("how", ["ctrl-c on nanochat data download", "sigterm on the data stage"])
+def test_an_interrupted_download_stops_at_once_even_with_shards_stalled_mid_body(tmp_path, server, how):
+    """Every shard in flight stalls half-way (a silent server, 60 s before a read times out): Ctrl-C, or the SIGTERM
+    the runner or Kubernetes sends a stage, still ends the process at once, with one line and no index written;
+    the next run fetches what is missing."""
+    uri = f"file://{tmp_path}/store"
+    server.faults = {shard_name(i): ["hang"] for i in (0, 1, 2, 3)}
+    if how.startswith("ctrl-c"):
+        argv = ["nanochat.dataset", "download", "-n", "4", "--store", uri, "--base-url", server.url]
+        sig, code, line = signal.SIGINT, 130, "nanochat data download: interrupted; what is stored is kept"
+    else:
+        argv = ["nanochat.stages.data", "--store", uri, "--profile", "ci", "--dataset", "fineweb-edu", "--num-shards", "4",
+                "--data-base-url", server.url]
+        sig, code, line = signal.SIGTERM, 143, "received SIGTERM"
+    proc = subprocess.Popen([sys.executable, "-m", *argv, "--workers", "2", "--retries", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: server.counts[shard_name(0)] + server.counts[shard_name(1)] == 2, what="two shards in flight")
+        time.sleep(0.5)  # both bodies stalled half-way
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and line in err and "Traceback" not in err, err
+    store = open_store(uri)
+    assert not store.exists(INDEX_KEY) and not store.exists(shard_key(shard_name(0)))
+    server.faults = {}
+    assert fetch(store, server, 4)["num_train"] == 4
+
+
 def test_background_download_returns_and_finishes(tmp_path, server, capsys):
     uri = f"file://{tmp_path}/store"
     log_file = tmp_path / "download.log"

@@ -225,6 +225,19 @@ def test_a_stalled_body_times_out_and_is_retried(server, tmp_path, sleeps):
     assert got.sha256 == sha256_bytes(BODY) and len(server.requests) == 2
 
 
+def test_cancel_stops_a_download_mid_body_or_mid_backoff_publishing_nothing(server, tmp_path):
+    store, cancel = open_store(f"file://{tmp_path}/s"), threading.Event()
+    cancel.set()  # set while the body streams: stopped at the next chunk
+    with pytest.raises(dl.Cancelled, match="download cancelled: .*/data/file.bin"):
+        dl.fetch(f"{server.url}/data/file.bin", store, "k", progress=False, cancel=cancel)
+    cancel.clear()
+    server.faults["/data/file.bin"] = ["503"] * 3
+    threading.Timer(0.3, cancel.set).start()  # set during a 30 s back-off: ends it at once
+    with pytest.raises(dl.Cancelled):
+        dl.fetch(f"{server.url}/data/file.bin", store, "k", backoff=60.0, progress=False, cancel=cancel)
+    assert len(server.requests) == 2 and not store.exists("k") and tmp_leftovers(tmp_path) == []
+
+
 def test_404_fails_fast_naming_the_url(server, tmp_path, sleeps):
     store = open_store(f"file://{tmp_path}/s")
     with pytest.raises(dl.NotFound, match=f"404.*{server.url}/data/missing.bin") as err:
