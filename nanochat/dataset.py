@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,12 @@ class ShardWriter:
         self.entries: list[dict] = []
         self.scratch = Path(tempfile.mkdtemp(prefix="nanochat-shards-"))
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.scratch, ignore_errors=True)  # a stopped or failed build leaves no half-written shard
+
     def add(self, text: str, size_cut: bool = True):
         if not text:
             return  # an empty document would be a lone <|bos|>
@@ -216,7 +223,6 @@ class ShardWriter:
         if old:
             keep = {e["name"] for e in self.entries}
             _remove_shards(self.store, [e["name"] for e in old["shards"] if e["name"] not in keep], self.log)
-        self.scratch.rmdir()
         return index
 
 
@@ -312,15 +318,15 @@ def build_embedded(store, max_chars: int = 0, synthetic_fraction: float = EMBEDD
     while n_val < len(docs) - 1 and (val_chars < total * val_fraction or n_val == 0):
         n_val += 1
         val_chars += len(docs[-n_val])
-    writer = ShardWriter(store, "embedded", shard_chars, row_group_rows, log=log)
-    for doc in docs[:-n_val]:
-        writer.add(doc)
-    writer.cut()
-    for doc in docs[-n_val:]:
-        writer.add(doc, size_cut=False)  # the val shard is one shard, whatever its size
     config = {"max_chars": max_chars, "synthetic_fraction": synthetic_fraction, "shard_chars": shard_chars,
               "row_group_rows": row_group_rows, "val_fraction": val_fraction, "seed": seed}
-    return writer.finish({"sources": sources, "config": config})
+    with ShardWriter(store, "embedded", shard_chars, row_group_rows, log=log) as writer:
+        for doc in docs[:-n_val]:
+            writer.add(doc)
+        writer.cut()
+        for doc in docs[-n_val:]:
+            writer.add(doc, size_cut=False)  # the val shard is one shard, whatever its size
+        return writer.finish({"sources": sources, "config": config})
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -592,10 +598,10 @@ def iter_input_documents(paths: list[str], text_field: str = TEXT_COLUMN, txt_sp
 def prepare(inputs: list[str], store, shard_chars: int = CHARS_PER_SHARD, row_group_rows: int = 1024,
             text_field: str = TEXT_COLUMN, txt_split: str = "file", val_fraction: float = 0.01, log=None) -> dict:
     """Repackage local text into shards + index.json (the last shard is val)."""
-    writer = ShardWriter(store, "prepare", shard_chars, row_group_rows, val_fraction=val_fraction, log=log)
-    for doc in iter_input_documents(inputs, text_field, txt_split):
-        writer.add(doc)
-    return writer.finish({"inputs": [str(Path(p).resolve()) for p in inputs]})
+    with ShardWriter(store, "prepare", shard_chars, row_group_rows, val_fraction=val_fraction, log=log) as writer:
+        for doc in iter_input_documents(inputs, text_field, txt_split):
+            writer.add(doc)
+        return writer.finish({"inputs": [str(Path(p).resolve()) for p in inputs]})
 
 
 # ----------------------------------------------------------------------------- recipe

@@ -295,6 +295,7 @@ def test_a_cut_prepare_over_a_downloaded_corpus_leaves_no_record_vouching_for_it
     with pytest.raises(KeyboardInterrupt):
         dataset.prepare([str(src)], store, shard_chars=400)
     monkeypatch.setattr(store, "put_file", put_file)
+    assert not list((tmp_path / "tmp").glob("nanochat-shards-*"))  # nor a half-written shard in the temp folder
     assert store.get_bytes(shard_key(shard_name(0))) != server.files[shard_name(0)]  # the local corpus's first shard
     index = fetch(store, server, 2)
     assert server.counts[shard_name(0)] == 2
