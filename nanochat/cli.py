@@ -168,7 +168,7 @@ def cmd_speedrun(args) -> int:
     from nanochat.config import ConfigError, resolve_profile
     from nanochat.pipeline import steps_for
     from nanochat.report import Report
-    from nanochat.runner import LOCK_KEY, STATE_KEY, PipelineError, Runner, parse_overrides, status_rows
+    from nanochat.runner import LOCK_KEY, STATE_KEY, PipelineError, Runner, failure_notes, parse_overrides, status_rows
     from nanochat.store import StoreError, check_reachable, open_store
     uri, why = store_uri(args), None
     try:
@@ -213,6 +213,8 @@ def cmd_speedrun(args) -> int:
         error(str(e))
     text = Report(store).generate(stage_order=[s.name for s in steps])
     print_table(status_rows(store, steps))
+    for line in failure_notes(store):
+        print(line)
     print(f"\nreport: {store.uri('report/report.md')} ({len(text.splitlines())} lines); `nanochat report` copies it here", file=sys.stderr)
     if not ok:
         print(f"speedrun stopped after {time.time() - t0:.0f}s; re-run the same command to resume", file=sys.stderr)
@@ -297,7 +299,7 @@ def print_table(rows: list[dict]):
 
 def cmd_status(args) -> int:
     from nanochat.pipeline import steps_for
-    from nanochat.runner import STATE_KEY, runner_status, status_rows
+    from nanochat.runner import STATE_KEY, failure_notes, runner_status, status_rows
     from nanochat.store import StoreError
     uri = store_uri(args)
     try:
@@ -307,13 +309,13 @@ def cmd_status(args) -> int:
             return 0
         state = store.get_json_or(STATE_KEY) or {}
         steps = steps_for(state["profile"]) if state.get("profile") else None
-        rows, runner = status_rows(store, steps), runner_status(store)
+        rows, runner, failures = status_rows(store, steps), runner_status(store), failure_notes(store)
     except StoreError as e:
         error(str(e), 1)
     print(f"store: {store.root}" + (f"   profile: {state['profile']}" if state.get("profile") else ""))
     print_table(rows)
-    if runner:
-        print(runner)
+    for line in [*failures, *([runner] if runner else [])]:
+        print(line)
     return 0
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat import download as dl
+from nanochat.errors import Failure
 
 SHARDS_PREFIX = "data/shards"
 INDEX_KEY = f"{SHARDS_PREFIX}/index.json"
@@ -61,7 +62,7 @@ DOWNLOAD_RETRIES = dl.RETRIES
 DOWNLOAD_TIMEOUT_S = dl.TIMEOUT
 
 
-class DataError(RuntimeError):
+class DataError(Failure):
     """A data problem with a one-line explanation (bad input file, missing shards, ...)."""
 
 

@@ -36,6 +36,7 @@ import requests
 import urllib3
 from urllib3.util import Retry
 
+from nanochat.errors import Failure
 from nanochat.store import sha256_file
 
 log = logging.getLogger("nanochat")
@@ -52,7 +53,7 @@ HF_ENDPOINT = "https://huggingface.co"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(Failure):
     """A download that failed for good; the message names the URL and why. `status`: the HTTP status, if any."""
 
     def __init__(self, message: str, url: str, status: int | None = None):

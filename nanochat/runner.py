@@ -560,6 +560,26 @@ def runner_status(store: Store) -> str | None:
     return None
 
 
+def failure_notes(store: Store) -> list[str]:
+    """One line per failed step: its exit code, the last error its log shows, and where the log is (this machine's
+    copy, else the one the runner uploaded to the store)."""
+    out = []
+    for name, st in (store.get_json_or(STATE_KEY) or {}).get("steps", {}).items():
+        if st.get("state") != "failed":
+            continue
+        local, copy = Path(st.get("log") or "/nonexistent"), f"logs/{Path(st.get('log') or '').name}"
+        if local.is_file():
+            text, where = local.read_bytes()[-65536:], str(local)
+        elif st.get("log") and store.exists(copy):
+            text, where = store.get_bytes(copy)[-65536:], store.uri(copy)
+        else:
+            text, where = b"", "none"
+        lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+        out.append(f"{name}: failed (exit {st.get('exit_code')})" + (f": {last[:200]}" if last else "") + f"; log: {where}")
+    return out
+
+
 def status_rows(store: Store, steps: list[Step] | None = None) -> list[dict]:
     """One row per step: state, attempts, duration and key metrics, from the store only."""
     from nanochat.report import load_done_markers

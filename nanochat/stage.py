@@ -23,6 +23,7 @@ import torch
 
 from nanochat import common
 from nanochat.config import ConfigError, config_dict, config_hash, parse_config
+from nanochat.errors import Failure
 from nanochat.metrics import StageMetrics
 from nanochat.report import Report
 from nanochat.store import StoreError, check_reachable, default_store_uri, open_store
@@ -265,8 +266,8 @@ def stage_main(stage: str, config_cls, run, argv=None) -> int:
     except StageInterrupted as e:
         ctx.flush_history()
         code = _fail(stage, f"interrupted ({e}); re-run to resume", EXIT_INTERRUPTED)
-    except (StoreError, ConfigError) as e:
-        code = _fail(stage, str(e), EXIT_ERROR if isinstance(e, StoreError) else EXIT_CONFIG)
+    except (StoreError, ConfigError, Failure) as e:  # expected: the message says it all
+        code = _fail(stage, str(e), EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_ERROR)
     except Exception as e:  # noqa: BLE001 - a bug: keep the traceback
         if world_size > 1 and _peer_died(e):  # the rank that died printed the cause; this one only follows
             code = _fail(stage, "peer rank died; re-run to resume", EXIT_ERROR)

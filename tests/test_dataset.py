@@ -568,6 +568,17 @@ def test_data_stage_two_part_download(tmp_path, server):
     assert store.get_json("stages/data_rest/done.json")["metrics"]["num_shards"] == 5
 
 
+def test_a_dead_mirror_fails_the_data_stage_in_one_line(tmp_path, capsys):
+    """A download that fails for good is an expected failure: one line naming the URL, no traceback."""
+    from nanochat.stages import data
+    uri = f"file://{tmp_path}/store"
+    code = data.main(["--store", uri, "--profile", "ci", "--dataset", "fineweb-edu", "--num-shards", "1", "--retries", "0",
+                      "--data-base-url", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "nanochat stage data: error: download failed after 1 attempts: http://127.0.0.1:" in err and "refused" in err
+
+
 def test_data_stage_rejects_bad_flags(tmp_path, capsys):
     from nanochat.stages import data
     assert data.main(["--store", f"file://{tmp_path}/s", "--dataset", "fineweb-edu", "--num-shards", "5000"]) == 2

@@ -14,8 +14,8 @@ import pytest
 from nanochat import profiles
 from nanochat.config import ConfigError
 from nanochat.pipeline import Step
-from nanochat.runner import (LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, parse_overrides, runner_status,
-                             status_rows)
+from nanochat.runner import (LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, failure_notes, parse_overrides,
+                             runner_status, status_rows)
 from nanochat.store import open_store
 
 ECHO = "tests.fake_stages.echo"
@@ -269,6 +269,21 @@ def test_killed_runner_restarts_and_adopts(tmp_path):
     assert "adopting running process" in (tmp_path / "r2.log").read_text()
     assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 1, 1]
     assert runner_status(store) is None  # nothing in flight
+
+
+def test_status_shows_a_failed_steps_error_and_log(tmp_path, capsys):
+    from nanochat.cli import main
+    uri = f"file://{tmp_path}/st"
+    store = open_store(uri)
+    steps = [Step("echo_x", ECHO, args=("--label=x", "--fail-times=9"))]
+    assert not make_runner(store, steps, tmp_path, max_retries=0).run()
+    log = tmp_path / "logs" / "echo_x.attempt1.log"
+    assert main(["status", "--store", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"echo_x: failed (exit 1): RuntimeError: injected failure 1/9; log: {log}" in out, out
+    log.unlink()  # status on another machine: the copy the runner uploaded
+    assert failure_notes(store) == [f"echo_x: failed (exit 1): RuntimeError: injected failure 1/9; "
+                                    f"log: {store.uri('logs/echo_x.attempt1.log')}"]
 
 
 def test_status_names_a_silent_runner_and_stages_left_running(tmp_path, capsys):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from nanochat.download import BACKOFF, RETRIES, TIMEOUT, DownloadError, NotFound, fetch, hf_datasets_url, stored_sha256
+from nanochat.errors import Failure
 from nanochat.tasks.files import TASKS_PREFIX, resolve_store
 
 log = logging.getLogger("nanochat")
@@ -33,7 +34,7 @@ GITHUB_RAW = "https://raw.githubusercontent.com"
 KARPATHY_S3 = "https://karpathy-public.s3.us-west-2.amazonaws.com"
 
 
-class TaskDownloadError(RuntimeError):
+class TaskDownloadError(Failure):
     """A download that failed for good; the message names the URL and the reason."""
 
 
