@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from nanochat.store import Store
 
 STATE_KEY = "runner/state.json"
 LOCK_KEY = "runner/lock.json"
+RAISED = re.compile(r"[\w.]*(Error|Exception|Interrupted)\b.*")  # a traceback's last line: "ValueError: ..."
 HEARTBEAT_S = 20.0
 STALE_LOCK_S = 120.0
 TERM_GRACE_S = float(os.environ.get("NANOCHAT_TERM_GRACE_S", "120"))
@@ -560,6 +562,15 @@ def runner_status(store: Store) -> str | None:
     return None
 
 
+def last_error(log: str) -> str:
+    """The line of a stage's log that says why it failed: its own one-line error, else the last exception raised
+    (not torchrun's ChildFailedError summary), else the last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("nanochat stage ") and ": error: " in line]
+    raised = [line for line in lines if RAISED.match(line) and "ChildFailedError" not in line]
+    return (ours or raised or lines or [""])[-1]
+
+
 def failure_notes(store: Store) -> list[str]:
     """One line per failed step: its exit code, the last error its log shows, and where the log is (this machine's
     copy, else the one the runner uploaded to the store)."""
@@ -574,8 +585,7 @@ def failure_notes(store: Store) -> list[str]:
             text, where = store.get_bytes(copy)[-65536:], store.uri(copy)
         else:
             text, where = b"", "none"
-        lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
-        last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+        last = last_error(text.decode(errors="replace"))
         out.append(f"{name}: failed (exit {st.get('exit_code')})" + (f": {last[:200]}" if last else "") + f"; log: {where}")
     return out
 

@@ -14,8 +14,8 @@ import pytest
 from nanochat import profiles
 from nanochat.config import ConfigError
 from nanochat.pipeline import Step
-from nanochat.runner import (LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, failure_notes, parse_overrides,
-                             runner_status, status_rows)
+from nanochat.runner import (LOCK_KEY, STATE_KEY, LocalExecutor, PipelineError, Runner, failure_notes, last_error,
+                             parse_overrides, runner_status, status_rows)
 from nanochat.store import open_store
 
 ECHO = "tests.fake_stages.echo"
@@ -284,6 +284,22 @@ def test_status_shows_a_failed_steps_error_and_log(tmp_path, capsys):
     log.unlink()  # status on another machine: the copy the runner uploaded
     assert failure_notes(store) == [f"echo_x: failed (exit 1): RuntimeError: injected failure 1/9; "
                                     f"log: {store.uri('logs/echo_x.attempt1.log')}"]
+
+
+def test_the_last_error_of_a_log_is_the_stages_not_torchruns_summary():
+    torchrun = """[W socket] ignored warning
+Traceback (most recent call last):
+  File "x.py", line 3, in <module>
+ValueError: shapes (3,) and (4,) do not match
+E1129 21:40:00 elastic failed (exitcode: 1) local_rank: 0
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+"""
+    assert last_error(torchrun) == "ValueError: shapes (3,) and (4,) do not match"
+    ours = "[data] fetching\nnanochat stage data: error: download failed after 6 attempts: http://x/y: 503\n"
+    assert last_error(ours + torchrun) == "nanochat stage data: error: download failed after 6 attempts: http://x/y: 503"
+    assert last_error("Killed\n") == "Killed" and last_error("") == ""
 
 
 def test_status_names_a_silent_runner_and_stages_left_running(tmp_path, capsys):
