@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", nargs="?", help="stage name")
     st.add_argument("rest", nargs=argparse.REMAINDER)
 
-    s = sub.add_parser("status", help="table of stage states, durations and key metrics, and whether a runner drives the run", formatter_class=HelpFormatter)
+    s = sub.add_parser("status", help="table of stage states, durations and key metrics; who drives the run; why a stage failed",
+                       formatter_class=HelpFormatter)
     add_store_flags(s)
     r = sub.add_parser("report", help="generate the report card and copy it to ./report.md", formatter_class=HelpFormatter)
     add_store_flags(r)

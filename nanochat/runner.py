@@ -578,10 +578,11 @@ def failure_notes(store: Store) -> list[str]:
     for name, st in (store.get_json_or(STATE_KEY) or {}).get("steps", {}).items():
         if st.get("state") != "failed":
             continue
-        local, copy = Path(st.get("log") or "/nonexistent"), f"logs/{Path(st.get('log') or '').name}"
-        if local.is_file():
-            text, where = local.read_bytes()[-65536:], str(local)
-        elif st.get("log") and store.exists(copy):
+        log = st.get("log") or ""
+        local, copy = Path(log), f"logs/{Path(log).name}"
+        if log and local.is_file():
+            text, where = local.read_bytes()[-65536:], log
+        elif log and store.exists(copy):
             text, where = store.get_bytes(copy)[-65536:], store.uri(copy)
         else:
             text, where = b"", "none"
