@@ -111,7 +111,7 @@ class Report:
         out.append(render_data({k: v for k, v in header.items() if k != "started"}))
         total_s = sum(d.get("duration_s", 0) for d in dones.values())
         gpus = header.get("gpus_for_cost") or _gpu_count()
-        out.append(f"\n- total wall time (sum of stages): {_human(total_s)}")
+        out.append(f"\n- total wall time (sum of stages): {human_duration(total_s)}")
         if gpus:
             out.append(f"- estimated cost: ${total_s / 3600 * gpus * gpu_hour_cost:,.2f} ({gpus} GPU × ${gpu_hour_cost}/GPU-hour)")
         out.append("")
@@ -119,7 +119,7 @@ class Report:
         if card:
             out.append("## Summary\n")
             out.append(card)
-        timing = [{"stage": n, "state": "done", "duration": _human(d.get("duration_s", 0)), "world size": d.get("world_size", 1)}
+        timing = [{"stage": n, "state": "done", "duration": human_duration(d.get("duration_s", 0)), "world size": d.get("world_size", 1)}
                   for n, d in sorted(dones.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 999)]
         if timing:
             out.append("\n## Stage timings\n")
@@ -174,7 +174,7 @@ def _gpu_count() -> int:
         return 0
 
 
-def _human(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
     seconds = int(seconds)
     h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -591,6 +591,20 @@ def failure_notes(store: Store) -> list[str]:
     return out
 
 
+def progress_note(store: Store, name: str, started: float) -> str:
+    """A running stage's progress from its history.jsonl (flushed every ~10 s): "step 120/400, eta 3m20s", or ""."""
+    from nanochat.report import human_duration, load_history
+    rows = [r for r in load_history(store, name) if r.get("time", 0) >= started and "step" in r]  # this attempt's
+    if not rows or not rows[-1].get("total"):
+        return ""
+    first, last = rows[0], rows[-1]
+    note = f"step {last['step']}/{last['total']}"
+    if last["step"] > first["step"]:
+        rate = (last["time"] - first["time"]) / (last["step"] - first["step"])
+        note += f", eta {human_duration(rate * max(0, last['total'] - last['step']))}"
+    return note
+
+
 def status_rows(store: Store, steps: list[Step] | None = None) -> list[dict]:
     """One row per step: state, attempts, duration and key metrics, from the store only."""
     from nanochat.report import load_done_markers
@@ -603,10 +617,12 @@ def status_rows(store: Store, steps: list[Step] | None = None) -> list[dict]:
         s = st.get("state") or ("succeeded" if done else "pending")
         if done and s not in ("running", "retrying"):
             s = "succeeded"
-        dur = done.get("duration_s") if done else (time.time() - st["started"] if st.get("state") == "running" and st.get("started") else None)
+        running = st.get("state") == "running" and st.get("started")
+        dur = time.time() - st["started"] if running else done.get("duration_s") if done else None
         metrics = (done or {}).get("metrics", {})
-        key = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:4]
-                        if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+        key = progress_note(store, n, st["started"]) if running else ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:4]
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool))
         rows.append({"stage": n, "state": s, "attempts": st.get("attempts", 1 if done else 0),
                      "duration": f"{dur:.1f}s" if dur is not None else "-", "metrics": key or "-"})
     return rows

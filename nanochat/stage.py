@@ -120,7 +120,7 @@ class StageContext:
         """Record scalars at a step: Prometheus gauges, history.jsonl (for report plots)."""
         self.metrics.update(step=step, total=total, **values)
         if self.is_master:
-            self._history.append({"step": step, "time": round(time.time(), 3), **values})
+            self._history.append({"step": step, **({"total": total} if total else {}), "time": round(time.time(), 3), **values})
             if flush or time.time() - self._last_flush > HISTORY_FLUSH_S:
                 self.flush_history()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -258,6 +259,9 @@ def test_killed_runner_restarts_and_adopts(tmp_path):
     r1 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r1")
     wait_for(lambda: step_state(store, "echo_b") == "running" and store.exists("test/echo_b/attempts"))
     assert f"runner: pid {r1.pid} on {socket.gethostname()} drives this run" in runner_status(store)  # `nanochat status`
+    wait_for(lambda: store.exists("stages/echo_b/history.jsonl"))
+    progress = next(r for r in status_rows(store) if r["stage"] == "echo_b")["metrics"]
+    assert re.fullmatch(r"step \d+/12(, eta \d+m\d\ds)?", progress), progress
     r1.send_signal(signal.SIGKILL)
     r1.wait()
     stage_pid = store.get_json(STATE_KEY)["steps"]["echo_b"]["pid"]
@@ -269,6 +273,19 @@ def test_killed_runner_restarts_and_adopts(tmp_path):
     assert "adopting running process" in (tmp_path / "r2.log").read_text()
     assert [executions(store, n) for n in ("echo_a", "echo_b", "echo_c")] == [1, 1, 1]
     assert runner_status(store) is None  # nothing in flight
+
+
+def test_status_shows_a_running_stages_progress_and_eta(tmp_path):
+    """From the history the stage flushes: this attempt's rows only (a resumed stage's earlier ones have old times)."""
+    store = open_store(f"file://{tmp_path}/st")
+    now = time.time()
+    store.put_json(STATE_KEY, {"steps": {"base_train": {"state": "running", "started": now - 100, "attempts": 2}}})
+    rows = [{"step": s, "total": 400, "time": now - 5000 + s, "loss": 3.0} for s in range(1, 50)]  # the first attempt
+    rows += [{"step": s, "total": 400, "time": now - 90 + (s - 50) * 0.5, "loss": 2.0} for s in range(50, 201, 10)]
+    store.put_bytes("stages/base_train/history.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    [row] = status_rows(store)
+    assert row["state"] == "running" and row["metrics"] == "step 200/400, eta 1m40s"  # 0.5 s a step, 200 to go
+    assert 99 <= float(row["duration"].rstrip("s")) < 110
 
 
 def test_status_shows_a_failed_steps_error_and_log(tmp_path, capsys):
