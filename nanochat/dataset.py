@@ -70,6 +70,10 @@ class DownloadError(DataError):
     pass
 
 
+class ShardChanged(DownloadError):
+    """Attempt after attempt, the mirror's bytes were not the expected digest's."""
+
+
 # ----------------------------------------------------------------------------- index
 
 
@@ -396,7 +400,7 @@ def _shard_download(get, url: str, *target, expected: str | None, retries: int, 
     except dl.NotFound as e:
         raise DownloadError(f"{e} — check --dataset / -n, or --base-url / NANOCHAT_DATA_BASE_URL for mirrors") from None
     except dl.DownloadError as e:
-        raise DownloadError(str(e)) from None
+        raise (ShardChanged if e.mismatch else DownloadError)(str(e)) from None
     return {"sha256": got.sha256, "size": got.size, **info}
 
 
@@ -465,16 +469,27 @@ def download(store, dataset: str = "fineweb-edu", num_shards: int = 8, start: in
                 continue
             else:
                 log(f"{name}: stored copy does not match its recorded sha256; fetching it again")
-        todo.append((i, name, manifest.get(name) or (rec or {}).get("sha256")))
+        todo.append((i, name, manifest.get(name), (rec or {}).get("sha256")))
     log(f"{dataset}: {len(todo)} shard(s) to fetch from {base} ({len(records)} already in {store.uri(SHARDS_PREFIX)})")
     progress = Progress(len(todo), f"download {dataset}", log)
     cancel = threading.Event()
 
-    def fetch(i: int, name: str, expected: str | None) -> dict:
+    def get(name: str, expected: str | None) -> dict:
+        return _shard_download(dl.fetch, f"{base}/{name}", store, shard_key(name), expected=expected, retries=retries,
+                               backoff_s=backoff_s, timeout_s=timeout_s, cancel=cancel)
+
+    def fetch(i: int, name: str, pinned: str | None, recorded: str | None) -> dict:
+        """pinned: the manifest's digest; recorded: the one this shard had when last fetched (checked unless pinned)."""
         # records are named by shard, not dataset: until this shard's own record is written, none may vouch for it
         store.delete(f"{RECORDS_PREFIX}/{name}.json")
-        info = _shard_download(dl.fetch, f"{base}/{name}", store, shard_key(name), expected=expected, retries=retries,
-                               backoff_s=backoff_s, timeout_s=timeout_s, cancel=cancel)
+        try:
+            info = get(name, pinned or recorded)
+        except ShardChanged:
+            if pinned or not recorded:  # a manifest's digest, or the one Hugging Face announces: a real mismatch
+                raise
+            log(f"{name}: the mirror no longer serves the file recorded (sha256 {recorded[:12]}…): it changed upstream; "
+                "fetching the current one")
+            info = get(name, None)
         rec = {"name": name, "key": shard_key(name), "split": "val" if i == ds.val_index else "train", "source": dataset,
                "url": f"{base}/{name}", **info}
         store.put_json(f"{RECORDS_PREFIX}/{name}.json", rec)  # after the shard: a record means a verified shard

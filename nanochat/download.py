@@ -54,11 +54,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class DownloadError(Failure):
-    """A download that failed for good; the message names the URL and why. `status`: the HTTP status, if any."""
+    """A download that failed for good; the message names the URL and why. `status`: the HTTP status, if any;
+    `mismatch`: every attempt's bytes had another sha256 than the expected one (corrupted, or changed upstream)."""
 
-    def __init__(self, message: str, url: str, status: int | None = None):
+    def __init__(self, message: str, url: str, status: int | None = None, mismatch: bool = False):
         super().__init__(message)
-        self.url, self.status = url, status
+        self.url, self.status, self.mismatch = url, status, mismatch
 
 
 class NotFound(DownloadError):
@@ -72,9 +73,9 @@ class Cancelled(DownloadError):
 class _Transient(Exception):
     """Worth another attempt; `wait`: the server's Retry-After in seconds, if it sent one."""
 
-    def __init__(self, message: str, wait: float | None = None):
+    def __init__(self, message: str, wait: float | None = None, mismatch: bool = False):
         super().__init__(message)
-        self.wait = wait
+        self.wait, self.mismatch = wait, mismatch
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def download_file(url: str, dest, sha256: str | None = None, retries: int = RETR
                 return _accept(url, part, dest, sha256 or announced, check)
             except _Transient as e:
                 if attempt == retries:
-                    raise DownloadError(f"download failed after {retries + 1} attempts: {url}: {e}", url) from None
+                    raise DownloadError(f"download failed after {retries + 1} attempts: {url}: {e}", url,
+                                        mismatch=e.mismatch) from None
                 delay = min(MAX_BACKOFF, backoff * 2 ** attempt) * (0.5 + random.random() / 2)  # jitter: failed together, retry apart
                 delay = max(delay, min(e.wait or 0.0, MAX_RETRY_AFTER))
                 log.warning("download: %s: %s; retrying in %.1fs (%d/%d)", url, e, delay, attempt + 1, retries)
@@ -264,7 +266,8 @@ def _accept(url: str, part: Path, dest: Path, expected: str | None, check) -> Fe
     digest = sha256_file(part)
     if expected and digest != expected:
         _discard(part)  # the next attempt starts from scratch: these bytes are not worth resuming
-        raise _Transient(f"sha256 mismatch: expected {expected}, got {digest} (corrupted in transit, or changed upstream)")
+        raise _Transient(f"sha256 mismatch: expected {expected}, got {digest} (corrupted in transit, or changed upstream)",
+                         mismatch=True)
     if check is not None:
         try:
             check(part)

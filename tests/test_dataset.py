@@ -212,6 +212,23 @@ def test_a_manifest_refetches_recorded_shards_it_disagrees_with(tmp_path, server
     assert store.get_bytes(shard_key(shard_name(1))) == server.files[shard_name(1)]
 
 
+def test_a_recorded_shard_changed_upstream_is_fetched_anew_unless_a_manifest_pins_it(tmp_path, server):
+    """Its stored copy lost (or damaged, with --verify), a shard is fetched again against its recorded digest; when the
+    mirror's file no longer matches it attempt after attempt, it changed upstream: the current file is taken, said so.
+    A manifest's digest is a pin: there, a mismatch stays an error."""
+    store, lines = open_store(f"file://{tmp_path}/store"), []
+    fetch(store, server, 2)
+    store.delete(shard_key(shard_name(1)))
+    server.files[shard_name(1)] = make_shard(1, rows=41)
+    index = fetch(store, server, 2, retries=1, log=lines.append)
+    assert any("changed upstream; fetching the current one" in line for line in lines), lines
+    assert store.get_bytes(shard_key(shard_name(1))) == server.files[shard_name(1)]
+    assert {e["name"]: e["sha256"] for e in index["shards"]}[shard_name(1)] == sha256_bytes(server.files[shard_name(1)])
+    store.delete(shard_key(shard_name(1)))
+    with pytest.raises(DownloadError, match="sha256 mismatch"):  # pinned to the old file's digest
+        fetch(store, server, 2, manifest={shard_name(1): sha256_bytes(make_shard(1))}, retries=1)
+
+
 def test_corruption_detected_from_huggingface_linked_etag(tmp_path):
     server = ShardServer(fineweb_files(), redirect=True)
     try:
