@@ -427,6 +427,13 @@ def test_the_heartbeat_rides_out_a_store_error_and_a_lost_answer(tmp_path, monke
     assert not store.exists(LOCK_KEY)
 
 
+def usurp(store, lock: dict):
+    """Take runner/lock.json as another runner does, by compare-and-swap: a plain write could be lost to a heartbeat's
+    compare-and-swap in flight (it read the old version before this write and replaces it after)."""
+    while store.put_json_if(LOCK_KEY, lock, store.get_json_versioned(LOCK_KEY)[1]) is None:
+        pass
+
+
 def run_in_thread(runner):
     """runner.run() in a thread: (thread, outcome) with outcome["ok"] or outcome["error"] once it returns."""
     import threading
@@ -457,7 +464,7 @@ def take_over_while_echo_b_runs(store, tmp_path, host, heartbeat_s, monkeypatch)
     pid = store.get_json(STATE_KEY)["steps"]["echo_b"]["pid"]
     usurper = {"host": socket.gethostname() if host == "here" else host, "pid": 1, "heartbeat": time.time() + 1}
     theirs = {"steps": {}, "owner": "the runner that took over"}
-    store.put_json(LOCK_KEY, usurper)
+    usurp(store, usurper)
     store.put_json(STATE_KEY, theirs)
     thread.join(timeout=60)
     assert not thread.is_alive()
@@ -492,7 +499,7 @@ def test_a_runner_taken_over_while_it_waits_to_retry_does_not_launch_the_retry(t
                          backoff_s=2.0)
     thread, outcome = run_in_thread(runner)
     wait_for(lambda: step_state(store, "echo_x") == "retrying")
-    store.put_json(LOCK_KEY, {"host": "elsewhere", "pid": 7, "heartbeat": time.time()})
+    usurp(store, {"host": "elsewhere", "pid": 7, "heartbeat": time.time()})
     thread.join(timeout=60)
     assert "took over" in outcome["error"] and executions(store, "echo_x") == 1
     assert not (tmp_path / "logs" / "echo_x.attempt2.log").exists()  # not launched (and stopped at once) either
