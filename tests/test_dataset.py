@@ -366,6 +366,7 @@ def test_an_interrupted_download_stops_at_once_even_with_shards_stalled_mid_body
     finally:
         proc.kill()
     assert proc.returncode == code and line in err and "Traceback" not in err, err
+    assert not list((tmp_path / "tmp").iterdir())  # nor the stalled shards' partial files
     store = open_store(uri)
     assert not store.exists(INDEX_KEY) and not store.exists(shard_key(shard_name(0)))
     server.faults = {}
