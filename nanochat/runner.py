@@ -277,11 +277,10 @@ class Runner:
             raise
         if version is None:
             lock, version = self.store.get_json_versioned(LOCK_KEY)
-            if lock is None or lock not in (body, self._unsure):
-                return False, lock
-            if lock != body:  # the earlier write landed after all: swap from it
-                self._lock_version, self._unsure = version, None
-                return self._write_lock(body)
+            if lock != body:  # not this write landing after a lost answer
+                if not self._holds(lock, version):  # nor an earlier one: another runner's
+                    return False, lock
+                return self._write_lock(body)  # the earlier write landed after all: swap from it
         self._lock_version, self._unsure = version, None
         return True, body
 
@@ -338,14 +337,12 @@ class Runner:
             plan.append((s, args, name, h, forced))
         return plan
 
-    def is_done(self, name: str, h: str) -> bool:
-        done = self.store.get_json_or(f"stages/{name}/done.json")
-        return bool(done) and done.get("config_hash") == h
-
-    def done_since(self, name: str, started: float) -> bool:
-        """Whether done.json was written by a stage that ended after `started`: an adopted process's exit code is
-        unknown, and a done.json from an earlier run with the same config must not pass for its success."""
-        return (self.store.get_json_or(f"stages/{name}/done.json") or {}).get("ended", 0) >= started
+    def succeeded(self, name: str, h: str, code: int, started: float) -> bool:
+        """Whether an attempt succeeded: done.json holds this config, and the process exited 0, or, adopted (code -1:
+        its exit code is unknown), wrote done.json after the attempt started (an earlier run's with the same config
+        must not pass for its success)."""
+        done = self.store.get_json_or(f"stages/{name}/done.json") or {}
+        return done.get("config_hash") == h and (code == 0 or code == -1 and done.get("ended", 0) >= started)
 
     def reason_to_run(self, step: Step, args: list[str], name: str, h: str, forced: bool,
                       rerun: set[str]) -> tuple[str | None, list[str]]:
@@ -497,7 +494,7 @@ class Runner:
                 self.executor.terminate(handle, hurry=self.hurry)
                 self.set_state(step.name, state="interrupted", ended=time.time(), pid=None)
                 return False
-            ok = self.is_done(name, h) and (code == 0 or code == -1 and self.done_since(name, st["started"]))
+            ok = self.succeeded(name, h, code, st["started"])
             self._upload_log(step, handle)
             if ok:
                 self.set_state(step.name, state="succeeded", exit_code=code, ended=time.time(), pid=None)

@@ -207,7 +207,7 @@ def test_ctrl_c_stops_a_background_step_and_the_one_beside_it_and_the_rerun_resu
     r2 = spawn_runner(uri, PARALLEL_PIPELINE, tmp_path, "r2")
     assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
     for n, step in saved.items():
-        log = "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob(f"{n}.attempt2.log"))
+        log = spawned_stage_log(tmp_path, f"{n}.attempt2.log")
         assert f"resuming from step {step}" in log
         history = [json.loads(line)["step"] for line in store.get_bytes(f"stages/{n}/history.jsonl").decode().splitlines()]
         assert history == list(range(1, 13))  # continuous: nothing lost, nothing repeated
@@ -230,6 +230,11 @@ def spawn_runner(store_uri, steps, tmp_path, name="runner", only=None):
     spec = json.dumps({"steps": steps, "max_retries": 0, "only": only})
     log = open(tmp_path / f"{name}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "tests.fake_stages.pipeline_main", store_uri, spec], stdout=log, stderr=subprocess.STDOUT)
+
+
+def spawned_stage_log(tmp_path, name: str) -> str:
+    """A stage log a spawn_runner runner wrote (its executor logs under NANOCHAT_BASE_DIR, keyed by the store)."""
+    return "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob(name))
 
 
 def wait_for(cond, timeout=60):
@@ -529,7 +534,7 @@ def test_sigint_checkpoints_and_rerun_resumes(tmp_path):
     assert 0 < saved < 12
     r2 = spawn_runner(uri, SLOW_PIPELINE, tmp_path, "r2")
     assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
-    log = "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob("echo_b.attempt2.log"))
+    log = spawned_stage_log(tmp_path, "echo_b.attempt2.log")
     assert f"resuming from step {saved}" in log
     history = [json.loads(line)["step"] for line in store.get_bytes("stages/echo_b/history.jsonl").decode().splitlines()]
     assert history == list(range(1, 13))  # continuous: nothing lost, nothing repeated
@@ -558,7 +563,7 @@ def test_a_second_ctrl_c_kills_a_stage_slow_to_checkpoint(tmp_path):
     saved = store.get_json("test/echo_b/ckpt.json")["step"]
     r2 = spawn_runner(uri, spec, tmp_path, "r2")
     assert r2.wait(timeout=120) == 0, (tmp_path / "r2.log").read_text()
-    log = "".join(p.read_text() for p in (tmp_path / "nanochat-base" / "logs").rglob("echo_b.attempt2.log"))
+    log = spawned_stage_log(tmp_path, "echo_b.attempt2.log")
     assert f"resuming from step {saved}" in log
 
 
