@@ -192,6 +192,7 @@ class Bench:
         self.fit = {}        # depth -> probed device batch
         self.peak_flops = None
         self.hbm = None
+        self.attend_best = None  # (split, block, warps): the attention tiling row's fastest
         self.inductor_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nanochat-gpu-inductor"))
 
     def sync(self):
@@ -795,7 +796,7 @@ def decode_bytes_per_step(config, batch, mean_ctx, elem):
 
 
 def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=None, mode="engine", rows=None, gemv=None,
-                  pdl=True, fused_sample=True, combine=None):
+                  pdl=True, fused_sample=True, combine=None, attend=None):
     """TTFT / decode tok/s through bench/inference.py's worker (Engine on the given decode path, random weights, no
     early stop); on CUDA also kernels and GPU-busy ms per decode step (torch.profiler over 16 steps). fused_split:
     cache slots per attention program of the fused path (NANOCHAT_FUSED_SPLIT; default: by batch, split_slots). mode "batched": `batch`
@@ -803,7 +804,8 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     rows (default: batch), not one request. gemv: the fused step's lone-row products (NANOCHAT_FUSED_GEMV: triton |
     cublas); pdl False: its kernels without programmatic dependent launch (NANOCHAT_FUSED_PDL=0); fused_sample False:
     top-k sampling in torch's kernels, not nanochat.fused_sample's (NANOCHAT_FUSED_SAMPLE=0); combine: who combines
-    the fused attention's splits (NANOCHAT_FUSED_COMBINE: last | kernel)."""
+    the fused attention's splits (NANOCHAT_FUSED_COMBINE: last | kernel); attend (split, block, warps): the fused
+    attention's tiling (NANOCHAT_FUSED_SPLIT, NANOCHAT_FUSED_ATTEND)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
@@ -821,13 +823,16 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         env["NANOCHAT_FUSED_SAMPLE"] = "0"
     if combine:
         env["NANOCHAT_FUSED_COMBINE"] = combine
+    if attend:
+        env["NANOCHAT_FUSED_SPLIT"], env["NANOCHAT_FUSED_ATTEND"] = str(attend[0]), f"{attend[1]},{attend[2]}"
     env["NANOCHAT_FUSED_CHECK"] = "0"  # the kernels timed even if the engine's check would refuse them: its figures are noted
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
         b.report.log(f"  worker stderr tail:\n{err[-2000:]}")
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
     variant = "".join([f", combine {combine}" if combine else "", f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL",
-                       "" if fused_sample else ", torch sampling"])
+                       "" if fused_sample else ", torch sampling",
+                       ", attention {} slots, {} a loop, {} warps".format(*attend) if attend else ""])
     label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}{variant}" if variant else \
         decode if mode == "engine" else f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
     res["fused_split"], res["gemv"], res["pdl"] = fused_split, gemv, pdl
@@ -962,6 +967,165 @@ def gemv_row(b):
                       + ("" if pdl else "; no programmatic dependent launch here"),
                 metrics=dict(matrices=per_matrix, step_ms={kk: t * 1e3 for kk, t in step.items()}, step_gb_s=bw,
                              weight_bytes=weight_bytes, max_rel_err=worst, pdl=pdl))
+
+
+# (cache slots per program, slots per loop iteration, warps) of the fused attention (NANOCHAT_FUSED_SPLIT,
+# NANOCHAT_FUSED_ATTEND); the first is the default at batch 1. ptxas on sm_90: 118, 64, 112, 62, 117, 112, 96 and 118
+# registers, none spilled; a block of 64 slots or more has the whole 64-slot split in flight before the wait for prepare
+ATTEND_CANDIDATES = [(64, 32, 4), (64, 32, 8), (64, 64, 8), (64, 64, 16), (128, 64, 8), (128, 128, 16), (32, 32, 4), (128, 32, 4)]
+
+
+class AttentionBench:
+    """The fused step's attention at batch 1 as the inference rows run it: the model's layers of cache (bf16 on CUDA)
+    at their windows, one row at position prompt + new / 2, each layer's attention after its qkv GEMV (as in the step,
+    so that PDL overlaps them as it does there). Timed per step in a graph, less the qkv GEMVs alone."""
+
+    def __init__(self, b):
+        import torch
+        from nanochat import fused_decode as fd
+        from nanochat.engine import cache_len
+        from nanochat.gpt import GPTConfig, layer_windows
+        c, i = b.cfg, b.cfg["infer"]
+        self.b, self.fd = b, fd
+        self.config = config = GPTConfig.from_depth(i["depth"], c["vocab"], c["seq"], head_dim=c["head_dim"])
+        self.why = fd.unavailable_reason(b.device, config.head_dim)
+        dtype = torch.bfloat16 if b.cuda else torch.float32
+        H, HKV, D, C = config.n_head, config.n_kv_head, config.head_dim, config.n_embd
+        self.max_len, self.pos = cache_len(i["prompt"] + i["new_tokens"]), i["prompt"] + i["new_tokens"] // 2
+        g = torch.Generator().manual_seed(7)
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(b.device, dtype)
+        self.windows = layer_windows(config)
+        self.layers = [dict(w=rand((H + 2 * HKV) * D, C, scale=C ** -0.5).t(), k=rand(1, HKV, self.max_len, D),
+                            v=rand(1, HKV, self.max_len, D)) for _ in self.windows]
+        self.x = rand(1, C)
+        self.ids = torch.zeros(1, dtype=torch.long, device=b.device)
+        self.at = torch.tensor([self.pos], dtype=torch.long, device=b.device)
+        self.cos, self.sin = rand(self.max_len, D), rand(self.max_len, D)
+        self.arrivals = torch.zeros(HKV, dtype=torch.int32, device=b.device)
+        self.gemvs_s = None
+
+    def qkv_only(self):
+        return [self.fd.gemv(self.x, layer["w"]) for layer in self.layers]
+
+    def step(self, windows=None):
+        fd = self.fd
+        return [fd.attend(self.x, fd.gemv(self.x, layer["w"]), self.ids, layer["k"], layer["v"], self.at, self.cos, self.sin,
+                          window, self.config, arrivals=self.arrivals)
+                for layer, window in zip(self.layers, windows or self.windows)]
+
+    def us(self, fn=None):
+        """µs per step of the attention alone: a graph of the step (or fn), less the qkv GEMVs' graph."""
+        if self.gemvs_s is None:
+            self.gemvs_s = time_calls(self.b, self.qkv_only, calls=1)
+        return (time_calls(self.b, fn or self.step, calls=1) - self.gemvs_s) * 1e6
+
+    def notes(self):
+        return (f"batch 1 at position {self.pos} of {self.max_len}, windows {sorted(set(self.windows))}, PDL "
+                f"{'on' if self.fd.pdl_on(self.b.device) else 'off'}, {self.gemvs_s * 1e6:.0f} µs of qkv GEMVs taken off")
+
+
+def attention_tiles_row(b):
+    """The fused step's attention (prepare + attend, AttentionBench) at each tiling in ATTEND_CANDIDATES: µs per step,
+    and each tiling's outputs against the default's (relative error ≤ 1e-2). Sets b.attend_best for the decode row
+    that runs it."""
+    import torch
+    a = AttentionBench(b)
+    if a.why:
+        return dict(status=f"skipped: {a.why}")
+    fd = a.fd
+    kept = fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS
+    candidates = ATTEND_CANDIDATES if b.cuda else ATTEND_CANDIDATES[:1] + [(32, 32, 4)]  # the interpreter: two, small
+    try:
+        us, errors, want = {}, {}, None
+        for tiles in candidates:
+            fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS = tiles
+            ys = torch.cat(a.step()).float()
+            want = ys if want is None else want
+            errors[tiles] = rel_err(ys, want)
+            us[tiles] = a.us()
+    finally:
+        fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS = kept
+    name = "{} slots, {} a loop, {} warps".format
+    best = min(us, key=us.get)
+    b.attend_best = best
+    worst = max(errors.values())
+    ok = worst <= 1e-2
+    return dict(status="ok" if ok else "FAIL", met=ok if b.cuda else None, target="rel err ≤ 1e-2 vs the default",
+                result=f"attention per d{a.config.n_layer} step: default {us[candidates[0]]:.0f} µs · best {us[best]:.0f} µs "
+                       f"({name(*best)})",
+                notes=f"prepare + attend, {a.notes()}; "
+                      + "; ".join(f"{name(*t)} {us[t]:.1f} µs (err {errors[t]:.1e})" for t in candidates),
+                metrics=dict(us={",".join(map(str, t)): v for t, v in us.items()}, qkv_gemvs_us=a.gemvs_s * 1e6,
+                             rel_err={",".join(map(str, t)): v for t, v in errors.items()}, best=list(best), pos=a.pos,
+                             max_len=a.max_len))
+
+
+class NoLaunch:
+    """Stands in for a Triton kernel that the anatomy row leaves out: kernel[grid](...) launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+ANATOMY_CHAIN = 128  # kernels per timed chain of no-op kernels: about a d20 step's count
+
+
+def anatomy_row(b):
+    """Where the fused attention's time goes at batch 1 (AttentionBench, µs per step), by leaving parts out or
+    changing one thing: the step's prepare + attend; prepare on 1 or 2 warps; attend alone; prepare alone; attend
+    without the combine by its last programs (outputs wrong: timing only); with a combine kernel instead; every
+    window 0 (one visible slot: the kernels' fixed cost); without PDL. And the floor of any kernel in the chain: a
+    graph of ANATOMY_CHAIN no-op kernels (360 programs, as the attention at batch 1), with and without PDL."""
+    import torch
+    a = AttentionBench(b)
+    if a.why:
+        return dict(status=f"skipped: {a.why}")
+    fd = a.fd
+    kept = dict(_prepare_kernel=fd._prepare_kernel, _attend_split_kernel=fd._attend_split_kernel,
+                _combine_kernel=fd._combine_kernel, COMBINE=fd.COMBINE, PREPARE_WARPS=fd.PREPARE_WARPS, PDL=fd.PDL)
+    variants = [("prepare + attend", {}), ("prepare on 1 warp", dict(PREPARE_WARPS=1)),
+                ("prepare on 2 warps", dict(PREPARE_WARPS=2)), ("attend alone", dict(_prepare_kernel=NoLaunch())),
+                ("prepare alone", dict(_attend_split_kernel=NoLaunch(), _combine_kernel=NoLaunch(), COMBINE="kernel")),
+                ("attend without the combine", dict(_combine_kernel=NoLaunch(), COMBINE="kernel")),
+                ("attend + a combine kernel", dict(COMBINE="kernel")), ("one visible slot", "window 0"),
+                ("without PDL", dict(PDL=False))]
+    if not b.cuda:  # the interpreter: two variants and a short chain prove the code path
+        variants = variants[:1] + variants[3:4]
+    chain_len = ANATOMY_CHAIN if b.cuda else 2
+    us = {}
+    try:
+        for label, change in variants:
+            for key, value in (change.items() if isinstance(change, dict) else ()):
+                setattr(fd, key, value)
+            us[label] = a.us(lambda: a.step([0] * len(a.layers))) if change == "window 0" else a.us()
+            for key, value in kept.items():
+                setattr(fd, key, value)
+        flag = torch.zeros(1, device=b.device)
+        for pdl in (True, False) if fd.pdl_available(b.device) else (False,):
+            launch = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+            chain = lambda launch=launch: [fd._noop_kernel[(360,)](flag, **launch) for _ in range(chain_len)]  # noqa: E731
+            us[f"no-op kernel{'' if pdl else ', no PDL'}"] = time_calls(b, chain, calls=1) * 1e6 / chain_len
+    finally:
+        for key, value in kept.items():
+            setattr(fd, key, value)
+    per = {k: v for k, v in us.items() if not k.startswith("no-op")}
+    return dict(status="ok",
+                result=" · ".join(f"{k} {v:.0f}" for k, v in per.items()) + " µs per step · "
+                       + " · ".join(f"{k} {v:.2f} µs" for k, v in us.items() if k.startswith("no-op")),
+                notes=f"d{a.config.n_layer} attention, {a.notes()}; no-op kernels: µs each in a graph of {chain_len}",
+                metrics=dict(us=us, qkv_gemvs_us=a.gemvs_s * 1e6, pos=a.pos, max_len=a.max_len))
+
+
+def best_attention_row(b):
+    """d20 batch 1 fused, the attention at the tiling row's fastest tiling (when it is not the default)."""
+    best = b.attend_best
+    if best is None:
+        return dict(status="skipped: the attention tiling row did not run")
+    if best == ATTEND_CANDIDATES[0]:
+        return dict(status="skipped: the default tiling was the fastest")
+    return inference_row(b, 1, "fused", bandwidth=True, cap_s=90, attend=best)
 
 
 SAMPLE_TOP_K, SAMPLE_TEMPERATURE = 50, 1.0  # as bench/inference.py's decode rows sample
@@ -1184,6 +1348,9 @@ def plan(b):
             ("inference", f"d20 batch 1 {fast}", 30, lambda: inference_row(b, 1, fast, bandwidth=True, cap_s=90)),
             ("inference", "d20 GEMVs: Triton kernel vs cuBLAS", 40, lambda: gemv_row(b)),
             ("inference", "d20 batch 1 fused", 30, lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90)),
+            ("inference", "d20 attention tilings, batch 1", 30, lambda: attention_tiles_row(b)),
+            ("inference", "d20 batch 1 fused, the fastest attention tiling", 30, lambda: best_attention_row(b)),
+            ("inference", "d20 attention anatomy, batch 1", 20, lambda: anatomy_row(b)),
             ("inference", "d20 sampling: Triton top-k vs torch", 15, lambda: sampling_row(b)),
             ("inference", "d20 batch 1 fused, combine kernel", 30,  # the attention's splits combined by a kernel of its own
              lambda: inference_row(b, 1, "fused", bandwidth=True, cap_s=90, combine="kernel")),
@@ -1227,6 +1394,8 @@ def plan(b):
             ("inference", "d2 batch 1 eager (smoke)", 3, lambda: inference_row(b, 1, "eager", bandwidth=True)),
             ("inference", "d2 GEMVs: Triton kernel vs cuBLAS (smoke)", 3, lambda: gemv_row(b)),
             ("inference", "d2 sampling: Triton top-k vs torch (smoke)", 3, lambda: sampling_row(b)),
+            ("inference", "d2 attention tilings, batch 1 (smoke)", 3, lambda: attention_tiles_row(b)),
+            ("inference", "d2 attention anatomy, batch 1 (smoke)", 3, lambda: anatomy_row(b)),
             ("inference", f"d2 batch 4 {fast}, 4 requests batched (smoke)", 3, lambda: inference_row(b, 4, fast, mode="batched")),
             ("inference", "d2 batch 1 auto, 1 request in a 4-row batch (smoke)", 3,
              lambda: inference_row(b, 1, "auto", mode="batched", rows=4)),

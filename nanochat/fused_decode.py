@@ -60,7 +60,12 @@ except ImportError:  # an install without triton: unavailable_reason() says why
 SPLIT_SLOTS = int(os.environ["NANOCHAT_FUSED_SPLIT"]) if os.environ.get("NANOCHAT_FUSED_SPLIT") else None
 MIN_SPLIT_SLOTS = 64
 PROGRAMS_PER_SM = 4
-ATTEND_BLOCK = 32  # cache slots per loop iteration (divided by the query heads per K/V head): <= 128 registers on sm_90, 4 programs per SM
+# cache slots per loop iteration of an attention program (divided by the query heads per K/V head) and its warps:
+# <= 128 registers on sm_90, 4 programs per SM; NANOCHAT_FUSED_ATTEND="BLOCK,WARPS" instead (bench/gpu.py's tiling row)
+ATTEND_BLOCK, ATTEND_WARPS = (int(v) for v in (os.environ.get("NANOCHAT_FUSED_ATTEND") or "32,4").split(","))
+# the prepare kernel's warps: one keeps its norms' reductions in a warp (no CTA barriers); on the H200 (run 4) that
+# took 11 µs off a d20 step's attention and gave 1,623 tok/s at batch 1 against 1,608 on 4 warps (bench/RESULTS.md)
+PREPARE_WARPS = int(os.environ.get("NANOCHAT_FUSED_PREPARE_WARPS") or 1)
 RELU2_BLOCK = 1024
 # a lone row's matrix-vector products: "triton" (_gemv_kernel, the epilogues fused) or "cublas" (torch's addmm, the
 # path of 2+ rows); run 3 measured cuBLAS at ~1.45 TB/s on the d20 batch-1 GEMVs, ~0.6 of the step's 1.15 ms
@@ -341,17 +346,30 @@ if triton is not None:
             y = tl.sigmoid(y * (2.0 / cap)) * (2.0 * cap) - cap
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=live)
 
+    @triton.jit
+    def _noop_kernel(x_ptr, PDL: tl.constexpr):
+        """A kernel that waits for its predecessor and does next to nothing: the floor of one kernel in the step's
+        chain (bench/gpu.py's anatomy row)."""
+        _after_previous_kernel(PDL)
+        if tl.program_id(0) == 0:
+            tl.store(x_ptr, tl.load(x_ptr) + 1.0)
+
 
 def gemv_blocks(n, k):
-    """(BLOCK_N, num_warps) of _gemv_kernel for an (n, k) weight: at most 64 weight values per thread (32 registers),
-    with more warps for wider inputs, so d20's products run 320 to 8,192 programs of 4 warps (8 warps, 2 rows, for the
-    MLP's 5,120-wide input). ptxas: no spills (tests/test_fused_decode.py); untuned: bench/gpu.py's GEMV row times the
-    alternatives."""
+    """(BLOCK_N, num_warps) of _gemv_kernel for an (n, k) weight: inputs 2,048 to 4,096 wide (padded) on 8 warps at 32
+    weight values per thread, so d20's 1,280-wide products take 4 rows a program; narrower ones on 4 warps and wider
+    ones on more warps, at 64 values (32 registers) per thread (the MLP's 5,120-wide input: 2 rows, 8 warps). On the
+    H200 (bench/RESULTS.md, run 4) 4 rows × 8 warps was the fastest tiling of the qkv and lm_head products and within
+    0.2 µs of it for proj and fc, where run 3's 4 rows × 4 warps lost 0.4 to 1.2 µs; ptxas: no spills
+    (tests/test_fused_decode.py)."""
     k_p2 = _pow2(k)
     if interpreted():  # one program at a time in numpy: the fewest (tests check ragged tiles with blocks=)
         return min(_pow2(n), 128), 4
     warps = max(4, min(16, k_p2 // 1024))
-    return max(1, min(16, 64 * 32 * warps // k_p2, _pow2(n))), warps
+    per_thread = 64
+    if 2048 <= k_p2 <= 4096:
+        warps, per_thread = 8, 32
+    return max(1, min(16, per_thread * 32 * warps // k_p2, _pow2(n))), warps
 
 
 def gemv(x, w, add=None, mix=None, norm=False, relu2=False, cap=None, n=None, out_dtype=None, blocks=None, pdl=None):
@@ -433,7 +451,8 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     _prepare_kernel[(B * HKV,)](
         qkv, x, ids, ve if ve is not None else qkv, gate if gate is not None else qkv, cos, sin, pos, k_cache, v_cache, q,
         max_len, NORM_EPS, D ** -0.5, C=C, C_P2=_pow2(C), H=H, HKV=HKV, G=G, G_P2=g_p2, D=D,
-        GATE=gate_channels, GATE_P2=_pow2(gate_channels), HAS_VE=ve is not None, **_launch(x.device))
+        GATE=gate_channels, GATE_P2=_pow2(gate_channels), HAS_VE=ve is not None, num_warps=PREPARE_WARPS,
+        **_launch(x.device))
     acc = torch.empty(B * H, nsplit, D, device=x.device, dtype=torch.float32)
     m = torch.empty(B * H, nsplit, device=x.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -445,7 +464,7 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     _attend_split_kernel[(B * HKV, nsplit)](
         q, pos, k_cache, v_cache, acc, m, l, arrivals if last else pos, y, max_len, window, split, nsplit,
         H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters, NSPLIT_P2=_pow2(nsplit), COMBINE=last,
-        **_launch(x.device))
+        num_warps=ATTEND_WARPS, **_launch(x.device))
     if not last:
         _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit), **_launch(x.device))
     return y

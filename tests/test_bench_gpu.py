@@ -58,6 +58,7 @@ def test_smoke_on_cpu(tmp_path):
     gemv = rows.pop("d2 GEMVs: Triton kernel vs cuBLAS (smoke)")  # the fused step's kernel: CUDA (or interpreted)
     assert gemv["status"].startswith("skipped: the fused decode step")
     sampling = rows.pop("d2 sampling: Triton top-k vs torch (smoke)")
+    assert rows.pop("d2 attention tilings, batch 1 (smoke)")["status"].startswith("skipped: the fused decode step")
     assert sampling["status"].startswith("skipped: the sampling kernels run on CUDA")
     measuring = [r for r in rows.values() if r["section"] != "correctness"]
     by_section = {r["section"]: r for r in measuring}
@@ -89,15 +90,25 @@ def test_smoke_on_cpu(tmp_path):
     assert (out / "gpu_log.txt").read_text().count("\n") >= len(data["rows"])
 
 
-def test_gemv_and_sampling_rows_in_the_interpreter(tmp_path):
-    """The GEMV and sampling rows with their Triton kernels in Triton's interpreter (as the fused decode check runs
-    them): every matrix of the model timed against torch's product and checked against it; top-k sampling timed
-    against torch's and drawing the same logits."""
+def test_gemv_sampling_and_attention_rows_in_the_interpreter(tmp_path):
+    """The GEMV, sampling and attention (tilings, anatomy) rows with their Triton kernels in Triton's interpreter (as the fused
+    decode check runs them): every matrix of the model timed against torch's product and checked against it; top-k
+    sampling timed against torch's and drawing the same logits; the attention at two tilings, timed, giving the same
+    outputs, the fastest kept for the decode row."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--rows", "GEMV,sampling"], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "OUT": str(out), "TRITON_INTERPRET": "1"}, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--rows", "GEMV,sampling,attention"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "OUT": str(out), "TRITON_INTERPRET": "1"},
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    gemv, sampling = json.loads((out / "gpu.json").read_text())["rows"]
+    gemv, sampling, attention, anatomy = json.loads((out / "gpu.json").read_text())["rows"]
+    assert anatomy["status"] == "ok", anatomy
+    assert set(anatomy["metrics"]["us"]) == {"prepare + attend", "attend alone", "no-op kernel, no PDL"}
+    assert all(t > 0 for t in anatomy["metrics"]["us"].values())
+    assert attention["status"] == "ok", attention
+    a = attention["metrics"]
+    assert set(a["us"]) == {"64,32,4", "32,32,4"} and all(t > 0 for t in a["us"].values())
+    assert a["rel_err"]["64,32,4"] == 0 and a["rel_err"]["32,32,4"] < 1e-5  # two splits' combine: same outputs in fp32
+    assert ",".join(map(str, a["best"])) == min(a["us"], key=a["us"].get) and a["qkv_gemvs_us"] > 0
     assert gemv["status"] == "ok", gemv
     m = gemv["metrics"]
     assert list(m["matrices"]) == ["qkv", "proj", "fc", "mlp_proj", "lm_head"]
