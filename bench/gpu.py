@@ -809,7 +809,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
-               vocab=c["vocab"], head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name, profile=b.cuda)
+               vocab=c["vocab"], head_dim=c["head_dim"], seq_len=c["seq"], dtype=b.dtype_name, profile=b.cuda and mode != "batched")
     cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--one", json.dumps(row), "--device", b.device.type,
            "--repeats", str(i["repeats"]), "--threads", "0"]
     env = b.child_env()
