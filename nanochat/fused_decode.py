@@ -360,7 +360,7 @@ def gemv_blocks(n, k):
     weight values per thread, so d20's 1,280-wide products take 4 rows a program; narrower ones on 4 warps and wider
     ones on more warps, at 64 values (32 registers) per thread (the MLP's 5,120-wide input: 2 rows, 8 warps). On the
     H200 (bench/RESULTS.md, run 4) 4 rows × 8 warps was the fastest tiling of the qkv and lm_head products and within
-    0.2 µs of it for proj and fc, where run 3's 4 rows × 4 warps lost 0.4 to 1.2 µs; ptxas: no spills
+    0.25 µs of it for proj and fc, where run 3's 4 rows × 4 warps lost 0.3 to 2.9 µs; ptxas: no spills
     (tests/test_fused_decode.py)."""
     k_p2 = _pow2(k)
     if interpreted():  # one program at a time in numpy: the fewest (tests check ragged tiles with blocks=)

@@ -58,7 +58,8 @@ def test_smoke_on_cpu(tmp_path):
     gemv = rows.pop("d2 GEMVs: Triton kernel vs cuBLAS (smoke)")  # the fused step's kernel: CUDA (or interpreted)
     assert gemv["status"].startswith("skipped: the fused decode step")
     sampling = rows.pop("d2 sampling: Triton top-k vs torch (smoke)")
-    assert rows.pop("d2 attention tilings, batch 1 (smoke)")["status"].startswith("skipped: the fused decode step")
+    for name in ("d2 attention tilings, batch 1 (smoke)", "d2 attention anatomy, batch 1 (smoke)"):
+        assert rows.pop(name)["status"].startswith("skipped: the fused decode step")
     assert sampling["status"].startswith("skipped: the sampling kernels run on CUDA")
     measuring = [r for r in rows.values() if r["section"] != "correctness"]
     by_section = {r["section"]: r for r in measuring}
@@ -125,7 +126,7 @@ def test_tiny_budget_skips_rows(tmp_path):
     proc, out = run_gpu(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["finished"] is True and len(data["rows"]) == 18
+    assert data["finished"] is True and len(data["rows"]) == 20
     assert all(r["status"] == "skipped: budget" for r in data["rows"])
     assert "skipped: budget" in proc.stdout
 
@@ -292,6 +293,26 @@ def test_profile_decode_reads_a_running_stream():
     # overlapping kernels (programmatic dependent launch) count once in the span, twice in the busy time
     assert inference.covered_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
     assert inference.covered_us([]) == 0
+
+
+def test_batched_rows_ask_for_no_profile(tmp_path, monkeypatch):
+    """On a GPU a batched row's worker profiles nothing (the Batcher's thread decodes ahead of the consumer: a window
+    of consumed tokens holds no steps), and a row's notes are built from whatever the worker echoes back (run 4: the
+    row's profile flag came back and was read as a profile)."""
+    gpu = load_gpu()
+    args = argparse.Namespace(budget_s=300, smoke=True, device="cpu")
+    bench = gpu.Bench(args, gpu.Report(args, tmp_path / "out"))
+    bench.cuda, bench.gpu = True, "NVIDIA H200"
+    sent = []
+
+    def run_child(cmd, env, cap_s=None):  # the worker echoes its row, as bench/inference.py's measure does
+        sent.append(json.loads(cmd[cmd.index("--one") + 1]))
+        return dict(sent[-1], ttft_ms=20.0, decode_tok_s=1500.0, decode_ms_per_step=0.66, peak_gb=9.9, warmup_s=1.0), "", "ok"
+    monkeypatch.setattr(bench, "run_child", run_child)
+    batched = gpu.inference_row(bench, 1, "auto", mode="batched", rows=32)
+    assert batched["status"] == "ok" and sent[-1]["profile"] is False and "kernels/step" not in batched["notes"]
+    lone = gpu.inference_row(bench, 1, "graph")
+    assert lone["status"] == "ok" and sent[-1]["profile"] is True and "kernels/step" not in lone["notes"]
 
 
 def test_profile_notes_name_the_kernels_that_take_the_step():
