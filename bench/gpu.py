@@ -192,7 +192,7 @@ class Bench:
         self.fit = {}        # depth -> probed device batch
         self.peak_flops = None
         self.hbm = None
-        self.attend_best = None  # (split, block, warps): the attention tiling row's fastest
+        self.attend_best = None  # (split, block, warps, kernel): the attention tiling row's fastest
         self.inductor_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nanochat-gpu-inductor"))
 
     def sync(self):
@@ -804,8 +804,8 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
     rows (default: batch), not one request. gemv: the fused step's lone-row products (NANOCHAT_FUSED_GEMV: triton |
     cublas); pdl False: its kernels without programmatic dependent launch (NANOCHAT_FUSED_PDL=0); fused_sample False:
     top-k sampling in torch's kernels, not nanochat.fused_sample's (NANOCHAT_FUSED_SAMPLE=0); combine: who combines
-    the fused attention's splits (NANOCHAT_FUSED_COMBINE: last | kernel); attend (split, block, warps): the fused
-    attention's tiling (NANOCHAT_FUSED_SPLIT, NANOCHAT_FUSED_ATTEND)."""
+    the fused attention's splits (NANOCHAT_FUSED_COMBINE: last | kernel); attend (split, block, warps, kernel): the fused
+    attention's tiling (NANOCHAT_FUSED_SPLIT, NANOCHAT_FUSED_ATTEND) and kernel (NANOCHAT_FUSED_ATTEND_KERNEL)."""
     from nanochat.gpt import GPTConfig
     c, i = b.cfg, b.cfg["infer"]
     row = dict(mode=mode, rows=rows, decode=decode, batch=batch, depth=i["depth"], new_tokens=i["new_tokens"], prompt=i["prompt"],
@@ -825,6 +825,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         env["NANOCHAT_FUSED_COMBINE"] = combine
     if attend:
         env["NANOCHAT_FUSED_SPLIT"], env["NANOCHAT_FUSED_ATTEND"] = str(attend[0]), f"{attend[1]},{attend[2]}"
+        env["NANOCHAT_FUSED_ATTEND_KERNEL"] = attend[3]
     env["NANOCHAT_FUSED_CHECK"] = "0"  # the kernels timed even if the engine's check would refuse them: its figures are noted
     res, err, why = b.run_child(cmd, env, cap_s=cap_s)
     if res is None:
@@ -832,7 +833,7 @@ def inference_row(b, batch, decode, bandwidth=False, cap_s=None, fused_split=Non
         return dict(status=why, metrics=dict(stderr_tail=err[-1500:]))
     variant = "".join([f", combine {combine}" if combine else "", f", {gemv} GEMVs" if gemv else "", "" if pdl else ", no PDL",
                        "" if fused_sample else ", torch sampling",
-                       ", attention {} slots, {} a loop, {} warps".format(*attend) if attend else ""])
+                       ", attention {} slots, {} a loop, {} warps, {} kernel".format(*attend) if attend else ""])
     label = f"{decode}, {fused_split}-slot splits" if fused_split else f"{decode}{variant}" if variant else \
         decode if mode == "engine" else f"{decode}, {mode}" + (f" in {rows} rows" if rows else "")
     res["fused_split"], res["gemv"], res["pdl"] = fused_split, gemv, pdl
@@ -969,10 +970,13 @@ def gemv_row(b):
                              weight_bytes=weight_bytes, max_rel_err=worst, pdl=pdl))
 
 
-# (cache slots per program, slots per loop iteration, warps) of the fused attention (NANOCHAT_FUSED_SPLIT,
-# NANOCHAT_FUSED_ATTEND); the first is the default at batch 1. ptxas on sm_90 (d20, 2,304 slots): 118, 64, 112, 62, 116,
-# 112, 155 and 117 registers, none spilled; a block of 64 slots or more has the whole 64-slot split in flight before the wait for prepare
-ATTEND_CANDIDATES = [(64, 32, 4), (64, 32, 8), (64, 64, 8), (64, 64, 16), (128, 64, 8), (128, 128, 16), (32, 32, 4), (128, 32, 4)]
+# (cache slots per program, slots per loop iteration, warps, kernel) of the fused attention (NANOCHAT_FUSED_SPLIT,
+# NANOCHAT_FUSED_ATTEND, NANOCHAT_FUSED_ATTEND_KERNEL); the first is the default at batch 1. ptxas on sm_90 (d20, 2,304
+# slots), split kernel: 118, 64, 112, 62, 116, 112, 155 and 117 registers; lanes kernel: 121 and 96; none spilled. Run 4
+# (H200) timed the split kernel's eight: the default was the fastest; the lanes kernel is new since
+ATTEND_CANDIDATES = [(64, 32, 4, "split"), (64, 32, 8, "split"), (64, 64, 8, "split"), (64, 64, 16, "split"),
+                     (128, 64, 8, "split"), (128, 128, 16, "split"), (32, 32, 4, "split"), (128, 32, 4, "split"),
+                     (64, 32, 4, "lanes"), (64, 64, 8, "lanes")]
 
 
 class AttentionBench:
@@ -1037,19 +1041,20 @@ def attention_tiles_row(b):
     if a.why:
         return dict(status=f"skipped: {a.why}")
     fd = a.fd
-    kept = fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS
-    candidates = ATTEND_CANDIDATES if b.cuda else ATTEND_CANDIDATES[:1] + [(32, 32, 4)]  # the interpreter: two, small
+    kept = fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS, fd.ATTEND_KERNEL
+    # the interpreter: three, small
+    candidates = ATTEND_CANDIDATES if b.cuda else ATTEND_CANDIDATES[:1] + [(32, 32, 4, "split"), (64, 32, 4, "lanes")]
     try:
         us, errors, want = {}, {}, None
         for tiles in candidates:
-            fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS = tiles
+            fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS, fd.ATTEND_KERNEL = tiles
             ys = torch.cat(a.step()).float()
             want = ys if want is None else want
             errors[tiles] = rel_err(ys, want)
             us[tiles] = a.us()
     finally:
-        fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS = kept
-    name = "{} slots, {} a loop, {} warps".format
+        fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS, fd.ATTEND_KERNEL = kept
+    name = "{} slots, {} a loop, {} warps, {} kernel".format
     best = min(us, key=us.get)
     b.attend_best = best
     worst = max(errors.values())

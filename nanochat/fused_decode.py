@@ -66,6 +66,10 @@ ATTEND_BLOCK, ATTEND_WARPS = (int(v) for v in (os.environ.get("NANOCHAT_FUSED_AT
 # the prepare kernel's warps: one keeps its norms' reductions in a warp (no CTA barriers); on the H200 (run 4) that
 # took 11 µs off a d20 step's attention and gave 1,623 tok/s at batch 1 against 1,608 on 4 warps (bench/RESULTS.md)
 PREPARE_WARPS = int(os.environ.get("NANOCHAT_FUSED_PREPARE_WARPS") or 1)
+# the attention kernel for one query head per K/V head: "split" (_attend_split_kernel) or "lanes" (_attend_lanes_kernel:
+# its softmax per row of lanes, reducing within warps; unmeasured on a GPU: bench/gpu.py's tiling row times both)
+ATTEND_KERNEL = os.environ.get("NANOCHAT_FUSED_ATTEND_KERNEL", "split")
+LANE_PAIR = 2  # slots per row of lanes per iteration: the (ROWS, 2, D) tile keeps Triton's warps along the rows
 RELU2_BLOCK = 1024
 # a lone row's matrix-vector products: "triton" (_gemv_kernel, the epilogues fused) or "cublas" (torch's addmm, the
 # path of 2+ rows); run 3 measured cuBLAS at ~1.45 TB/s on the d20 batch-1 GEMVs, ~0.6 of the step's 1.15 ms
@@ -236,6 +240,69 @@ if triton is not None:
                 for g in tl.static_range(G):
                     _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head + g, nsplit, D, NSPLIT_P2)
                 tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _attend_lanes_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, arrivals_ptr, y_ptr, max_len, window,
+                             split_len, nsplit, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                             PAIR: tl.constexpr, ITERS: tl.constexpr, NSPLIT_P2: tl.constexpr, COMBINE: tl.constexpr,
+                             PDL: tl.constexpr):
+        """_attend_split_kernel for one query head per K/V head (G = 1), its online softmax kept per row of lanes:
+        each loop iteration takes ROWS * PAIR slots as a (ROWS, PAIR, D) tile whose ROWS rows are independent softmax
+        states (PAIR slots each), so the slots reduce within a thread and the dot products within a warp (Triton lays
+        the warps along the rows); the rows merge once, at the end. sm_90 PTX: 16 CTA barriers a program without the
+        combine, against the split kernel's 25. Same partials, same combine, same PDL order."""
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, hk = bh // HKV, bh % HKV
+        pos = tl.load(pos_ptr + b)
+        start = split * split_len
+        lo = tl.maximum(start, pos - window)
+        hi = tl.minimum(start + split_len, pos + 1)
+        cache = (b * HKV + hk).to(tl.int64) * max_len * D
+        od = tl.arange(0, D)
+        lanes = (tl.arange(0, ROWS) * PAIR)[:, None] + tl.arange(0, PAIR)[None, :]  # (ROWS, PAIR): slot offsets
+        slots = lo + lanes
+        offs = cache + slots[:, :, None] * D + od[None, None, :]
+        older = (slots < tl.minimum(hi, pos))[:, :, None]
+        k = tl.load(k_ptr + offs, mask=older, other=0.0)
+        v = tl.load(v_ptr + offs, mask=older, other=0.0)
+        _after_previous_kernel(PDL)
+        new = (slots == pos)[:, :, None]
+        k = tl.where(new, tl.load(k_ptr + cache + pos * D + od)[None, None, :], k).to(tl.float32)
+        v = tl.where(new, tl.load(v_ptr + cache + pos * D + od)[None, None, :], v).to(tl.float32)
+        head = b * H + hk
+        q = tl.load(q_ptr + head * D + od)[None, None, :]
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        m, l, acc = _softmax_rows_block(q, k, v, slots < hi, m, l, acc)
+        for i in range(1, ITERS):
+            slots = lo + i * (ROWS * PAIR) + lanes
+            valid = slots < hi
+            offs = cache + slots[:, :, None] * D + od[None, None, :]
+            k = tl.load(k_ptr + offs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+            m, l, acc = _softmax_rows_block(q, k, v, valid, m, l, acc)
+        m_all = tl.max(m, 0)  # the rows merged: the max, then the sums, across warps
+        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # a row that saw nothing: weight 0
+        tl.store(acc_ptr + (head * nsplit + split) * D + od, tl.sum(w[:, None] * acc, 0))
+        tl.store(m_ptr + head * nsplit + split, m_all)
+        tl.store(l_ptr + head * nsplit + split, tl.sum(w * l, 0))
+        if COMBINE:
+            tl.debug_barrier()
+            if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu") == nsplit - 1:
+                _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head, nsplit, D, NSPLIT_P2)
+                tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _softmax_rows_block(q, k, v, valid, m, l, acc):
+        """One block of _attend_lanes_kernel's online softmax: q (1, 1, D), k, v (ROWS, PAIR, D), valid (ROWS, PAIR);
+        per row the new (max, sum) (ROWS,) and acc (ROWS, D)."""
+        s = tl.where(valid, tl.sum(q * k, 2), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 1)
 
     @triton.jit
     def _softmax_block(q, k, v, valid, m, l, acc):
@@ -461,10 +528,16 @@ def attend(x, qkv, ids, k_cache, v_cache, pos, cos, sin, window, config, ve=None
     iters = triton.cdiv(min(split, window + 1, max_len), block)  # the most visible slots one split holds, in blocks
     y = torch.empty(B, H * D, device=x.device, dtype=x.dtype)
     last = COMBINE == "last" and arrivals is not None
-    _attend_split_kernel[(B * HKV, nsplit)](
-        q, pos, k_cache, v_cache, acc, m, l, arrivals if last else pos, y, max_len, window, split, nsplit,
-        H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters, NSPLIT_P2=_pow2(nsplit), COMBINE=last,
-        num_warps=ATTEND_WARPS, **_launch(x.device))
+    if ATTEND_KERNEL == "lanes" and G == 1:
+        _attend_lanes_kernel[(B * HKV, nsplit)](
+            q, pos, k_cache, v_cache, acc, m, l, arrivals if last else pos, y, max_len, window, split, nsplit,
+            H=H, HKV=HKV, D=D, ROWS=block // LANE_PAIR, PAIR=LANE_PAIR, ITERS=iters, NSPLIT_P2=_pow2(nsplit),
+            COMBINE=last, num_warps=ATTEND_WARPS, **_launch(x.device))
+    else:
+        _attend_split_kernel[(B * HKV, nsplit)](
+            q, pos, k_cache, v_cache, acc, m, l, arrivals if last else pos, y, max_len, window, split, nsplit,
+            H=H, HKV=HKV, G=G, G_P2=g_p2, D=D, BLOCK=block, ITERS=iters, NSPLIT_P2=_pow2(nsplit), COMBINE=last,
+            num_warps=ATTEND_WARPS, **_launch(x.device))
     if not last:
         _combine_kernel[(B * H,)](acc, m, l, y, D=D, NSPLIT=nsplit, NSPLIT_P2=_pow2(nsplit), **_launch(x.device))
     return y

@@ -93,17 +93,22 @@ def step_checks():
     cases = [(4, 2, "SL", 2, 16, 32, "last"), (4, 1, "SL", 1, 16, 32, "last"), (4, 4, "L", 1, 16, 32, "last"),
              (3, 1, "SL", 2, 16, 32, "last"), (4, 4, "SL", 2, 32, 16, "last"), (4, 2, "L", 1, 32, 16, "last"),
              (4, 2, "SL", 2, 16, 32, "kernel"), (4, 1, "SL", 1, 16, 32, "kernel")]  # split32 block16: several iterations
-    for n_head, n_kv, pattern, batch, fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.COMBINE in cases:
+    cases = [case + ("split",) for case in cases]
+    # the lanes kernel (one query head per K/V head): one iteration, several (rows of 8 lanes pairs), a combine kernel
+    cases += [(4, 4, "L", 1, 16, 32, "last", "lanes"), (4, 4, "SL", 2, 32, 16, "last", "lanes"),
+              (4, 4, "SL", 1, 16, 32, "kernel", "lanes")]
+    for n_head, n_kv, pattern, batch, fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.COMBINE, fd.ATTEND_KERNEL in cases:
         model = small_gpt(n_kv, pattern, torch.float32, n_head=n_head)
         g = torch.Generator().manual_seed(n_kv)
         prompt, forced = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=g), torch.randint(0, VOCAB, (batch, STEPS), generator=g)
         want, want_cache = teacher_forced(model, static_step, prompt, forced)
         got, got_cache = teacher_forced(model, fd.fused_step, prompt, forced)
-        name = f"fp32 heads{n_head} kv{n_kv} {pattern} batch{batch} split{fd.SPLIT_SLOTS} block{fd.ATTEND_BLOCK} combine {fd.COMBINE}"
+        name = (f"fp32 heads{n_head} kv{n_kv} {pattern} batch{batch} split{fd.SPLIT_SLOTS} block{fd.ATTEND_BLOCK} "
+                f"combine {fd.COMBINE} {fd.ATTEND_KERNEL} kernel")
         out[name] = dict(logits_rel=rel(got, want), cache_max_abs=max((a - b).abs().max().item() for a, b in
                                                                       zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v)),
                          pos=[got_cache.pos.tolist(), want_cache.pos.tolist()], arrivals_left=int(got_cache.arrivals.abs().max()))
-    fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.COMBINE = 16, 32, "last"
+    fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.COMBINE, fd.ATTEND_KERNEL = 16, 32, "last", "split"
     model = small_gpt(2, "SL", torch.float32)  # one request per row: 3 prompts, 3 positions, the last row retired halfway
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (13, 3, 20)]

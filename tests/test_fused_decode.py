@@ -36,7 +36,8 @@ def interpreted(tmp_path_factory):
 @needs_triton
 def test_fused_step_equals_the_static_step_in_fp32(interpreted):
     steps = {k: v for k, v in interpreted["steps"].items() if k.startswith("fp32 heads")}
-    assert len(steps) == 8 and sum("split32 block16" in k for k in steps) == 2 and sum("combine kernel" in k for k in steps) == 2
+    assert len(steps) == 11 and sum("split32 block16" in k for k in steps) == 3 and sum("combine kernel " in k for k in steps) == 3
+    assert sum("lanes kernel" in k for k in steps) == 3
     for name, r in steps.items():
         assert r["arrivals_left"] == 0, name  # the last attention program of each (row, head) set its counter back
         assert r["logits_rel"] < 1e-5, name       # the same arithmetic, in another order
@@ -181,7 +182,7 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
     """The interpreter checks the arithmetic, not the compiler: each kernel also goes through Triton's real pipeline
     to an sm_90 cubin (PTX by LLVM, then the ptxas shipped in the wheel; no GPU needed), at the d20 shapes. The attention
     kernel must fit in 128 registers per thread: four programs per SM, which split_slots counts on (run 3's kernel held
-    255, two per SM, and was latency-bound)."""
+    255, two per SM, and was latency-bound); the lanes kernel too, with fewer CTA barriers than the split kernel."""
     monkeypatch.setenv("TRITON_HOME", str(tmp_path))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     bf16, f32 = "*bf16", "*fp32"
@@ -202,11 +203,16 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
          dict(ids_ptr="*i64", wte_ptr=bf16, x0_ptr=bf16, resid_ptr=bf16, x_ptr=bf16, mix_ptr=bf16, B="i32", stride_ids="i32",
               stride_wte="i32", eps="fp32"), dict(C=1280, C_P2=2048, L=20, MIX_FIRST=True, PDL=True)),
     ]
+    if group == 1:  # the lanes kernel (one query head per K/V head), at its rows of 16 lane pairs
+        kernels.append((fused_decode._attend_lanes_kernel, kernels[1][1],
+                        dict(H=10, HKV=10, D=128, ROWS=16, PAIR=fused_decode.LANE_PAIR, ITERS=72, NSPLIT_P2=64, COMBINE=True, PDL=True)))
     warps = {fused_decode._prepare_kernel: fused_decode.PREPARE_WARPS, fused_decode._attend_split_kernel: fused_decode.ATTEND_WARPS}
+    barriers = {}
     for fn, types, constants in kernels:
         compiled = compile_for_hopper(fn, types, constants, launch_pdl=True, num_warps=warps.get(fn, 4))
         assert "griddepcontrol.wait" in compiled.asm["ptx"], fn.__name__  # each waits for its predecessor itself
-        if fn is fused_decode._attend_split_kernel:
+        barriers[fn] = compiled.asm["ptx"].count("bar.sync")
+        if fn in (fused_decode._attend_split_kernel, fused_decode._attend_lanes_kernel):
             assert compiled.metadata.num_warps == 4
             report = ptxas_report(compiled.asm["ptx"], tmp_path)
             assert report["registers"] <= 128 and report["spill_bytes"] == 0
@@ -220,6 +226,8 @@ def test_kernels_compile_for_hopper(group, has_ve, tmp_path, monkeypatch):
             assert re.search(r"atom\.\S*exch", ptx[arrive.end():])
             # the first block's older K/V is loaded before the wait for _prepare_kernel (griddepcontrol.wait: ACQBULK)
             assert report["sass"][:report["sass"].index("ACQBULK")].count("LDG.E.128") >= 2
+        if fn is fused_decode._attend_lanes_kernel:  # its softmax reduces within warps: fewer CTA barriers
+            assert barriers[fn] < barriers[fused_decode._attend_split_kernel], barriers
         if fn is fused_decode._prepare_kernel:  # one warp: its reductions need no CTA barrier, and it fits without spills
             report = ptxas_report(compiled.asm["ptx"], tmp_path)
             assert compiled.metadata.num_warps == 1 and report["spill_bytes"] == 0 and "bar.sync" not in compiled.asm["ptx"]
