@@ -31,6 +31,7 @@ $OUT/gpu_log.txt. $OUT defaults to ./gpu_out.
 """
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -46,6 +47,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -1041,19 +1043,16 @@ def attention_tiles_row(b):
     if a.why:
         return dict(status=f"skipped: {a.why}")
     fd = a.fd
-    kept = fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS, fd.ATTEND_KERNEL
     # the interpreter: three, small
     candidates = ATTEND_CANDIDATES if b.cuda else ATTEND_CANDIDATES[:1] + [(32, 32, 4, "split"), (64, 32, 4, "lanes")]
-    try:
-        us, errors, want = {}, {}, None
-        for tiles in candidates:
-            fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS, fd.ATTEND_KERNEL = tiles
+    us, errors, want = {}, {}, None
+    for tiles in candidates:
+        split, block, warps, kernel = tiles
+        with mock.patch.multiple(fd, SPLIT_SLOTS=split, ATTEND_BLOCK=block, ATTEND_WARPS=warps, ATTEND_KERNEL=kernel):
             ys = torch.cat(a.step()).float()
             want = ys if want is None else want
             errors[tiles] = rel_err(ys, want)
             us[tiles] = a.us()
-    finally:
-        fd.SPLIT_SLOTS, fd.ATTEND_BLOCK, fd.ATTEND_WARPS, fd.ATTEND_KERNEL = kept
     name = "{} slots, {} a loop, {} warps, {} kernel".format
     best = min(us, key=us.get)
     b.attend_best = best
@@ -1090,36 +1089,27 @@ def anatomy_row(b):
     if a.why:
         return dict(status=f"skipped: {a.why}")
     fd = a.fd
-    kept = dict(_prepare_kernel=fd._prepare_kernel, _attend_split_kernel=fd._attend_split_kernel,
-                _combine_kernel=fd._combine_kernel, COMBINE=fd.COMBINE, PREPARE_WARPS=fd.PREPARE_WARPS, PDL=fd.PDL)
+    every_window_0 = [0] * len(a.layers)
     variants = [("prepare + attend", {}), ("prepare on 1 warp", dict(PREPARE_WARPS=1)),
                 ("prepare on 2 warps", dict(PREPARE_WARPS=2)), ("attend alone", dict(_prepare_kernel=NoLaunch())),
                 ("prepare alone", dict(_attend_split_kernel=NoLaunch(), _combine_kernel=NoLaunch(), COMBINE="kernel")),
                 ("attend without the combine", dict(_combine_kernel=NoLaunch(), COMBINE="kernel")),
-                ("attend + a combine kernel", dict(COMBINE="kernel")), ("one visible slot", "window 0"),
-                ("without PDL", dict(PDL=False))]
+                ("attend + a combine kernel", dict(COMBINE="kernel")), ("one visible slot", {}), ("without PDL", dict(PDL=False))]
     if not b.cuda:  # the interpreter: two variants and a short chain prove the code path
         variants = variants[:1] + variants[3:4]
     chain_len = ANATOMY_CHAIN if b.cuda else 2
     us = {}
-    try:
-        for label, change in variants:
-            for key, value in (change.items() if isinstance(change, dict) else ()):
-                setattr(fd, key, value)
-            if change == "window 0":
-                us[label] = a.us(lambda: a.step([0] * len(a.layers)))
+    for label, change in variants:
+        with mock.patch.multiple(fd, **change) if change else contextlib.nullcontext():  # patch.multiple wants one
+            if label == "one visible slot":
+                us[label] = a.us(lambda: a.step(every_window_0))
             else:  # without PDL the qkv GEMVs run without it too: taken off as they run then
                 us[label] = a.us(own_gemvs=label == "without PDL")
-            for key, value in kept.items():
-                setattr(fd, key, value)
-        flag = torch.zeros(1, device=b.device)
-        for pdl in (True, False) if fd.pdl_available(b.device) else (False,):
-            launch = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
-            chain = lambda launch=launch: [fd._noop_kernel[(360,)](flag, **launch) for _ in range(chain_len)]  # noqa: E731
-            us[f"no-op kernel{'' if pdl else ', no PDL'}"] = time_calls(b, chain, calls=1) * 1e6 / chain_len
-    finally:
-        for key, value in kept.items():
-            setattr(fd, key, value)
+    flag = torch.zeros(1, device=b.device)
+    for pdl in (True, False) if fd.pdl_available(b.device) else (False,):
+        launch = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+        chain = lambda launch=launch: [fd._noop_kernel[(360,)](flag, **launch) for _ in range(chain_len)]  # noqa: E731
+        us[f"no-op kernel{'' if pdl else ', no PDL'}"] = time_calls(b, chain, calls=1) * 1e6 / chain_len
     per = {k: v for k, v in us.items() if not k.startswith("no-op")}
     return dict(status="ok",
                 result=" · ".join(f"{k} {v:.0f}" for k, v in per.items()) + " µs per step · "

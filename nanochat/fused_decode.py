@@ -235,11 +235,18 @@ if triton is not None:
             tl.store(m_ptr + heads * nsplit + split, m, mask=oq < G)
             tl.store(l_ptr + heads * nsplit + split, l, mask=oq < G)
         if COMBINE:
-            tl.debug_barrier()  # every thread's partials stored before the arrival below publishes them
-            if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu") == nsplit - 1:
-                for g in tl.static_range(G):
-                    _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head + g, nsplit, D, NSPLIT_P2)
-                tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
+            _combine_if_last(acc_ptr, m_ptr, l_ptr, y_ptr, arrivals_ptr, bh, head, nsplit, G, D, NSPLIT_P2)
+
+    @triton.jit
+    def _combine_if_last(acc_ptr, m_ptr, l_ptr, y_ptr, arrivals_ptr, bh, head, nsplit, G: tl.constexpr, D: tl.constexpr,
+                         NSPLIT_P2: tl.constexpr):
+        """An attention program's arrival after storing its partials: the last of the (row, kv head)'s nsplit
+        programs combines the G query heads from `head` on, and sets the counter back to 0 for the next layer."""
+        tl.debug_barrier()  # every thread's partials stored before the arrival below publishes them
+        if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu") == nsplit - 1:
+            for g in tl.static_range(G):
+                _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head + g, nsplit, D, NSPLIT_P2)
+            tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _attend_lanes_kernel(q_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, arrivals_ptr, y_ptr, max_len, window,
@@ -288,10 +295,7 @@ if triton is not None:
         tl.store(m_ptr + head * nsplit + split, m_all)
         tl.store(l_ptr + head * nsplit + split, tl.sum(w * l, 0))
         if COMBINE:
-            tl.debug_barrier()
-            if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu") == nsplit - 1:
-                _combine_head(acc_ptr, m_ptr, l_ptr, y_ptr, head, nsplit, D, NSPLIT_P2)
-                tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
+            _combine_if_last(acc_ptr, m_ptr, l_ptr, y_ptr, arrivals_ptr, bh, head, nsplit, 1, D, NSPLIT_P2)
 
     @triton.jit
     def _softmax_rows_block(q, k, v, valid, m, l, acc):
